@@ -1,0 +1,31 @@
+# Every target creates the virtualenv it needs; only python3.11 must exist.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: up test lint bench clean
+
+$(BIN)/cachesvc: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,load]'
+	touch $@
+
+## make up: install, then run the whole stack on one machine (Ctrl-C stops it)
+up: $(BIN)/cachesvc
+	$(BIN)/cachesvc up
+
+## make test: install, then run the linter and the whole test suite
+test: $(BIN)/cachesvc
+	$(BIN)/ruff check cachesvc node_agent tests bench loadtest
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/cachesvc
+	$(BIN)/ruff check cachesvc node_agent tests bench loadtest
+	$(BIN)/ruff format --check cachesvc node_agent tests bench loadtest
+
+bench: $(BIN)/cachesvc
+	$(BIN)/python bench/read_path.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

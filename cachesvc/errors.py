@@ -1,0 +1,102 @@
+"""The error tree: one class per error code of the contract.
+
+::
+
+    CachesvcError                      (500 internal)
+    ├── InvalidRequest                 400 invalid_request
+    │   └── InvalidDigest              400 invalid_digest
+    ├── Unauthorized                   401 unauthorized
+    ├── NotFound                       404 not_found
+    │   └── UnknownTenant              404 unknown_tenant
+    ├── TooLarge                       413 too_large
+    ├── RangeNotSatisfiable            416 range_not_satisfiable
+    ├── UnsafeArchive                  422 unsafe_archive
+    ├── UnsupportedFormat              422 unsupported_format
+    ├── UpstreamError                  502 upstream_error
+    │   ├── DigestMismatch             502 digest_mismatch
+    │   └── PeerFailed                 502 upstream_error (one peer; the walk moves on)
+    ├── Overloaded                     503 overloaded
+    └── UpstreamTimeout                504 upstream_timeout
+
+Every class carries ``status`` and ``code``; :mod:`cachesvc.http` turns them into
+``{"error": code, "detail": str(exc)}``. This module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+
+class CachesvcError(Exception):
+    """Base of every error a client may see."""
+
+    status = 500
+    code = "internal"
+
+
+class InvalidRequest(CachesvcError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidDigest(InvalidRequest):
+    code = "invalid_digest"
+
+
+class Unauthorized(CachesvcError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(CachesvcError):
+    status = 404
+    code = "not_found"
+
+
+class UnknownTenant(NotFound):
+    code = "unknown_tenant"
+
+
+class TooLarge(CachesvcError):
+    status = 413
+    code = "too_large"
+
+
+class RangeNotSatisfiable(CachesvcError):
+    status = 416
+    code = "range_not_satisfiable"
+
+
+class UnsafeArchive(CachesvcError):
+    status = 422
+    code = "unsafe_archive"
+
+
+class UnsupportedFormat(CachesvcError):
+    status = 422
+    code = "unsupported_format"
+
+
+class UpstreamError(CachesvcError):
+    status = 502
+    code = "upstream_error"
+
+
+class DigestMismatch(UpstreamError):
+    code = "digest_mismatch"
+
+
+class PeerFailed(UpstreamError):
+    """One peer failed this request (down, slow, wrong bytes); try the next source."""
+
+
+class Overloaded(CachesvcError):
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class UpstreamTimeout(CachesvcError):
+    status = 504
+    code = "upstream_timeout"
