@@ -1,0 +1,203 @@
+"""The client-side commands of ``cachesvc``: ``publish``, ``fetch`` and ``up``.
+
+Each parses its flags, calls into the library and prints what a person or a
+script needs (the digest on stdout; progress and errors on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cachesvc.config import add_flag
+from cachesvc.digest import Digest
+from cachesvc.errors import CachesvcError
+
+
+def add_client_commands(sub: Any) -> None:
+    pub = sub.add_parser(
+        "publish",
+        help="store a package in the origin and write its reference",
+        description="Upload FILE to blobs/sha256/<hex> (once) and write "
+        "tenants/T/F/V.json; prints the digest.",
+    )
+    pub.add_argument("file", type=Path, help="the package (zip, tar, possibly compressed)")
+    add_flag(pub, "--tenant", "tenant name")
+    add_flag(pub, "--function", "function name")
+    add_flag(pub, "--version", "version name")
+    add_flag(pub, "--origin", "s3://BUCKET[/PREFIX] or file:///DIR", required=True)
+    add_flag(pub, "--s3-endpoint", "custom S3 endpoint (MinIO), addressed path-style")
+    pub.add_argument(
+        "--compress",
+        choices=["zstd", "gzip", "xz", "bzip2", "lz4"],
+        help="add a compression layer before upload",
+    )
+    pub.add_argument(
+        "--repack",
+        action="store_true",
+        help="turn a deflate zip into tar + one strong zstd layer when smaller",
+    )
+    pub.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="a dependency layer that travels with the package (repeatable)",
+    )
+    pub.add_argument(
+        "--calls",
+        action="append",
+        default=[],
+        metavar="FUNCTION",
+        help="a function this one invokes, for prefetch (repeatable)",
+    )
+    pub.set_defaults(run=_run_publish)
+
+    fetch = sub.add_parser(
+        "fetch",
+        help="download a package through an agent",
+        description="GET /pkg/DIGEST from an agent, check its sha256, write it out.",
+    )
+    fetch.add_argument("digest", help="sha256:<hex> or <hex>")
+    add_flag(fetch, "--agent", "agent base URL", default="http://127.0.0.1:8700")
+    fetch.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    fetch.add_argument(
+        "--unpack", action="store_true", help="ask the agent to unpack it and print where"
+    )
+    fetch.set_defaults(run=_run_fetch)
+
+    up = sub.add_parser(
+        "up",
+        help="run a whole stack on this machine (origin, 3 peers, 1 agent)",
+        description="A file:// origin, three L2 peers and one agent on loopback, with a "
+        "sample package published; prints curl lines. Ctrl-C stops it.",
+    )
+    up.add_argument("--dir", type=Path, help="where origin and caches live (default: a temp dir)")
+    up.add_argument("--agent-port", type=int, default=8700)
+    up.add_argument("--peer-port", type=int, default=8701, help="first of three peer ports")
+    up.set_defaults(run=_run_up)
+
+
+def _fail(message: str) -> int:
+    print(f"cachesvc: {message}", file=sys.stderr)
+    return 1
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_publish(args))
+    except (CachesvcError, ValueError, OSError) as exc:
+        return _fail(f"publish {args.file}: {exc}")
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    from cachesvc.origin import make_origin
+    from cachesvc.publish import publish
+
+    origin = make_origin(args.origin, args.s3_endpoint)
+    with tempfile.TemporaryDirectory(prefix="cachesvc-publish-") as tmp:
+        path = await asyncio.to_thread(_transform, args, Path(tmp))
+        try:
+            result = await publish(
+                origin,
+                path,
+                args.tenant,
+                args.function,
+                args.version,
+                [Digest.parse(d) for d in args.layer],
+                args.calls,
+            )
+        finally:
+            await origin.close()
+    where = f" as {result.reference}" if result.reference else ""
+    done = "uploaded" if result.uploaded else "already in the origin"
+    print(f"{result.digest} {result.size} bytes, {done}{where}", file=sys.stderr)
+    print(result.digest)
+    return 0
+
+
+def _transform(args: argparse.Namespace, tmp: Path) -> Path:
+    """Apply --repack and --compress; returns the file to upload."""
+    path: Path = args.file
+    if args.repack:
+        from cachesvc.repack import repack
+
+        report = repack(path, tmp / "repacked")
+        print(report.summary(), file=sys.stderr)
+        path = report.chosen
+    if args.compress:
+        from cachesvc.repack import compress
+
+        out = tmp / f"layer.{args.compress}"
+        compress(path, out, args.compress)
+        print(
+            f"compressed {path.stat().st_size} -> {out.stat().st_size} bytes ({args.compress})",
+            file=sys.stderr,
+        )
+        path = out
+    return path
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    try:
+        digest = Digest.parse(args.digest)
+        return asyncio.run(_fetch(args, digest))
+    except CachesvcError as exc:
+        return _fail(f"fetch {args.digest}: {exc}")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return _fail(f"fetch {args.digest} from {args.agent}: {type(exc).__name__}: {exc}")
+
+
+async def _fetch(args: argparse.Namespace, digest: Digest) -> int:
+    base = args.agent.rstrip("/")
+    timeout = aiohttp.ClientTimeout(sock_connect=5, sock_read=60)
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+        if args.unpack:
+            async with session.post(f"{base}/pkg/{digest}/unpack") as resp:
+                body = await resp.json()
+                print(json.dumps(body, indent=1))
+                return 0 if resp.status == 200 else _fail(f"unpack answered {resp.status}")
+        async with session.get(f"{base}/pkg/{digest}") as resp:
+            if resp.status != 200:
+                return _fail(f"{resp.status} {await resp.text()}")
+            tier = resp.headers.get("X-Cache-Tier", "?")
+            size = await _save(resp, digest, args.output)
+    print(f"{digest} {size} bytes from {tier}", file=sys.stderr)
+    return 0
+
+
+async def _save(resp: aiohttp.ClientResponse, digest: Digest, output: Path | None) -> int:
+    """Stream to the file (or stdout), checking sha256; a wrong body is removed."""
+    h = hashlib.sha256()
+    size = 0
+    tmp = output.with_name(f".{output.name}.part") if output else None
+    out = open(tmp, "wb") if tmp else sys.stdout.buffer  # noqa: SIM115
+    try:
+        async for chunk in resp.content.iter_chunked(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    finally:
+        if tmp:
+            out.close()
+    if h.hexdigest() != digest.hex:
+        if tmp:
+            tmp.unlink(missing_ok=True)
+        raise CachesvcError(f"body hashes to sha256:{h.hexdigest()[:12]}, not {digest.short}")
+    if tmp and output:
+        tmp.replace(output)
+    return size
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from cachesvc.up import run_up
+
+    return run_up(args.dir, args.agent_port, args.peer_port)

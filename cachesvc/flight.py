@@ -1,0 +1,252 @@
+"""Coalescing: one upstream fill per digest, streamed to every follower.
+
+A :class:`Flight` is one fill of one digest. The fill task (supplied by
+:mod:`cachesvc.tiers`) calls :meth:`Flight.begin`, :meth:`Flight.feed` and
+:meth:`Flight.finish`; any number of followers read the bytes *while they
+arrive* through :meth:`Flight.available`/:meth:`Flight.read_span`, and learn
+the verdict (digest verified, or not) at the end through :meth:`Flight.verdict`.
+
+Where followers read from:
+
+* ``[0, ingest.on_disk)``: the temp file (zero-copy ``sendfile``);
+* ``[tail_start, received)``: a short in-memory tail of chunks not yet on
+  disk. Normally it is at most one write batch. When the store cannot keep the
+  package (disk full), the tail is the only copy of the bytes: it is trimmed
+  behind the slowest follower and the fill waits while it is longer than
+  :data:`RELAY_WINDOW` (so slow clients throttle the fill instead of memory
+  growing), and a late follower that would need trimmed bytes cannot join.
+
+Guarantees: the fill runs in its own task, owned by :class:`Flights`, so a
+follower's disconnect never cancels it; :meth:`Flights.close` cancels and
+awaits them all. The temp file stays open until the fill is over *and* the
+last follower is gone. This module does not know where bytes come from, and
+never judges them: :meth:`Ingest.commit` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections.abc import Awaitable, Callable
+
+from cachesvc.digest import Digest
+from cachesvc.errors import CachesvcError, Overloaded, UpstreamError
+from cachesvc.store import Ingest, Store, StoreFull
+
+log = logging.getLogger(__name__)
+
+RELAY_WINDOW = 8 << 20  # bytes buffered per flight when the store cannot keep it
+
+Fill = Callable[["Flight"], Awaitable[None]]
+
+
+class Flight:
+    """One fill of one digest and the followers that stream it."""
+
+    def __init__(self, store: Store, digest: Digest) -> None:
+        self.store = store
+        self.digest = digest
+        self.size: int | None = None
+        self.tier: str | None = None
+        self.ingest: Ingest | None = None
+        self.started: asyncio.Future[None] = _future()
+        self.done: asyncio.Future[None] = _future()
+        self._progress: asyncio.Future[None] = _future()
+        self._drained: asyncio.Future[None] = _future()
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []  # absolute offset of each chunk in _chunks
+        self._followers: dict[int, int] = {}  # id -> position, for relay trimming
+        self._users = 1  # the fill itself
+
+    # -- the fill side ---------------------------------------------------------
+
+    async def begin(self, size: int, tier: str) -> None:
+        """The first source answered: size and tier are known; followers may start."""
+        self.size, self.tier = size, tier
+        try:
+            self.ingest = await self.store.begin(self.digest, size)
+        except StoreFull as exc:
+            log.warning("flight %s: %s; streaming it through unkept", self.digest.short, exc)
+            self.ingest = self.store.begin_unstored(self.digest, size)
+        _settle(self.started)
+
+    @property
+    def received(self) -> int:
+        return self.ingest.received if self.ingest else 0
+
+    async def feed(self, chunk: bytes) -> None:
+        """Append a chunk from the current source; blocks while relay memory is full."""
+        assert self.ingest is not None
+        self._starts.append(self.ingest.received)
+        self._chunks.append(chunk)
+        await self.ingest.write(chunk)
+        self._trim()
+        self._wake()
+        while self.ingest.spilled and self._tail_bytes() > RELAY_WINDOW and self._followers:
+            self._drained = _future()
+            await self._drained
+            self._trim()
+
+    async def finish(self) -> None:
+        """All bytes are in: verify (and keep, if possible). Raises what commit raises."""
+        assert self.ingest is not None
+        await self.ingest.commit()
+        self._trim()
+        _settle(self.done)
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the flight without a good verdict; followers abort."""
+        for fut in (self.started, self.done):
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: followers may be gone
+        self._wake()
+
+    # -- the follower side -----------------------------------------------------
+
+    @property
+    def joinable(self) -> bool:
+        """False once a relay flight trimmed bytes a new follower would need."""
+        if self.ingest is None or not self.ingest.spilled:
+            return True
+        return not self._starts or self._starts[0] <= self.ingest.on_disk
+
+    def follow(self) -> int:
+        """Register a follower; pair with :meth:`leave`. Returns its id."""
+        self._users += 1
+        key = id(object())
+        self._followers[key] = 0
+        return key
+
+    def advance(self, key: int, position: int) -> None:
+        self._followers[key] = position
+        if not self._drained.done():
+            self._trim()
+            if self._tail_bytes() <= RELAY_WINDOW:
+                _settle(self._drained)
+
+    async def leave(self, key: int) -> None:
+        self._followers.pop(key, None)
+        _settle(self._drained)
+        await self.release()
+
+    async def release(self) -> None:
+        """Drop one user; the last one closes the ingest (and its temp file)."""
+        self._users -= 1
+        if self._users == 0 and self.ingest is not None:
+            await self.ingest.close()
+
+    async def available(self, offset: int) -> int:
+        """Wait until bytes past ``offset`` exist (or the fill ended); return how
+        many bytes from the start are readable. Raises the flight's failure."""
+        while True:
+            if self.done.done():
+                self.done.result()
+                return self.received
+            if self.received > offset:
+                return self.received
+            self._progress = self._progress if not self._progress.done() else _future()
+            await asyncio.shield(self._progress)
+
+    def read_span(self, offset: int, limit: int) -> tuple[str, int | bytes]:
+        """Where ``[offset, limit)`` starts: ``("file", n)`` for n bytes readable
+        from ``ingest.file`` at ``offset``, or ``("mem", bytes)`` from the tail."""
+        assert self.ingest is not None
+        if offset < self.ingest.on_disk:
+            return "file", min(limit, self.ingest.on_disk) - offset
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            raise UpstreamError(f"flight {self.digest.short}: offset {offset} was trimmed")
+        chunk = self._chunks[i]
+        lo = offset - self._starts[i]
+        return "mem", chunk[lo : lo + (limit - offset)]
+
+    async def verdict(self) -> None:
+        await asyncio.shield(self.done)
+
+    # -- internals -------------------------------------------------------------
+
+    def _wake(self) -> None:
+        _settle(self._progress)
+
+    def _tail_bytes(self) -> int:
+        return self.received - self._starts[0] if self._starts else 0
+
+    def _trim(self) -> None:
+        """Drop tail chunks every reader can get elsewhere (disk) or has passed."""
+        assert self.ingest is not None
+        keep_from = self.ingest.on_disk
+        if self.ingest.spilled:
+            keep_from = max(keep_from, min(self._followers.values(), default=self.received))
+        while self._chunks and self._starts[0] + len(self._chunks[0]) <= keep_from:
+            del self._chunks[0], self._starts[0]
+
+
+class Flights:
+    """The table of running fills: at most one per digest, and a cap on how many
+    run at once (``max_fetches``) and wait for a slot (``max_queued``)."""
+
+    def __init__(self, store: Store, max_fetches: int = 64, max_queued: int = 256) -> None:
+        self.store = store
+        self._running: dict[Digest, Flight] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_fetches)
+        self._max_queued = max_queued
+        self._queued = 0
+
+    def get(self, digest: Digest) -> Flight | None:
+        flight = self._running.get(digest)
+        return flight if flight is not None and flight.joinable else None
+
+    def start(self, digest: Digest, fill: Fill) -> Flight:
+        """Start a fill for ``digest`` (replacing an unjoinable one in the table).
+        Raises :class:`Overloaded` when too many fills already wait for a slot."""
+        if self._slots.locked() and self._queued >= self._max_queued:
+            raise Overloaded(f"{self._queued} upstream fetches already queued", retry_after=2)
+        flight = Flight(self.store, digest)
+        self._running[digest] = flight
+        task = asyncio.get_running_loop().create_task(self._run(flight, fill))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return flight
+
+    async def _run(self, flight: Flight, fill: Fill) -> None:
+        self._queued += 1
+        try:
+            async with self._slots:
+                self._queued -= 1
+                await fill(flight)
+        except asyncio.CancelledError:
+            flight.fail(UpstreamError(f"fetch of {flight.digest.short} cancelled (shutdown)"))
+            raise
+        except CachesvcError as exc:
+            flight.fail(exc)
+        except Exception as exc:  # a bug must not leave followers hanging
+            log.exception("flight %s: fill crashed", flight.digest.short)
+            flight.fail(UpstreamError(f"fetch of {flight.digest.short} failed: {exc!r}"))
+        finally:
+            if self._running.get(flight.digest) is flight:
+                del self._running[flight.digest]
+            if not flight.done.done():
+                flight.fail(UpstreamError(f"fetch of {flight.digest.short} ended early"))
+            await flight.release()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    async def close(self) -> None:
+        """Cancel every fill and wait for them (each cleans up its temp file)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _future() -> asyncio.Future[None]:
+    return asyncio.get_running_loop().create_future()
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

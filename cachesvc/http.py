@@ -1,0 +1,267 @@
+"""Web pieces shared by the agent and the peer: the edge of the HTTP world.
+
+* :func:`route_digest`: the route parameter becomes a :class:`Digest` here.
+* :func:`error_middleware`: contract errors (and aiohttp's own 404/405/...)
+  become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500.
+* :func:`serve_package`: the package response, written once for ``/pkg`` and
+  ``/blob``: strong ``"sha256:<hex>"`` ETag and 304 (RFC 9110 §13.1.2), a
+  single byte range → 206/416 (§14), HEAD without a body download, and the body
+  by ``sendfile`` from the open store file, or streamed from a running flight.
+
+Why not ``web.FileResponse``: it sets its own mtime-size ETag and re-opens the
+path on every request (2.5x the per-request cost here, and an eviction between
+lookup and open becomes a 404). After ``prepare()`` a failure can only abort:
+the transport is closed so the client sees a short body, never a complete one.
+The last byte of every body from a flight is held back until the digest checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from cachesvc.digest import Digest
+from cachesvc.errors import CachesvcError, InvalidDigest, Overloaded, RangeNotSatisfiable
+from cachesvc.flight import Flight
+from cachesvc.metrics import Metrics
+from cachesvc.store import Blob, Store
+from cachesvc.tiers import Tiers
+
+log = logging.getLogger(__name__)
+
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+FALLBACK_CHUNK = 256 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def route_digest(request: web.Request) -> Digest:
+    """The ``{digest}`` route parameter, parsed. Raw path is checked too, so an
+    encoded slash or other escape (``%2F``) is refused, never decoded into a match."""
+    raw = request.match_info.get("digest", "")
+    if "%" in request.raw_path.split("?", 1)[0]:
+        raise InvalidDigest(f"{request.raw_path!r}: percent-escapes are not allowed in digests")
+    return Digest.parse(raw)
+
+
+def json_error(status: int, code: str, detail: str, **headers: str) -> web.Response:
+    body = json.dumps({"error": code, "detail": detail})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+_AIOHTTP_CODES = {404: "not_found", 405: "invalid_request", 413: "too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Overloaded as exc:
+        metrics: Metrics | None = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.overloaded.inc()
+        return json_error(exc.status, exc.code, str(exc), **{"Retry-After": str(exc.retry_after)})
+    except CachesvcError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc)
+        return json_error(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _AIOHTTP_CODES.get(exc.status, "invalid_request")
+        return json_error(exc.status, code, exc.reason)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return json_error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def timed(route: str, handler: Handler) -> Handler:
+    """Observe ``cachesvc_request_seconds{route}`` for a handler."""
+
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        start = time.perf_counter()
+        try:
+            return await handler(request)
+        finally:
+            request.app[METRICS].request_seconds.labels(route).observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+# -- the package response ------------------------------------------------------
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range as ``(start, end_exclusive)``; None means the
+    whole body (no header, several ranges, or a syntax we ignore, RFC 9110 §14.2).
+    Raises :class:`RangeNotSatisfiable`."""
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip())
+    if m is None or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # suffix: the last N bytes
+        n = int(m[2])
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(f"range {header!r} of a {size}-byte package")
+        return max(0, size - n), size
+    start = int(m[1])
+    end = min(int(m[2]) + 1, size) if m[2] else size
+    if start >= size or end <= start:
+        raise RangeNotSatisfiable(f"range {header!r} of a {size}-byte package")
+    return start, end
+
+
+def _headers(digest: Digest, tier: str | None) -> dict[str, str]:
+    headers = {
+        "ETag": digest.etag,
+        "Cache-Control": CACHE_CONTROL,
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+    }
+    if tier:
+        headers["X-Cache-Tier"] = tier
+    return headers
+
+
+def _not_modified(request: web.Request, digest: Digest) -> bool:
+    tags = request.headers.get("If-None-Match")
+    if not tags:
+        return False
+    return any(t.strip() in (digest.etag, "*", f"W/{digest.etag}") for t in tags.split(","))
+
+
+def _start(
+    request: web.Request, digest: Digest, size: int, tier: str
+) -> tuple[web.StreamResponse, int, int]:
+    """Status, headers and the byte span for a body of ``size`` bytes."""
+    span = parse_range(request.headers.get("Range"), size)
+    resp = web.StreamResponse(headers=_headers(digest, tier))
+    start, end = span if span is not None else (0, size)
+    if span is not None:
+        resp.set_status(206)
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    resp.content_length = end - start
+    return resp, start, end
+
+
+async def serve_package(request: web.Request, tiers: Tiers, digest: Digest) -> web.StreamResponse:
+    """GET/HEAD of a package from this service's tiers."""
+    if _not_modified(request, digest):
+        return web.Response(status=304, headers=_headers(digest, None))
+    if request.method == "HEAD":
+        size, tier = await tiers.head(digest)
+        resp = web.StreamResponse(headers=_headers(digest, tier))
+        resp.content_length = size
+        return resp
+    source = await tiers.get(digest)
+    if isinstance(source, Blob):
+        return await _serve_blob(request, tiers, source)
+    return await _serve_flight(request, tiers, source)
+
+
+async def _serve_blob(request: web.Request, tiers: Tiers, blob: Blob) -> web.StreamResponse:
+    try:
+        resp, start, end = _start(request, blob.digest, blob.size, tiers.local_tier)
+        tiers.metrics.requests.labels(tiers.local_tier).inc()
+        await resp.prepare(request)
+        await _sendfile(request, resp, blob.file, start, end - start)
+        tiers.metrics.bytes_served.labels(tiers.local_tier).inc(end - start)
+        await resp.write_eof()
+        return resp
+    finally:
+        Store.release(blob)
+
+
+async def _serve_flight(request: web.Request, tiers: Tiers, flight: Flight) -> web.StreamResponse:
+    key = flight.follow()
+    try:
+        await asyncio.shield(flight.started)
+        assert flight.size is not None and flight.tier is not None
+        resp, start, end = _start(request, flight.digest, flight.size, flight.tier)
+        tiers.metrics.requests.labels(flight.tier).inc()
+        await resp.prepare(request)
+        try:
+            await _follow(request, resp, flight, key, start, end)
+        except (CachesvcError, OSError) as exc:
+            log.warning("GET %s: aborting the response: %s", flight.digest.short, exc)
+            abort_stream(request)
+            return resp
+        tiers.metrics.bytes_served.labels(flight.tier).inc(end - start)
+        await resp.write_eof()
+        return resp
+    finally:
+        await flight.leave(key)
+
+
+async def _follow(
+    request: web.Request, resp: web.StreamResponse, flight: Flight, key: int, start: int, end: int
+) -> None:
+    """Send ``[start, end)`` as it arrives; the last byte waits for the verdict."""
+    assert flight.ingest is not None and flight.size is not None
+    pos = start
+    while pos < end:
+        ready = await flight.available(pos)
+        limit = min(ready, end)
+        if limit == end and not flight.done.done():
+            limit = end - 1  # hold back the tail until the digest checks
+            if limit <= pos:
+                await flight.verdict()
+                continue
+        kind, span = flight.read_span(pos, limit)
+        if kind == "file":
+            assert isinstance(span, int) and flight.ingest.file is not None
+            await _sendfile(request, resp, flight.ingest.file, pos, span)
+            pos += span
+        else:
+            assert isinstance(span, bytes)
+            await resp.write(span)
+            pos += len(span)
+        flight.advance(key, pos)
+
+
+async def _sendfile(
+    request: web.Request, resp: web.StreamResponse, file: Any, offset: int, count: int
+) -> None:
+    """Zero-copy when the loop can (uvloop cannot); else bounded read/write."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    if count == 0:
+        return
+    try:
+        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+    except NotImplementedError:
+        await _copy(resp, file, offset, count)
+
+
+async def _copy(resp: web.StreamResponse, file: Any, offset: int, count: int) -> None:
+    import os
+
+    end = offset + count
+    while offset < end:
+        n = min(FALLBACK_CHUNK, end - offset)
+        data = await asyncio.to_thread(os.pread, file.fileno(), n, offset)
+        if not data:
+            raise OSError(f"file ended at {offset} of {end}")
+        await resp.write(data)
+        offset += len(data)
+
+
+def abort_stream(request: web.Request) -> None:
+    """Close the connection mid-body: the client sees a short, failed response."""
+    if request.transport is not None:
+        request.transport.abort()

@@ -1,0 +1,111 @@
+"""Every ``cachesvc_*`` Prometheus metric, defined once per service instance.
+
+Each app gets its own registry (several services can share one process: tests,
+``cachesvc up``). Labels are bounded: ``tier`` (L1, L2, ORIGIN), ``upstream``
+(peer, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
+``route`` (a fixed set), ``signal`` (warm, calls, publish). Digests, peers and
+tenants never become labels (they go in log lines), except the per-tenant warm
+counters, which are capped at :data:`MAX_TENANT_LABELS` distinct tenants
+(beyond that they count under ``tenant="_other"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MAX_TENANT_LABELS = 50
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cachesvc_requests",
+            "Package requests served, by where the bytes came from",
+            ["tier"],
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            "cachesvc_bytes_served", "Body bytes sent, by tier", ["tier"], registry=r
+        )
+        self.upstream_fetches = Counter(
+            "cachesvc_upstream_fetches",
+            "Upstream fetch attempts",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "cachesvc_coalesced", "Requests that joined a fetch already running", registry=r
+        )
+        self.digest_mismatch = Counter(
+            "cachesvc_digest_mismatch",
+            "Upstream bodies refused: bytes did not match the digest",
+            registry=r,
+        )
+        self.negative_hits = Counter(
+            "cachesvc_negative_cache_hits",
+            "Requests answered 404 from the negative cache",
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "cachesvc_overloaded", "Requests shed with 503 overloaded", registry=r
+        )
+        self.evictions = Counter(
+            "cachesvc_evictions", "Packages evicted from the store", registry=r
+        )
+        self.cache_bytes = Gauge("cachesvc_cache_bytes", "Bytes in the store", registry=r)
+        self.cache_entries = Gauge("cachesvc_cache_entries", "Packages in the store", registry=r)
+        self.cache_capacity = Gauge(
+            "cachesvc_cache_capacity_bytes", "Configured store capacity", registry=r
+        )
+        self.inflight = Gauge(
+            "cachesvc_inflight_fetches", "Upstream fetches running now", registry=r
+        )
+        self.request_seconds = Histogram(
+            "cachesvc_request_seconds",
+            "Time to answer a request (to the last byte)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.warm_jobs = Counter(
+            "cachesvc_warm_jobs", "Warm jobs finished, by final state", ["state"], registry=r
+        )
+        self.warm_items = Counter(
+            "cachesvc_warm_items", "Warm items, by outcome", ["outcome"], registry=r
+        )
+        self.warm_bytes = Counter("cachesvc_warm_bytes", "Bytes fetched by warm jobs", registry=r)
+        self.tenant_warm_items = Counter(
+            "cachesvc_tenant_warm_items",
+            "Warm items per tenant (bounded cardinality)",
+            ["tenant"],
+            registry=r,
+        )
+        self.prefetches = Counter(
+            "cachesvc_prefetches",
+            "Background prefetches started, by the signal behind them",
+            ["signal"],
+            registry=r,
+        )
+        self.unpacks = Counter(
+            "cachesvc_unpacks", "Package extractions, by outcome", ["outcome"], registry=r
+        )
+        self._tenants: set[str] = set()
+
+    def tenant_label(self, tenant: str) -> str:
+        if tenant in self._tenants or len(self._tenants) < MAX_TENANT_LABELS:
+            self._tenants.add(tenant)
+            return tenant
+        return "_other"
+
+    def bind_store(self, usage: Callable[[], tuple[int, int, int]]) -> None:
+        """Read store gauges at scrape time: ``usage() -> (entries, bytes, capacity)``."""
+        self.cache_entries.set_function(lambda: usage()[0])
+        self.cache_bytes.set_function(lambda: usage()[1])
+        self.cache_capacity.set_function(lambda: usage()[2])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,287 @@
+"""The origin: where every package lives for good.
+
+One protocol, :class:`Origin`, with two implementations over the same layout
+(``blobs/sha256/<hex>``, ``tenants/<tenant>/<function>/<version>.json``):
+
+* :class:`S3Origin`: ``s3://BUCKET[/PREFIX]`` through aioboto3; path-style
+  addressing for custom endpoints (MinIO); bodies streamed with
+  ``iter_chunks()``, never read whole. Credentials come from the standard AWS
+  variables and files.
+* :class:`FileOrigin`: ``file:///DIR``, the embedded default of ``cachesvc up``.
+
+Every call has a timeout, and every botocore/OS failure is mapped in one place
+(:func:`_mapped`) to :class:`NotFound`, :class:`UpstreamTimeout` or
+:class:`UpstreamError`. The origin neither verifies nor caches nor retries
+beyond botocore's small bounded retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from cachesvc.digest import Digest
+from cachesvc.errors import CachesvcError, NotFound, UpstreamError, UpstreamTimeout
+
+CHUNK = 1 << 20
+
+
+@dataclass
+class Body:
+    """An open upstream body: ``size`` of the whole package, bytes from ``offset``."""
+
+    size: int
+    offset: int
+    chunks: AsyncIterator[bytes]
+
+
+class Origin(Protocol):
+    url: str
+
+    def open(self, digest: Digest, offset: int = 0) -> Any:
+        """Async context manager yielding a :class:`Body`; :class:`NotFound` if absent."""
+
+    async def head(self, digest: Digest) -> int:
+        """The package's size; :class:`NotFound` if absent."""
+
+    async def read_text(self, key: str) -> str: ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (relative to the origin root), sorted."""
+
+    async def put_file(self, key: str, path: Path) -> None: ...
+
+    async def put_text(self, key: str, text: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def blob_key(digest: Digest) -> str:
+    return f"blobs/sha256/{digest.hex}"
+
+
+def make_origin(url: str, s3_endpoint: str | None = None, timeout: float = 30.0) -> Origin:
+    """``s3://bucket[/prefix]`` or ``file:///dir`` → an :class:`Origin`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3" and parsed.netloc:
+        return S3Origin(parsed.netloc, parsed.path.strip("/"), s3_endpoint, timeout)
+    if parsed.scheme == "file" and parsed.path:
+        return FileOrigin(Path(parsed.path), timeout)
+    raise ValueError(f"--origin {url!r}: expected s3://BUCKET[/PREFIX] or file:///DIR")
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Map botocore and OS failures to contract errors, with what we were doing."""
+    try:
+        yield
+    except CachesvcError:
+        raise
+    except FileNotFoundError as exc:
+        raise NotFound(f"{what}: not in the origin") from exc
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"{what}: origin timed out") from exc
+    except Exception as exc:
+        name = type(exc).__name__
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise NotFound(f"{what}: not in the origin") from exc
+        if "Timeout" in name:
+            raise UpstreamTimeout(f"{what}: origin timed out ({name})") from exc
+        raise UpstreamError(f"{what}: origin failed: {name}: {exc}") from exc
+
+
+class S3Origin:
+    """An S3-compatible bucket. Call :meth:`start` before use (the app's cleanup_ctx does)."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint: str | None, timeout: float) -> None:
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.url = f"s3://{bucket}/{prefix}".rstrip("/")
+        self._client: Any = None
+        self._exit: Any = None
+
+    async def start(self) -> None:
+        import aioboto3
+        from botocore.config import Config
+
+        config = Config(
+            connect_timeout=min(5.0, self.timeout),
+            read_timeout=self.timeout,
+            retries={"max_attempts": 2, "mode": "standard"},
+            s3={"addressing_style": "path"} if self.endpoint else {},
+            max_pool_connections=64,
+        )
+        session = aioboto3.Session()
+        ctx = session.client("s3", endpoint_url=self.endpoint, config=config)
+        self._client = await ctx.__aenter__()
+        self._exit = ctx.__aexit__
+
+    async def close(self) -> None:
+        if self._exit is not None:
+            await self._exit(None, None, None)
+            self._client = self._exit = None
+
+    async def _ready(self) -> Any:
+        if self._client is None:
+            await self.start()
+        return self._client
+
+    @asynccontextmanager
+    async def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
+        client = await self._ready()
+        key = self.prefix + blob_key(digest)
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        with _mapped(f"GET {self.url}/{blob_key(digest)}"):
+            async with asyncio.timeout(self.timeout):
+                resp = await client.get_object(Bucket=self.bucket, Key=key, **extra)
+            size = _total_size(resp)
+            stream = resp["Body"]
+            try:
+                yield Body(size, offset, self._chunks(stream, digest))
+            finally:
+                stream.close()
+
+    async def _chunks(self, stream: Any, digest: Digest) -> AsyncIterator[bytes]:
+        with _mapped(f"read {self.url}/{blob_key(digest)}"):
+            async for chunk in stream.iter_chunks(CHUNK):
+                yield chunk
+
+    async def head(self, digest: Digest) -> int:
+        client = await self._ready()
+        with _mapped(f"HEAD {self.url}/{blob_key(digest)}"):
+            async with asyncio.timeout(self.timeout):
+                resp = await client.head_object(
+                    Bucket=self.bucket, Key=self.prefix + blob_key(digest)
+                )
+            return int(resp["ContentLength"])
+
+    async def read_text(self, key: str) -> str:
+        client = await self._ready()
+        with _mapped(f"GET {self.url}/{key}"):
+            async with asyncio.timeout(self.timeout):
+                resp = await client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+                async with resp["Body"] as stream:
+                    data: bytes = await stream.read()
+            return data.decode()
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        client = await self._ready()
+        keys: list[str] = []
+        with _mapped(f"LIST {self.url}/{prefix}"):
+            paginator = client.get_paginator("list_objects_v2")
+            async with asyncio.timeout(self.timeout * 4):
+                async for page in paginator.paginate(
+                    Bucket=self.bucket, Prefix=self.prefix + prefix
+                ):
+                    keys += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+        return sorted(keys)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        client = await self._ready()
+        with _mapped(f"PUT {self.url}/{key}"), open(path, "rb") as f:
+            await client.upload_fileobj(f, self.bucket, self.prefix + key)
+
+    async def put_text(self, key: str, text: str) -> None:
+        client = await self._ready()
+        with _mapped(f"PUT {self.url}/{key}"):
+            await client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=text.encode())
+
+
+def _total_size(resp: dict[str, Any]) -> int:
+    content_range = resp.get("ContentRange")  # "bytes a-b/total" on ranged GETs
+    if content_range:
+        return int(content_range.rsplit("/", 1)[1])
+    return int(resp["ContentLength"])
+
+
+class FileOrigin:
+    """The origin layout in a local directory; reads run in threads."""
+
+    def __init__(self, root: Path, timeout: float = 30.0) -> None:
+        self.root = root
+        self.timeout = timeout
+        self.url = f"file://{root}"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        return None
+
+    @asynccontextmanager
+    async def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
+        path = self.root / blob_key(digest)
+        with _mapped(f"open {path}"):
+            f = await asyncio.to_thread(open, path, "rb")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            yield Body(size, offset, self._chunks(f, path))
+        finally:
+            f.close()
+
+    async def _chunks(self, f: Any, path: Path) -> AsyncIterator[bytes]:
+        with _mapped(f"read {path}"):
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield chunk
+
+    async def head(self, digest: Digest) -> int:
+        path = self.root / blob_key(digest)
+        with _mapped(f"stat {path}"):
+            return (await asyncio.to_thread(path.stat)).st_size
+
+    async def read_text(self, key: str) -> str:
+        with _mapped(f"read {self.root / key}"):
+            return await asyncio.to_thread((self.root / key).read_text)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        def walk() -> list[str]:
+            base = self.root / prefix
+            if not base.is_dir():
+                return []
+            return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+        return await asyncio.to_thread(walk)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        await asyncio.to_thread(self._put, key, None, path)
+
+    async def put_text(self, key: str, text: str) -> None:
+        await asyncio.to_thread(self._put, key, text.encode(), None)
+
+    def _put(self, key: str, data: bytes | None, src: Path | None) -> None:
+        """Atomic: write beside the target, then rename."""
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        with open(tmp, "wb") as out:
+            if data is not None:
+                out.write(data)
+            else:
+                assert src is not None
+                with open(src, "rb") as f:
+                    while block := f.read(CHUNK):
+                        out.write(block)
+        os.replace(tmp, target)
+
+
+def read_reference(text: str, key: str) -> dict[str, Any]:
+    """Parse a package reference JSON; raise :class:`UpstreamError` when malformed."""
+    try:
+        ref = json.loads(text)
+        Digest.parse(ref["digest"])
+        int(ref.get("size", 0))
+    except (ValueError, KeyError, TypeError, CachesvcError) as exc:
+        raise UpstreamError(f"reference {key} is malformed: {exc}") from exc
+    return dict(ref)

@@ -1,0 +1,36 @@
+"""The L2 cache peer: ``/blob/{digest}`` over the shared read-through core.
+
+A peer reads only from the origin: it never forwards a request to another
+peer, so requests marked ``X-Cachesvc-Forwarded`` by agents cannot loop even
+while nodes disagree about the ring. ``--peers`` gives it the ring, used to
+decide which digests it owns (warm). When ``CACHESVC_PEER_TOKEN`` is set,
+every ``/blob`` request must carry it.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from cachesvc.config import Settings
+from cachesvc.errors import InvalidDigest
+from cachesvc.http import route_digest, serve_package, timed
+from cachesvc.service import CORE, SETTINGS, make_base_app, require_token
+
+
+def make_app(settings: Settings) -> web.Application:
+    app = make_base_app(settings, local_tier="L2")
+    blob = timed("blob", get_blob)
+    app.router.add_route("GET", "/blob/{digest}", blob)  # GET also answers HEAD
+    app.router.add_route("*", "/blob/{rest:.*}", bad_blob_path)
+    return app
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    require_token(request, request.app[SETTINGS].peer_token, "/blob")
+    digest = route_digest(request)
+    return await serve_package(request, request.app[CORE].tiers, digest)
+
+
+async def bad_blob_path(request: web.Request) -> web.StreamResponse:
+    require_token(request, request.app[SETTINGS].peer_token, "/blob")
+    raise InvalidDigest(f"{request.path!r} does not name a digest: /blob/sha256:<64 hex>")

@@ -1,0 +1,223 @@
+"""What the agent and the peer have in common: the core objects, their
+lifetimes, and the operational endpoints.
+
+:func:`make_base_app` returns an aiohttp app whose ``cleanup_ctx`` opens the
+store, the origin client, the peer client and membership, and closes them in
+reverse on shutdown (running fills are cancelled and their temp files removed;
+the store's access order is flushed). Both services add their own routes on
+top: :mod:`cachesvc.peer` and :mod:`node_agent.app`. No request logic here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from cachesvc.config import Settings
+from cachesvc.digest import Digest
+from cachesvc.errors import Unauthorized
+from cachesvc.flight import Flights
+from cachesvc.http import METRICS, error_middleware, json_error
+from cachesvc.membership import Membership
+from cachesvc.metrics import Metrics
+from cachesvc.origin import Origin, make_origin
+from cachesvc.peer_client import PeerClient
+from cachesvc.ring import Ring
+from cachesvc.store import Store
+from cachesvc.tiers import OriginSource, PeerSource, Source, Tiers
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY = 30.0
+
+
+@dataclass
+class Core:
+    """The objects a service is made of; created in the app's cleanup_ctx."""
+
+    settings: Settings
+    metrics: Metrics
+    origin: Origin
+    ring: Ring
+    membership: Membership
+    peer_client: PeerClient
+    store: Store
+    flights: Flights
+    tiers: Tiers
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+CORE = web.AppKey("core", Core)
+SETTINGS = web.AppKey("settings", Settings)
+
+
+def make_base_app(
+    settings: Settings, local_tier: str, on_core: Callable[[Core], None] | None = None
+) -> web.Application:
+    """An app with the ops routes and the core's lifetime wired up.
+
+    ``local_tier`` is "L1" (agent: reads go to the ring's owners, then the
+    origin) or "L2" (peer: reads go to the origin only; the ring is used for
+    ownership, e.g. by warm).
+    """
+    app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        core = await _open_core(settings, app[METRICS], local_tier)
+        app[CORE] = core
+        if on_core is not None:
+            on_core(core)
+        yield
+        await _close_core(core)
+
+    app.cleanup_ctx.append(lifetime)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> Core:
+    origin = make_origin(settings.origin, settings.s3_endpoint, settings.origin_timeout)
+    await origin.start()  # type: ignore[attr-defined]
+    ring = Ring()
+    membership = Membership(ring, settings.peers, settings.dns_interval)
+    await membership.start()
+    peer_client = PeerClient(
+        settings.peer_token,
+        connect_timeout=settings.peer_connect_timeout,
+        header_timeout=settings.origin_timeout + 10.0,
+        read_timeout=settings.peer_read_timeout,
+    )
+    store = await Store.open(settings.cache_dir, settings.cache_size)
+    store.on_evict.append(lambda _d, _s: metrics.evictions.inc())
+    metrics.bind_store(lambda: _usage(store))
+    flights = Flights(store, settings.max_fetches, settings.max_queued)
+    sources = _sources_for(local_tier, ring, peer_client, origin)
+    tiers = Tiers(store, flights, sources, metrics, local_tier)
+    core = Core(settings, metrics, origin, ring, membership, peer_client, store, flights, tiers)
+    core.tasks.append(asyncio.get_running_loop().create_task(_flush_forever(store)))
+    log.info(
+        "%s ready: store %s (%d entries, %d bytes of %d), origin %s, peers %s",
+        local_tier,
+        settings.cache_dir,
+        *_usage(store),
+        origin.url,
+        ring.nodes or "-",
+    )
+    return core
+
+
+def _usage(store: Store) -> tuple[int, int, int]:
+    u = store.usage()
+    return u.entries, u.bytes, u.capacity
+
+
+def _sources_for(
+    local_tier: str, ring: Ring, client: PeerClient, origin: Origin
+) -> Callable[[Digest], Sequence[Source]]:
+    origin_source = OriginSource(origin)
+    if local_tier != "L1":
+        return lambda _digest: (origin_source,)
+
+    def walk(digest: Digest) -> list[Source]:
+        peers: list[Source] = [PeerSource(client, ring, url) for url in ring.owners(digest)]
+        return [*peers, origin_source]
+
+    return walk
+
+
+async def _flush_forever(store: Store) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_EVERY)
+        await store.flush()
+
+
+async def _close_core(core: Core) -> None:
+    for task in core.tasks:
+        task.cancel()
+    await asyncio.gather(*core.tasks, return_exceptions=True)
+    await core.flights.close()
+    await core.membership.close()
+    await core.peer_client.close()
+    await core.origin.close()
+    await core.store.close()
+    log.info("closed store %s", core.settings.cache_dir)
+
+
+def require_token(request: web.Request, expected: str | None, what: str) -> None:
+    """Bearer-token check in constant time; no token configured means open
+    (for the peer token) — callers decide whether that is allowed."""
+    if expected is None:
+        return
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized(f"{what} needs Authorization: Bearer <token>")
+
+
+# -- ops endpoints ---------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the store is open and its directory takes a write."""
+    core = request.app.get(CORE)
+    if core is None:
+        return json_error(503, "not_ready", "store not open yet")
+    probe = core.store.root / "tmp" / ".readyz"
+    try:
+        await asyncio.to_thread(_write_probe, probe)
+    except OSError as exc:
+        return json_error(503, "not_ready", f"store not writable: {exc}")
+    return web.json_response({"status": "ready", "peers": len(core.ring.nodes)})
+
+
+def _write_probe(path: os.PathLike[str]) -> None:
+    with open(path, "wb") as f:
+        f.write(b"ok")
+    os.unlink(path)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Entries, bytes, capacity, and requests per tier (hits: served locally;
+    misses: served from the tier named)."""
+    core = request.app[CORE]
+    usage = core.store.usage()
+    local = core.tiers.local_tier
+    served = {
+        tier: int(core.metrics.requests.labels(tier)._value.get())
+        for tier in ("L1", "L2", "ORIGIN")
+    }
+    return web.json_response(
+        {
+            "tier": local,
+            "entries": usage.entries,
+            "bytes": usage.bytes,
+            "capacity": usage.capacity,
+            "pinned_bytes": usage.pinned_bytes,
+            "hits": served.get(local, 0),
+            "misses": {t: n for t, n in served.items() if t != local},
+            "requests": served,
+            "inflight_fetches": len(core.flights),
+            "peers": list(core.ring.nodes),
+            "peers_down": [p for p in core.ring.nodes if core.ring.is_down(p)],
+        }
+    )

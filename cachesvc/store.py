@@ -1,0 +1,482 @@
+"""The content-addressed package store on local disk.
+
+Layout under the store's root::
+
+    blobs/sha256/<hex>    committed, verified packages (the only files served)
+    tmp/<hex>.<random>    ingests in progress; swept at every start
+    index/                diskcache: hex -> Entry(size, last_access, pinned)
+
+Guarantees:
+
+* **Only verified bytes are ever committed.** :meth:`Ingest.commit` is the one
+  place in cachesvc where a computed sha256 is compared with the expected one;
+  there is no switch to skip it. Commit is temp file -> fsync -> rename ->
+  fsync(dir) -> index, so a crash at any moment (kill -9 included) leaves either
+  nothing or a complete verified blob; :meth:`Store.open` sweeps temp files and
+  re-verifies blobs that were renamed but not yet indexed.
+* **Size-capped, least-recently-used eviction.** Recency lives in memory (an
+  ``OrderedDict``, so a hit costs no disk write) and is flushed to the diskcache
+  index periodically and on close, so the order survives restarts. Eviction
+  removes one victim at a time down to a low-water mark; pinned entries are
+  skipped. diskcache's own culling is off (``cull_limit=0``): with large
+  entries it deletes the row just inserted (see shared/STACK.md).
+* **Open handles outlive eviction.** A :class:`Blob` lease keeps its file open;
+  an evicted file is unlinked, and its space is freed when the last lease ends.
+
+The store knows nothing of HTTP, peers, origins or the ring. Blocking calls
+(diskcache, fsync, hashing, open) run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import diskcache
+
+from cachesvc.digest import Digest
+from cachesvc.errors import DigestMismatch, UpstreamError
+
+log = logging.getLogger(__name__)
+
+LOW_WATER = 0.90  # evict down to this share of capacity when making room
+FLUSH_INTERVAL = 30.0  # seconds between writes of access order to the index
+WRITE_BATCH = 1 << 20  # bytes gathered before one thread hop writes + hashes them
+MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
+
+
+class StoreFull(Exception):
+    """The store cannot keep this package (disk full, or capacity all pinned/leased).
+
+    Not a client error: the caller streams the bytes through without keeping them.
+    """
+
+
+class Entry(NamedTuple):
+    size: int
+    last_access: float
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    entries: int
+    bytes: int
+    capacity: int
+    pinned_bytes: int
+
+
+class Blob:
+    """An open, verified package file, shared by every request that serves it.
+
+    Use :meth:`Store.lease`; the file object stays open while leased and is
+    closed when it is neither cached as hot nor leased.
+    """
+
+    __slots__ = ("digest", "size", "file", "_leases", "_retired")
+
+    def __init__(self, digest: Digest, size: int, file: object) -> None:
+        self.digest = digest
+        self.size = size
+        self.file = file  # raw FileIO: fileno() for sendfile, pread via os
+        self._leases = 0
+        self._retired = False
+
+    def _acquire(self) -> None:
+        self._leases += 1
+
+    def _release(self) -> None:
+        self._leases -= 1
+        if self._retired and self._leases == 0:
+            self.file.close()  # type: ignore[attr-defined]
+
+    def _retire(self) -> None:
+        self._retired = True
+        if self._leases == 0:
+            self.file.close()  # type: ignore[attr-defined]
+
+
+class Store:
+    """A size-capped content-addressed store. Create with :meth:`Store.open`."""
+
+    def __init__(self, root: Path, capacity: int, clock: Callable[[], float] = time.time):
+        self.root = root
+        self.capacity = capacity
+        self._clock = clock
+        self._blobs = root / "blobs" / "sha256"
+        self._tmp = root / "tmp"
+        self._index = diskcache.Cache(
+            str(root / "index"), eviction_policy="none", cull_limit=0, size_limit=2**62
+        )
+        self._lru: OrderedDict[str, int] = OrderedDict()  # hex -> size, oldest first
+        self._pinned: set[str] = set()
+        self._touched: set[str] = set()
+        self._open: OrderedDict[str, Blob] = OrderedDict()
+        self._bytes = 0
+        self._reserved = 0
+        self.on_evict: list[Callable[[Digest, int], None]] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @classmethod
+    async def open(cls, root: Path, capacity: int, clock: Callable[[], float] = time.time) -> Store:
+        """Open (creating if needed) and recover the store: sweep temp files,
+        drop index rows without a file, re-verify files without an index row."""
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(exist_ok=True)
+        store = await asyncio.to_thread(cls, root, capacity, clock)
+        report = await asyncio.to_thread(store.check, True)
+        if any(report.values()):
+            log.warning("store %s recovered: %s", root, report)
+        await store.make_room(0)
+        return store
+
+    async def close(self) -> None:
+        await self.flush()
+        for blob in self._open.values():
+            blob._retire()
+        self._open.clear()
+        await asyncio.to_thread(self._index.close)
+
+    def check(self, fix: bool = True) -> dict[str, int]:
+        """Reconcile disk and index; call from a thread. Returns counts of what
+        was wrong. With ``fix``, temp files are removed, rows without a file are
+        dropped and blobs without a row are re-hashed: adopted if they match
+        their name, deleted if not."""
+        report = {"temp_removed": 0, "rows_dropped": 0, "adopted": 0, "corrupt_removed": 0}
+        for tmp in self._tmp.iterdir():
+            report["temp_removed"] += 1
+            if fix:
+                tmp.unlink(missing_ok=True)
+        rows: dict[str, Entry] = {}
+        for key in list(self._index.iterkeys()):
+            entry = Entry(*self._index[key])
+            path = self._blobs / key
+            if not path.is_file() or path.stat().st_size != entry.size:
+                report["rows_dropped"] += 1
+                if fix:
+                    self._index.delete(key)
+                    path.unlink(missing_ok=True)
+                continue
+            rows[key] = entry
+        for path in self._blobs.iterdir():
+            if path.name in rows:
+                continue
+            if _file_sha256(path) == path.name:
+                report["adopted"] += 1
+                if fix:
+                    rows[path.name] = Entry(path.stat().st_size, self._clock())
+                    self._index[path.name] = tuple(rows[path.name])
+            else:
+                report["corrupt_removed"] += 1
+                if fix:
+                    path.unlink(missing_ok=True)
+        self._load(rows)
+        return report
+
+    def _load(self, rows: dict[str, Entry]) -> None:
+        self._lru.clear()
+        self._pinned.clear()
+        for key, entry in sorted(rows.items(), key=lambda kv: kv[1].last_access):
+            self._lru[key] = entry.size
+            if entry.pinned:
+                self._pinned.add(key)
+        self._bytes = sum(self._lru.values())
+
+    async def flush(self) -> None:
+        """Persist access order (and pins) of entries touched since the last flush."""
+        touched, self._touched = self._touched, set()
+        if touched:
+            await asyncio.to_thread(self._write_rows, touched)
+
+    def _write_rows(self, keys: set[str]) -> None:
+        now = self._clock()
+        with self._index.transact():
+            for key in keys:
+                if key in self._lru:
+                    self._index[key] = tuple(Entry(self._lru[key], now, key in self._pinned))
+
+    # -- reads -----------------------------------------------------------------
+
+    def __contains__(self, digest: Digest) -> bool:
+        return digest.hex in self._lru
+
+    def size_of(self, digest: Digest) -> int | None:
+        return self._lru.get(digest.hex)
+
+    def path_of(self, digest: Digest) -> Path:
+        return self._blobs / digest.hex
+
+    def usage(self) -> Usage:
+        pinned = sum(self._lru[k] for k in self._pinned if k in self._lru)
+        return Usage(len(self._lru), self._bytes, self.capacity, pinned)
+
+    def digests(self) -> list[Digest]:
+        return [Digest(h) for h in self._lru]
+
+    async def lease(self, digest: Digest) -> Blob | None:
+        """An open handle on a committed package, or None if it is not here.
+
+        Marks the entry recently used. Release with :meth:`release`.
+        """
+        size = self._lru.get(digest.hex)
+        if size is None:
+            return None
+        self._lru.move_to_end(digest.hex)
+        self._touched.add(digest.hex)
+        blob = self._open.get(digest.hex)
+        if blob is None:
+            blob = await self._open_blob(digest, size)
+            if blob is None:
+                return None
+        else:
+            self._open.move_to_end(digest.hex)
+        blob._acquire()
+        return blob
+
+    @staticmethod
+    def release(blob: Blob) -> None:
+        blob._release()
+
+    async def _open_blob(self, digest: Digest, size: int) -> Blob | None:
+        try:
+            file = await asyncio.to_thread(open, self._blobs / digest.hex, "rb", buffering=0)
+        except FileNotFoundError:
+            log.error("store: %s indexed but its file is gone; dropping it", digest.short)
+            await self._drop(digest.hex)
+            return None
+        if digest.hex not in self._lru:  # evicted while we opened it
+            file.close()
+            return None
+        blob = self._open.get(digest.hex)
+        if blob is not None:  # another request opened it meanwhile
+            file.close()
+            return blob
+        blob = Blob(digest, size, file)
+        self._open[digest.hex] = blob
+        while len(self._open) > MAX_OPEN_BLOBS:
+            _, old = self._open.popitem(last=False)
+            old._retire()
+        return blob
+
+    # -- writes ----------------------------------------------------------------
+
+    async def begin(self, digest: Digest, size: int) -> Ingest:
+        """Reserve room and start an ingest. Raises :class:`StoreFull` when the
+        package cannot be kept (over capacity, or the disk refuses the file)."""
+        await self.make_room(size)
+        if self._bytes + self._reserved + size > self.capacity:
+            raise StoreFull(f"no room for {size} bytes in a {self.capacity}-byte store")
+        path = self._tmp / f"{digest.hex}.{secrets.token_hex(4)}"
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"disk full creating {path.name}") from exc
+            raise
+        self._reserved += size
+        return Ingest(self, digest, size, path, fd)
+
+    def begin_unstored(self, digest: Digest, size: int) -> Ingest:
+        """An ingest that only verifies: for packages the store cannot keep."""
+        return Ingest(self, digest, size, None, -1)
+
+    async def make_room(self, size: int) -> None:
+        """Evict least-recently-used, unpinned entries until ``size`` more bytes fit
+        under the low-water mark (or nothing evictable is left)."""
+        target = min(self.capacity * LOW_WATER, self.capacity - size)
+        if self._bytes + self._reserved + size <= self.capacity:
+            return
+        for key in list(self._lru):
+            if self._bytes + self._reserved <= target:
+                break
+            if key not in self._pinned:
+                await self.evict(Digest(key))
+
+    async def evict(self, digest: Digest) -> bool:
+        """Remove one entry (file and row). Leased handles keep reading."""
+        size = self._lru.get(digest.hex)
+        if size is None:
+            return False
+        await self._drop(digest.hex)
+        for callback in self.on_evict:
+            callback(digest, size)
+        log.info("store: evicted %s (%d bytes)", digest.short, size)
+        return True
+
+    async def _drop(self, key: str) -> None:
+        size = self._lru.pop(key, 0)
+        self._bytes -= size
+        self._pinned.discard(key)
+        blob = self._open.pop(key, None)
+        if blob is not None:
+            blob._retire()
+        await asyncio.to_thread(self._unlink, key)
+
+    def _unlink(self, key: str) -> None:
+        self._index.delete(key)
+        (self._blobs / key).unlink(missing_ok=True)
+
+    async def _commit(self, ingest: Ingest) -> None:
+        key = ingest.digest.hex
+        entry = Entry(ingest.size, self._clock())
+        await asyncio.to_thread(self._publish, ingest, entry)
+        if key not in self._lru:
+            self._bytes += ingest.size
+        self._lru[key] = ingest.size
+        self._lru.move_to_end(key)
+
+    def _publish(self, ingest: Ingest, entry: Entry) -> None:
+        os.fsync(ingest.fd)
+        os.rename(ingest.path, self._blobs / ingest.digest.hex)
+        dir_fd = os.open(self._blobs, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._index[ingest.digest.hex] = tuple(entry)
+
+    # -- pins ------------------------------------------------------------------
+
+    async def pin(self, digest: Digest, max_share: float) -> bool:
+        """Protect an entry from eviction while pinned bytes stay within
+        ``max_share`` of capacity. Returns False when it is absent or over budget."""
+        size = self._lru.get(digest.hex)
+        if size is None:
+            return False
+        if digest.hex not in self._pinned:
+            if self.usage().pinned_bytes + size > self.capacity * max_share:
+                return False
+            self._pinned.add(digest.hex)
+        await asyncio.to_thread(self._write_rows, {digest.hex})
+        return True
+
+    async def unpin(self, digest: Digest) -> bool:
+        if digest.hex not in self._pinned:
+            return False
+        self._pinned.discard(digest.hex)
+        await asyncio.to_thread(self._write_rows, {digest.hex})
+        return True
+
+    def is_pinned(self, digest: Digest) -> bool:
+        return digest.hex in self._pinned
+
+
+class Ingest:
+    """One package being written: :meth:`write`, then :meth:`commit`, then :meth:`close`.
+
+    ``file`` is readable while writing: followers of a coalesced fetch read
+    ``[0, on_disk)`` from it, so it stays open until :meth:`close`, even after
+    commit renamed it. When the disk refuses a write (ENOSPC), or the store had
+    no room to begin with (:meth:`Store.begin_unstored`), the ingest keeps
+    hashing but stops writing: ``on_disk`` freezes, ``spilled`` is set, and
+    :meth:`commit` then only verifies.
+    """
+
+    def __init__(self, store: Store, digest: Digest, size: int, path: Path | None, fd: int):
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.path = path
+        self.fd = fd
+        self.file = open(fd, "rb", buffering=0, closefd=False) if fd >= 0 else None  # noqa: SIM115
+        self.received = 0
+        self.on_disk = 0
+        self.spilled = fd < 0
+        self.committed = False
+        self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+
+    async def write(self, chunk: bytes) -> None:
+        """Append bytes; they are hashed and written in batches off the loop."""
+        if self.received + len(chunk) > self.size:
+            raise UpstreamError(f"ingest {self.digest.short}: upstream sent over {self.size} bytes")
+        self.received += len(chunk)
+        self._pending.append(chunk)
+        self._pending_len += len(chunk)
+        if self._pending_len >= WRITE_BATCH:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Hash and write what is pending; afterwards ``on_disk`` covers it."""
+        if not self._pending:
+            return
+        batch, self._pending, self._pending_len = self._pending, [], 0
+        await asyncio.to_thread(self._write_batch, batch)
+
+    def _write_batch(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self._hash.update(chunk)
+        if self.spilled:
+            return
+        data = b"".join(batch) if len(batch) > 1 else batch[0]
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, self.on_disk)
+                self.on_disk += n
+                view = view[n:]
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("store: disk full writing %s; passing it through", self.digest.short)
+            self.spilled = True
+
+    async def commit(self) -> None:
+        """Verify size and sha256, then make the package durable and visible.
+
+        This is the only comparison of computed and expected digests in
+        cachesvc. Raises :class:`DigestMismatch` or :class:`UpstreamError`
+        (short body); a spilled ingest is verified but not kept.
+        """
+        await self.drain()
+        if self.received != self.size:
+            raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
+        actual = self._hash.hexdigest()
+        if actual != self.digest.hex:
+            raise DigestMismatch(f"ingest {self.digest.short}: bytes hash to sha256:{actual[:12]}")
+        if not self.spilled:
+            await self.store._commit(self)
+            self.committed = True
+
+    async def close(self) -> None:
+        """Release the reservation and the file; idempotent. An uncommitted
+        temp file is removed."""
+        if self.fd == -2:
+            return
+        fd, self.fd = self.fd, -2
+        if fd >= 0:
+            self.store._reserved -= self.size
+            await asyncio.to_thread(self._close, fd)
+
+    def _close(self, fd: int) -> None:
+        assert self.file is not None and self.path is not None
+        self.file.close()
+        os.close(fd)
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in _blocks(f):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _blocks(f: object, size: int = 1 << 20) -> Iterator[bytes]:
+    while block := f.read(size):  # type: ignore[attr-defined]
+        yield block

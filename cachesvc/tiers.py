@@ -1,0 +1,269 @@
+"""The read-through walk, written once for the agent (L1) and the peers (L2).
+
+How a request for a digest is answered (the README's "loading process"):
+
+1. **Local hit.** The store has it: serve the open file (``X-Cache-Tier`` is
+   this service's own tier, L1 on agents, L2 on peers).
+2. **Known absent.** The origin said 404 for it moments ago (negative cache,
+   :data:`NEGATIVE_TTL`): answer 404 without asking anyone.
+3. **Join.** A fetch for it is already running: follow that flight; its bytes
+   stream to us as they arrive (counted in ``cachesvc_coalesced_total``).
+4. **Fetch.** Otherwise start one flight whose fill walks the sources in order:
+   on agents the ring's owners (owner first, then the peers that would own it
+   next, peers marked down last), then the origin; on peers the origin only.
+   A source that fails mid-body is replaced by the next one, resuming at the
+   byte reached (a ranged GET); a 404 from the owner peer or the origin is
+   final (the peer already asked the origin: asking again would double origin
+   traffic). Nothing here waits on a timer for a running fetch to give up:
+   only a failed source (connect error, error status, idle-read timeout)
+   moves the walk on.
+5. **Verify.** The flight's ingest checks size and sha256 before anything is
+   kept or the last byte is released to followers. Wrong bytes from a peer
+   mark it down and start a fresh fill from the next source, so the request
+   after a refused one is served correctly.
+
+This module does not hash, parse HTTP or pick status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cachesvc.digest import Digest
+from cachesvc.errors import (
+    CachesvcError,
+    DigestMismatch,
+    NotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from cachesvc.flight import Flight, Flights
+from cachesvc.metrics import Metrics
+from cachesvc.origin import Origin
+from cachesvc.peer_client import PeerClient
+from cachesvc.ring import Ring
+from cachesvc.store import Blob, Store
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_TTL = 10.0
+NEGATIVE_MAX = 10_000
+
+
+class Source(Protocol):
+    """One upstream, as the walk sees it."""
+
+    name: str
+    tier: str  # what X-Cache-Tier says when this source served the bytes
+    upstream: str  # metric label: "peer" or "origin"
+
+    def open(self, digest: Digest, offset: int) -> Any: ...
+
+    async def head(self, digest: Digest) -> int: ...
+
+    def failed(self) -> None: ...
+
+    def succeeded(self) -> None: ...
+
+
+@dataclass
+class PeerSource:
+    client: PeerClient
+    ring: Ring
+    name: str
+    tier: str = "L2"
+    upstream: str = "peer"
+
+    def open(self, digest: Digest, offset: int) -> Any:
+        return self.client.open(self.name, digest, offset)
+
+    async def head(self, digest: Digest) -> int:
+        return await self.client.head(self.name, digest)
+
+    def failed(self) -> None:
+        self.ring.mark_down(self.name)
+
+    def succeeded(self) -> None:
+        self.ring.mark_up(self.name)
+
+
+@dataclass
+class OriginSource:
+    origin: Origin
+    name: str = "origin"
+    tier: str = "ORIGIN"
+    upstream: str = "origin"
+
+    def open(self, digest: Digest, offset: int) -> Any:
+        return self.origin.open(digest, offset)
+
+    async def head(self, digest: Digest) -> int:
+        return await self.origin.head(digest)
+
+    def failed(self) -> None:
+        return None
+
+    def succeeded(self) -> None:
+        return None
+
+
+class NegativeCache:
+    """Digests the origin recently did not have; bounded, with an injected clock."""
+
+    def __init__(self, ttl: float = NEGATIVE_TTL, clock: Callable[[], float] = time.monotonic):
+        self._ttl = ttl
+        self._clock = clock
+        self._until: OrderedDict[Digest, float] = OrderedDict()
+
+    def add(self, digest: Digest) -> None:
+        self._until[digest] = self._clock() + self._ttl
+        self._until.move_to_end(digest)
+        while len(self._until) > NEGATIVE_MAX:
+            self._until.popitem(last=False)
+
+    def __contains__(self, digest: Digest) -> bool:
+        until = self._until.get(digest)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._until[digest]
+            return False
+        return True
+
+    def discard(self, digest: Digest) -> None:
+        self._until.pop(digest, None)
+
+
+class Tiers:
+    """The walk. ``local_tier`` is this service's own tier label (L1 or L2)."""
+
+    def __init__(
+        self,
+        store: Store,
+        flights: Flights,
+        sources: Callable[[Digest], Sequence[Source]],
+        metrics: Metrics,
+        local_tier: str,
+        negative: NegativeCache | None = None,
+    ) -> None:
+        self.store = store
+        self.flights = flights
+        self._sources = sources
+        self.metrics = metrics
+        self.local_tier = local_tier
+        self.negative = negative or NegativeCache()
+
+    async def get(self, digest: Digest) -> Blob | Flight:
+        """Steps 1-4: an open blob to serve, or a flight to follow (already
+        registered: the caller must :meth:`Flight.follow` it right away)."""
+        blob = await self.store.lease(digest)
+        if blob is not None:
+            return blob
+        if digest in self.negative:
+            self.metrics.negative_hits.inc()
+            raise NotFound(f"{digest} is not in the origin (negative cache)")
+        flight = self.flights.get(digest)
+        if flight is not None:
+            self.metrics.coalesced.inc()
+            return flight
+        return self.flights.start(digest, self._fill)
+
+    async def fetch(self, digest: Digest) -> tuple[int, str]:
+        """Make sure the package is here (or at least verified once): for warm and
+        unpack. Returns (size, tier the bytes came from)."""
+        source = await self.get(digest)
+        if isinstance(source, Blob):
+            self.store.release(source)
+            return source.size, self.local_tier
+        key = source.follow()
+        try:
+            await source.verdict()
+            assert source.size is not None and source.tier is not None
+            return source.size, source.tier
+        finally:
+            await source.leave(key)
+
+    async def head(self, digest: Digest) -> tuple[int, str]:
+        """Size and tier without downloading the body."""
+        size = self.store.size_of(digest)
+        if size is not None:
+            return size, self.local_tier
+        flight = self.flights.get(digest)
+        if flight is not None and flight.size is not None and flight.tier is not None:
+            return flight.size, flight.tier
+        if digest in self.negative:
+            raise NotFound(f"{digest} is not in the origin (negative cache)")
+        last: CachesvcError = UpstreamError(f"HEAD {digest.short}: no upstream configured")
+        for source in self._sources(digest):
+            try:
+                return await source.head(digest), source.tier
+            except NotFound:
+                self.negative.add(digest)
+                raise
+            except (UpstreamError, UpstreamTimeout) as exc:
+                log.warning("HEAD %s via %s failed: %s", digest.short, source.name, exc)
+                source.failed()
+                last = exc
+        raise last
+
+    async def _fill(self, flight: Flight) -> None:
+        """Step 4-5: walk the sources until one delivers verified bytes."""
+        digest = flight.digest
+        self.metrics.inflight.inc()
+        try:
+            last: CachesvcError = UpstreamError(f"fetch {digest.short}: no upstream configured")
+            for source in self._sources(digest):
+                try:
+                    await self._pull(flight, source)
+                except NotFound:
+                    self._count(source, "not_found")
+                    self.negative.add(digest)
+                    raise
+                except DigestMismatch as exc:
+                    self._refused(flight, source, exc)
+                    raise
+                except (UpstreamError, UpstreamTimeout) as exc:
+                    self._count(source, "timeout" if isinstance(exc, UpstreamTimeout) else "error")
+                    log.warning("fetch %s via %s failed: %s", digest.short, source.name, exc)
+                    source.failed()
+                    last = exc
+                else:
+                    self._count(source, "ok")
+                    source.succeeded()
+                    log.info("fetched %s (%s bytes) via %s", digest.short, flight.size, source.name)
+                    return
+            raise last
+        finally:
+            self.metrics.inflight.dec()
+
+    async def _pull(self, flight: Flight, source: Source) -> None:
+        """Stream one source into the flight, resuming at ``flight.received``."""
+        async with source.open(flight.digest, flight.received) as body:
+            if flight.ingest is None:
+                await flight.begin(body.size, source.tier)
+            elif body.size != flight.size:
+                raise UpstreamError(f"{source.name} says {body.size} bytes, not {flight.size}")
+            async for chunk in body.chunks:
+                await flight.feed(chunk)
+        await flight.finish()
+
+    def _refused(self, flight: Flight, source: Source, exc: DigestMismatch) -> None:
+        self._count(source, "mismatch")
+        self.metrics.digest_mismatch.inc()
+        log.error("fetch %s via %s refused: %s", flight.digest.short, source.name, exc)
+        source.failed()
+        if source.upstream == "peer":  # the origin may still have the right bytes
+            asyncio.get_running_loop().call_soon(self._refill, flight.digest)
+
+    def _refill(self, digest: Digest) -> None:
+        if digest not in self.store and self.flights.get(digest) is None:
+            self.flights.start(digest, self._fill)
+
+    def _count(self, source: Source, outcome: str) -> None:
+        self.metrics.upstream_fetches.labels(source.upstream, outcome).inc()
