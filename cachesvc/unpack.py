@@ -238,6 +238,8 @@ def _extract_zip(stream: BinaryIO, tree: _Tree, limits: Limits) -> None:
         raise TooLarge(f"zip central directory of {cd_size} bytes is over the entry budget")
     stream.seek(0)
     with zipfile.ZipFile(stream) as archive:
+        if len(archive.infolist()) > limits.max_files:  # the end record may under-count
+            raise TooLarge(f"zip has {len(archive.infolist())} entries, over {limits.max_files}")
         for info in archive.infolist():
             if _zip_member_kind(info) == "dir":
                 tree.add_dir(info.filename)

@@ -1,0 +1,431 @@
+"""Safe, atomic, coalesced extraction: real archives, real compressors, hostile packages."""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import stat
+import struct
+import tarfile
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import lz4.frame
+import pytest
+import zstandard
+
+from cachesvc import unpack
+from cachesvc.codec import Limits
+from cachesvc.digest import Digest
+from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
+from cachesvc.unpack import Unpacker
+
+MiB = 1024 * 1024
+MTIME = time.mktime((2021, 6, 1, 12, 30, 0, 0, 0, -1))
+
+COMPRESS = {
+    "zstd": lambda data: zstandard.ZstdCompressor(level=3).compress(data),
+    "gzip": lambda data: gzip.compress(data, mtime=0),
+    "xz": lambda data: lzma.compress(data, format=lzma.FORMAT_XZ),
+    "bzip2": bz2.compress,
+    "lz4": lz4.frame.compress,
+}
+
+# name -> (content, mode)
+FILES: dict[str, tuple[bytes, int]] = {
+    "handler.py": (b"import lib.util\ndef handler(e, c):\n    return 1\n" * 40, 0o644),
+    "bin/run.sh": (b"#!/bin/sh\necho hi\n", 0o4755),  # setuid must be dropped
+    "lib/__init__.py": (b"", 0o644),
+    "lib/util.py": (os.urandom(300_000), 0o600),
+    "lib/deep/er/data.json": (b'{"k": [1, 2, 3]}' * 1000, 0o666),
+}
+
+
+def zip_bytes(files: dict[str, tuple[bytes, int]] = FILES) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(zip_member("lib/", 0o755 | stat.S_IFDIR), b"")
+        for name, (data, mode) in files.items():
+            archive.writestr(zip_member(name, mode | stat.S_IFREG), data)
+    return buf.getvalue()
+
+
+def zip_member(name: str, unix_mode: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=time.localtime(MTIME)[:6])
+    info.create_system = 3
+    info.external_attr = unix_mode << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
+def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def tar_member(name: str, data: bytes = b"", mode: int = 0o644, **fields: object) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, int(MTIME)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def tar_of(files: dict[str, tuple[bytes, int]] = FILES) -> bytes:
+    return tar_bytes([tar_member(name, data, mode) for name, (data, mode) in files.items()])
+
+
+def wrap(data: bytes, layers: list[str]) -> bytes:
+    for layer in reversed(layers):
+        data = COMPRESS[layer](data)
+    return data
+
+
+def store(tmp_path: Path, data: bytes) -> tuple[Digest, Path]:
+    """Write a package as the store would hold it: named by its digest."""
+    digest = Digest.parse(hashlib.sha256(data).hexdigest())
+    path = tmp_path / "store" / digest.hex
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return digest, path
+
+
+@pytest.fixture
+def code_dir(tmp_path: Path) -> Path:
+    return tmp_path / "code"
+
+
+@pytest.fixture
+def unpacker(code_dir: Path) -> Unpacker:
+    return Unpacker(code_dir)
+
+
+def tree_of(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every regular file under root: relative name -> (content, permission bits)."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            found[str(path.relative_to(root))] = (
+                path.read_bytes(),
+                stat.S_IMODE(path.stat().st_mode),
+            )
+    return found
+
+
+def expected_modes(files: dict[str, tuple[bytes, int]]) -> dict[str, tuple[bytes, int]]:
+    return {name: (data, 0o755 if mode & 0o111 else 0o644) for name, (data, mode) in files.items()}
+
+
+ROUND_TRIPS = [
+    ["zip"],
+    ["tar"],
+    ["zstd", "zip"],
+    ["zstd", "tar"],
+    ["xz", "gzip", "tar"],
+    ["gzip", "zstd", "tar"],
+    ["lz4", "tar"],
+    ["bzip2", "zip"],
+    ["gzip", "zip"],
+    ["lz4", "zip"],
+    ["xz", "zip"],
+    ["bzip2", "tar"],
+]
+
+
+@pytest.mark.parametrize("layers", ROUND_TRIPS, ids=",".join)
+async def test_every_layer_combination_unpacks_byte_exact(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path, layers: list[str]
+) -> None:
+    inner = zip_bytes() if layers[-1] == "zip" else tar_of()
+    digest, package = store(tmp_path, wrap(inner, layers[:-1]))
+
+    result = await unpacker.unpack(digest, package)
+
+    assert result.path == code_dir / digest.hex
+    assert tree_of(result.path) == expected_modes(FILES)
+    assert (result.files, result.bytes) == (len(FILES), sum(len(d) for d, _ in FILES.values()))
+    assert result.as_json() == {
+        "digest": str(digest),
+        "path": str(code_dir / digest.hex),
+        "files": len(FILES),
+        "bytes": result.bytes,
+        "layers": layers,
+    }
+    assert (result.path / "handler.py").stat().st_mtime == pytest.approx(MTIME, abs=2)
+    assert sorted(p.name for p in code_dir.iterdir()) == [digest.hex, digest.hex + ".json"]
+
+
+async def test_a_second_call_answers_from_the_manifest_without_the_package(
+    tmp_path: Path, unpacker: Unpacker
+) -> None:
+    digest, package = store(tmp_path, zip_bytes())
+    first = await unpacker.unpack(digest, package)
+    package.unlink()
+    assert await unpacker.unpack(digest, package) == first
+    assert await Unpacker(unpacker.code_dir).unpack(digest, package) == first
+
+
+async def test_concurrent_unpacks_of_one_digest_share_one_extraction(
+    tmp_path: Path, unpacker: Unpacker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_extract = unpack.extract
+
+    def counting_extract(*args: object) -> object:
+        calls.append(args)
+        time.sleep(0.05)  # keep the extraction in flight while the others arrive
+        return real_extract(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unpack, "extract", counting_extract)
+    digest, package = store(tmp_path, wrap(tar_of(), ["zstd"]))
+
+    results = await asyncio.gather(*(unpacker.unpack(digest, package) for _ in range(20)))
+
+    assert len(calls) == 1
+    assert len(set(results)) == 1
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_extraction(
+    tmp_path: Path, unpacker: Unpacker
+) -> None:
+    digest, package = store(tmp_path, wrap(zip_bytes(), ["xz"]))
+    impatient = asyncio.ensure_future(unpacker.unpack(digest, package))
+    patient = asyncio.ensure_future(unpacker.unpack(digest, package))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    result = await patient
+    assert tree_of(result.path) == expected_modes(FILES)
+
+
+async def test_remove_deletes_tree_and_manifest_and_allows_a_fresh_unpack(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, tar_of())
+    await unpacker.unpack(digest, package)
+    await unpacker.remove(digest)
+    assert list(code_dir.iterdir()) == []
+    await unpacker.remove(digest)  # absent: no error
+    result = await unpacker.unpack(digest, package)
+    assert tree_of(result.path) == expected_modes(FILES)
+
+
+async def test_sweep_removes_leftovers_of_a_crash_and_keeps_finished_trees(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, zip_bytes())
+    await unpacker.unpack(digest, package)
+    (code_dir / ".tmp-0123-crashed" / "lib").mkdir(parents=True)
+    (code_dir / ".tmp-manifest.json").write_text("{")
+    (code_dir / ("ab" * 32 + ".json")).write_text("{}")  # manifest whose tree never landed
+
+    assert unpacker.sweep_temp() == 3
+    assert sorted(p.name for p in code_dir.iterdir()) == [digest.hex, digest.hex + ".json"]
+
+
+async def test_a_tree_without_its_manifest_is_extracted_again(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, tar_of())
+    first = await unpacker.unpack(digest, package)
+    (code_dir / (digest.hex + ".json")).unlink()
+    (first.path / "handler.py").write_bytes(b"damaged")
+    again = await unpacker.unpack(digest, package)
+    assert again == first
+    assert tree_of(again.path) == expected_modes(FILES)
+
+
+# ---- hostile packages: refused with the right error, nothing left behind ----
+
+
+def zip_with(name: str, data: bytes = b"x", unix_mode: int = 0o644 | stat.S_IFREG) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("ok.txt", b"fine")
+        archive.writestr(zip_member(name, unix_mode), data)
+    return buf.getvalue()
+
+
+def deflate_zero_bomb(gib: int) -> bytes:
+    """A valid one-member zip of ``gib`` GiB of zeros (~1 MiB), built without deflating GiBs.
+
+    A full-flushed deflate block of 1 MiB of zeros is self-contained, so it
+    repeats; an empty final block ends the stream.
+    """
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(bytes(MiB)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    data = block * (gib * 1024) + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+    size, crc, name = gib << 30, 0, b"zeros.bin"
+    for _ in range(gib * 1024):
+        crc = zlib.crc32(bytes(MiB), crc)
+    fields = (20, 0, 8, 0, 0x21, crc, len(data), size, len(name))
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", *fields, 0) + name
+    central = struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, *fields, 0, 0, 0, 0, 0, 0)
+    central += name
+    end = struct.pack(
+        "<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local) + len(data), 0
+    )
+    return local + data + central + end
+
+
+def many_empty_files_zip(count: int) -> bytes:
+    """A stored zip of ``count`` empty files, packed by hand (zipfile needs seconds)."""
+    locals_, centrals, offset = [], [], 0
+    for i in range(count):
+        name = f"f/{i}".encode()
+        fields = (20, 0, 0, 0, 0x21, 0, 0, 0, len(name))
+        local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", *fields, 0) + name
+        centrals.append(
+            struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, *fields, 0, 0, 0, 0, 0, offset)
+            + name
+        )
+        locals_.append(local)
+        offset += len(local)
+    central = b"".join(centrals)
+    entries = min(count, 0xFFFF)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, entries, entries, len(central), offset, 0)
+    return b"".join(locals_) + central + end
+
+
+def zstd_zero_bomb_tar(gib: int) -> bytes:
+    """tar.zst of ``gib`` GiB of zeros: a header frame, then one small frame repeated."""
+    compressor = zstandard.ZstdCompressor(level=1)
+    info, _ = tar_member("zeros.bin")
+    info.size = gib << 30
+    frame = compressor.compress(bytes(4 * MiB))
+    return compressor.compress(info.tobuf(format=tarfile.PAX_FORMAT)) + frame * (gib * 256)
+
+
+HOSTILE = {
+    "zip slip": (zip_with("../../evil.txt"), UnsafeArchive),
+    "zip absolute path": (zip_with("/tmp/evil.txt"), UnsafeArchive),
+    "zip symlink": (zip_with("link", b"/etc/passwd", 0o777 | stat.S_IFLNK), UnsafeArchive),
+    "zip fifo": (zip_with("pipe", b"", 0o644 | stat.S_IFIFO), UnsafeArchive),
+    "tar dotdot": (tar_bytes([tar_member("a/../../evil.txt", b"x")]), UnsafeArchive),
+    "tar absolute path": (tar_bytes([tar_member("/etc/evil.txt", b"x")]), UnsafeArchive),
+    "tar symlink escape": (
+        tar_bytes(
+            [tar_member("up", type=tarfile.SYMTYPE, linkname="../.."), tar_member("up/evil")]
+        ),
+        UnsafeArchive,
+    ),
+    "tar hardlink escape": (
+        tar_bytes([tar_member("passwd", type=tarfile.LNKTYPE, linkname="/etc/passwd")]),
+        UnsafeArchive,
+    ),
+    "tar char device": (
+        tar_bytes([tar_member("null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)]),
+        UnsafeArchive,
+    ),
+    "tar fifo": (tar_bytes([tar_member("pipe", type=tarfile.FIFOTYPE)]), UnsafeArchive),
+    "tar duplicate file": (
+        tar_bytes([tar_member("a", b"1"), tar_member("a", b"2")]),
+        UnsafeArchive,
+    ),
+    "tar file then dir": (
+        tar_bytes([tar_member("a", b"1"), tar_member("a/b", b"2")]),
+        UnsafeArchive,
+    ),
+    "not an archive": (b"#!/bin/sh\nrm -rf /\n" * 100, UnsupportedFormat),
+    "zstd around text": (wrap(b"hello\n" * 1000, ["zstd"]), UnsupportedFormat),
+    "truncated zip": (zip_bytes()[:-30], UnsupportedFormat),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+async def test_hostile_package_is_refused_and_leaves_nothing(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path, case: str
+) -> None:
+    data, error = HOSTILE[case]
+    digest, package = store(tmp_path, wrap(data, ["gzip"]) if "tar" in case else data)
+    with pytest.raises(error):
+        await unpacker.unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+    assert not (tmp_path / "evil.txt").exists()
+
+
+async def test_zip_bomb_of_a_gib_of_zeros_is_too_large(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, deflate_zero_bomb(gib=1))
+    with pytest.raises(TooLarge, match="200x"):
+        await unpacker.unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+
+
+async def test_tar_zst_bomb_of_gibs_of_zeros_is_too_large(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, zstd_zero_bomb_tar(gib=16))
+    assert package.stat().st_size < MiB
+    with pytest.raises(TooLarge):
+        await unpacker.unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+
+
+async def test_a_hundred_thousand_empty_files_are_over_max_files(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, many_empty_files_zip(100_001))
+    with pytest.raises(TooLarge, match="100000"):
+        await unpacker.unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+
+
+async def test_a_tar_with_more_entries_than_max_files_is_refused_while_streaming(
+    tmp_path: Path, code_dir: Path
+) -> None:
+    members = [tar_member(f"f/{i}") for i in range(501)]
+    digest, package = store(tmp_path, wrap(tar_bytes(members), ["zstd"]))
+    with pytest.raises(TooLarge, match="500 entries"):
+        await Unpacker(code_dir, Limits(max_files=500)).unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+
+
+async def test_unpacked_size_is_counted_on_bytes_written(tmp_path: Path, code_dir: Path) -> None:
+    files = {f"part{i}": (os.urandom(400_000), 0o644) for i in range(3)}
+    limits = Limits(max_unpacked_size=MiB)
+    for data in (zip_bytes(files), tar_of(files)):
+        digest, package = store(tmp_path, data)
+        with pytest.raises(TooLarge, match="unpacks to over"):
+            await Unpacker(code_dir, limits).unpack(digest, package)
+        assert list(code_dir.iterdir()) == []
+
+
+async def test_a_zip_that_understates_its_sizes_is_refused(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    data = bytearray(zip_bytes({"big": (bytes(2 * MiB), 0o644)}))
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 24 : central + 28] = struct.pack("<I", 10)  # claimed uncompressed size
+    digest, package = store(tmp_path, bytes(data))
+    with pytest.raises(UnsupportedFormat):
+        await unpacker.unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+
+
+async def test_package_over_max_package_size_is_too_large(tmp_path: Path, code_dir: Path) -> None:
+    digest, package = store(tmp_path, zip_bytes())
+    with pytest.raises(TooLarge):
+        await Unpacker(code_dir, Limits(max_package_size=1024)).unpack(digest, package)
+    assert list(code_dir.iterdir()) == []
+
+
+async def test_manifest_beside_the_tree_holds_the_result(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, wrap(zip_bytes(), ["zstd"]))
+    result = await unpacker.unpack(digest, package)
+    manifest = json.loads((code_dir / f"{digest.hex}.json").read_text())
+    assert manifest == result.as_json()
+    assert not (result.path / ".cachesvc-unpack.json").exists()
