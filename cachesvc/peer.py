@@ -20,7 +20,7 @@ from cachesvc.service import CORE, SETTINGS, make_base_app, require_token
 def make_app(settings: Settings) -> web.Application:
     app = make_base_app(settings, local_tier="L2")
     blob = timed("blob", get_blob)
-    app.router.add_route("GET", "/blob/{digest}", blob)  # GET also answers HEAD
+    app.router.add_get("/blob/{digest}", blob)  # also answers HEAD
     app.router.add_route("*", "/blob/{rest:.*}", bad_blob_path)
     return app
 

@@ -64,6 +64,10 @@ class Ring:
         up = [n for n in order if self._down_until.get(n, 0.0) <= now]
         return up + [n for n in order if n not in up]
 
+    def up_owners(self, digest: Digest) -> list[str]:
+        """Like :meth:`owners`, without the peers marked down."""
+        return [n for n in self.owners(digest) if not self.is_down(n)]
+
     def mark_down(self, node: str) -> None:
         self._down_until[node] = self._clock() + self._down_for
 

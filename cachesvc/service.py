@@ -130,7 +130,9 @@ def _sources_for(
         return lambda _digest: (origin_source,)
 
     def walk(digest: Digest) -> list[Source]:
-        peers: list[Source] = [PeerSource(client, ring, url) for url in ring.owners(digest)]
+        # Peers marked down are skipped: after them only the origin would be
+        # asked anyway, and its answer is authoritative.
+        peers: list[Source] = [PeerSource(client, ring, url) for url in ring.up_owners(digest)]
         return [*peers, origin_source]
 
     return walk

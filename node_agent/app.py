@@ -17,7 +17,7 @@ from cachesvc.service import CORE, make_base_app
 
 def make_app(settings: Settings) -> web.Application:
     app = make_base_app(settings, local_tier="L1")
-    app.router.add_route("GET", "/pkg/{digest}", timed("pkg", get_package))
+    app.router.add_get("/pkg/{digest}", timed("pkg", get_package))
     app.router.add_route("*", "/pkg/{rest:.*}", bad_pkg_path)
     return app
 

@@ -1,0 +1,114 @@
+"""The fixture graph: a real S3 server (moto, one per session) → a counting
+proxy in front of it → an ``origin`` over ``file``/``s3`` → stacks of real
+peers and agents on loopback."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from cachesvc.digest import Digest
+from cachesvc.origin import FileOrigin, S3Origin, make_origin
+from cachesvc.publish import publish
+from tests.servers import S3Proxy, Stack, digest_of, free_port
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass
+class OriginFixture:
+    """Where packages live for one test, and how the services reach it."""
+
+    kind: str
+    url: str  # --origin
+    endpoint: str | None  # --s3-endpoint (through the counting proxy)
+    direct_endpoint: str | None  # moto itself, for seeding without counting
+    proxy: S3Proxy | None
+    root: Path | None
+
+    def seeding_origin(self) -> FileOrigin | S3Origin:
+        return make_origin(self.url, self.direct_endpoint)  # type: ignore[return-value]
+
+    async def put(
+        self,
+        data: bytes,
+        tenant: str | None = None,
+        function: str | None = None,
+        version: str | None = None,
+        **ref: list[str],
+    ) -> Digest:
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"seed-{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        origin = self.seeding_origin()
+        try:
+            layers = [Digest.parse(d) for d in ref.get("layers", [])]
+            result = await publish(origin, tmp, tenant, function, version, layers, ref.get("calls"))
+        finally:
+            tmp.unlink()
+            await origin.close()
+        assert result.digest == digest_of(data)
+        return result.digest
+
+    def origin_gets(self, digest: Digest | None = None) -> int:
+        assert self.proxy is not None, "origin GETs are counted on the s3 origin"
+        return self.proxy.blob_gets(digest)
+
+
+@asynccontextmanager
+async def _s3_origin(moto_url: str) -> AsyncIterator[OriginFixture]:
+    bucket = f"pkgs-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
+    proxy = await S3Proxy(moto_url).start()
+    try:
+        yield OriginFixture("s3", f"s3://{bucket}/prefix", proxy.url, moto_url, proxy, None)
+    finally:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def s3_origin(moto_url: str) -> AsyncIterator[OriginFixture]:
+    """A fresh bucket on moto, reached by services through a counting proxy."""
+    async with _s3_origin(moto_url) as fixture:
+        yield fixture
+
+
+@pytest.fixture(params=["s3", "file"])
+async def origin(
+    request: pytest.FixtureRequest, moto_url: str, tmp_path: Path
+) -> AsyncIterator[OriginFixture]:
+    """Parametrised over both origins: the read path must not care."""
+    if request.param == "file":
+        root = tmp_path / "origin"
+        root.mkdir()
+        yield OriginFixture("file", f"file://{root}", None, None, None, root)
+    else:
+        async with _s3_origin(moto_url) as fixture:
+            yield fixture
+
+
+@pytest.fixture
+async def stack(s3_origin: OriginFixture, tmp_path: Path) -> AsyncIterator[Stack]:
+    """A stack over the counting s3 origin; start peers/agents in the test."""
+    s = Stack(s3_origin.url, s3_origin.endpoint, tmp_path / "stack")
+    yield s
+    await s.close()

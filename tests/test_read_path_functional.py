@@ -1,0 +1,333 @@
+"""The read path end to end: real agents and peers on loopback over a real S3
+server (moto, behind a counting proxy) or a file:// origin."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import aiohttp
+import pytest
+
+from cachesvc.digest import Digest
+from tests.conftest import OriginFixture
+from tests.servers import (
+    Stack,
+    digest_of,
+    metric,
+    payload,
+    start_fake_peer,
+    store_files,
+)
+
+MiB = 1 << 20
+
+
+async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers) as r:
+        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
+
+
+async def head(url: str, **headers: str) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.head(url, headers=headers) as r:
+        return r.status, {k.lower(): v for k, v in r.headers.items()}
+
+
+async def metrics_of(url: str) -> str:
+    return (await get(f"{url}/metrics"))[2].decode()
+
+
+# -- tiers ------------------------------------------------------------------------
+
+
+async def test_first_get_comes_from_l2_then_l1_on_every_origin(
+    origin: OriginFixture, tmp_path
+) -> None:
+    stack = Stack(origin.url, origin.endpoint, tmp_path / "stack")
+    try:
+        await stack.start_peers(3)
+        agent = await stack.start_agent()
+        data = payload(3 * MiB + 17)
+        digest = await origin.put(data)
+
+        status, headers, body = await get(f"{agent}/pkg/{digest}")
+        assert status == 200 and body == data
+        assert headers["x-cache-tier"] == "L2"
+        assert headers["etag"] == f'"{digest}"'
+        assert headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert headers["accept-ranges"] == "bytes"
+
+        status, headers, body = await get(f"{agent}/pkg/{digest.hex}")
+        assert (status, headers["x-cache-tier"], body) == (200, "L1", data)
+    finally:
+        await stack.close()
+
+
+async def test_a_second_agent_gets_l2_not_origin(stack: Stack, s3_origin: OriginFixture) -> None:
+    await stack.start_peers(3)
+    a1, a2 = await stack.start_agent(), await stack.start_agent()
+    data = payload(2 * MiB, seed=2)
+    digest = await s3_origin.put(data)
+
+    assert (await get(f"{a1}/pkg/{digest}"))[1]["x-cache-tier"] == "L2"
+    status, headers, body = await get(f"{a2}/pkg/{digest}")
+    assert (status, body) == (200, data)
+    assert headers["x-cache-tier"] == "L2"
+    assert s3_origin.origin_gets(digest) == 1
+    peer_text = "".join([await metrics_of(p) for p in stack.peers])
+    assert metric(peer_text, "cachesvc_requests_total", tier="L2") == 1  # the owner's hit
+
+
+async def test_agent_without_peers_reads_the_origin(stack: Stack, s3_origin) -> None:
+    agent = await stack.start_agent(peers=[])
+    data = payload(MiB, seed=3)
+    digest = await s3_origin.put(data)
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"], body) == (200, "ORIGIN", data)
+
+
+async def test_100_concurrent_cold_gets_over_two_agents_cost_one_origin_get(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(3)
+    agents = [await stack.start_agent(), await stack.start_agent()]
+    data = payload(8 * MiB, seed=4)
+    digest = await s3_origin.put(data)
+    s3_origin.proxy.mode, s3_origin.proxy.delay = "slow", 0.3  # everyone arrives first
+
+    async with aiohttp.ClientSession() as session:
+
+        async def one(i: int) -> str:
+            async with session.get(f"{agents[i % 2]}/pkg/{digest}") as r:
+                body = await r.read()
+                assert r.status == 200 and hashlib.sha256(body).hexdigest() == digest.hex
+                return r.headers["x-cache-tier"]
+
+        tiers = await asyncio.gather(*(one(i) for i in range(100)))
+    assert s3_origin.origin_gets(digest) == 1
+    assert set(tiers) == {"L2"}
+    text = "".join([await metrics_of(a) for a in agents])
+    assert metric(text, "cachesvc_coalesced_total") == 98  # 100 requests, 2 fills
+
+
+# -- HTTP semantics -------------------------------------------------------------------
+
+
+async def test_range_head_and_304(stack: Stack, s3_origin: OriginFixture) -> None:
+    await stack.start_peers(1)
+    agent = await stack.start_agent()
+    data = payload(100_000, seed=5)
+    digest = await s3_origin.put(data)
+
+    status, headers = await head(f"{agent}/pkg/{digest}")
+    assert status == 200 and headers["content-length"] == str(len(data))
+    assert headers["x-cache-tier"] == "L2"
+    assert s3_origin.origin_gets(digest) == 0  # HEAD downloads nothing
+
+    status, headers, body = await get(f"{agent}/pkg/{digest}", Range="bytes=10-19")
+    assert status == 206 and body == data[10:20]
+    assert headers["content-range"] == f"bytes 10-19/{len(data)}"
+    status, headers, body = await get(f"{agent}/pkg/{digest}", Range="bytes=-5")
+    assert (status, body) == (206, data[-5:])
+    status, headers, body = await get(f"{agent}/pkg/{digest}", Range="bytes=99990-")
+    assert (status, body) == (206, data[99990:])
+    status, headers, body = await get(f"{agent}/pkg/{digest}", Range=f"bytes={len(data)}-")
+    assert status == 416 and b"range_not_satisfiable" in body
+
+    status, headers, body = await get(f"{agent}/pkg/{digest}", **{"If-None-Match": f'"{digest}"'})
+    assert status == 304 and body == b"" and headers["etag"] == f'"{digest}"'
+    status, headers = await head(f"{agent}/pkg/{digest}")
+    assert headers["x-cache-tier"] == "L1"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/pkg/sha256:" + "A" * 64,  # upper case
+        "/pkg/" + "a" * 63,  # short
+        "/pkg/" + "a" * 65,  # long
+        "/pkg/md5:" + "a" * 64,  # other algorithm
+        "/pkg/sha256:" + "g" * 64,  # not hex
+        "/pkg/sha256%3A" + "a" * 64,  # encoded colon
+        "/pkg/" + "a" * 32 + "%2F" + "a" * 32,  # encoded slash
+        "/pkg/" + "a" * 32 + "/" + "a" * 32,  # a real slash
+        "/pkg/",
+    ],
+)
+async def test_invalid_digests_get_400_invalid_digest(stack: Stack, path: str) -> None:
+    agent = await stack.start_agent(peers=[])
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(aiohttp.client.URL(agent + path, encoded=True)) as r,
+    ):
+        assert r.status == 400
+        assert (await r.json())["error"] == "invalid_digest"
+
+
+async def test_unknown_digest_is_404_and_negative_cached(stack: Stack, s3_origin) -> None:
+    await stack.start_peers(2)
+    agent = await stack.start_agent()
+    missing = Digest("0" * 64)
+    for _ in range(5):
+        status, _, body = await get(f"{agent}/pkg/{missing}")
+        assert status == 404 and b'"not_found"' in body
+    assert s3_origin.origin_gets(missing) == 1
+    assert metric(await metrics_of(agent), "cachesvc_negative_cache_hits_total") == 4
+
+
+# -- integrity ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "truncate"])
+async def test_bad_origin_bytes_are_refused_and_not_kept(
+    stack: Stack, s3_origin: OriginFixture, mode: str
+) -> None:
+    peer = (await stack.start_peers(1))[0]
+    agent = await stack.start_agent()
+    data = payload(3 * MiB, seed=6)
+    digest = await s3_origin.put(data)
+    s3_origin.proxy.mode = mode
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await get(f"{agent}/pkg/{digest}")
+    await asyncio.sleep(0.2)  # let the refusal settle in both stores
+    for url in (agent, peer):
+        assert (await get(f"{url}/stats"))[2].count(b'"entries": 0') == 1
+    assert not [f for f in store_files(stack.root) if "blobs" in f or "tmp/" in f]
+
+    s3_origin.proxy.mode = "ok"
+    status, _, body = await get(f"{agent}/pkg/{digest}")
+    assert status == 200 and body == data
+
+
+async def test_a_peer_sending_wrong_bytes_is_refused_and_the_next_source_serves(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    data = payload(MiB, seed=7)
+    digest = await s3_origin.put(data)
+    runner, bad_peer = await start_fake_peer("corrupt", {digest.hex: data})
+    try:
+        agent = await stack.start_agent(peers=[bad_peer])
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await get(f"{agent}/pkg/{digest}")
+        text = await metrics_of(agent)
+        assert metric(text, "cachesvc_digest_mismatch_total") == 1
+        for _ in range(50):  # the refill from the origin runs in the background
+            status, headers, body = await get(f"{agent}/pkg/{digest}")
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert body == data and headers["x-cache-tier"] in ("ORIGIN", "L1")
+    finally:
+        await runner.cleanup()
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+async def test_dead_owner_fails_over_to_the_next_peer(stack: Stack, s3_origin) -> None:
+    peers = await stack.start_peers(3)
+    agent = await stack.start_agent()
+    data = payload(MiB, seed=8)
+    digest = await s3_origin.put(data)
+    from cachesvc.ring import Ring
+
+    owner = Ring(peers).owners(digest)[0]
+    await stack.stop(owner)
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"], body) == (200, "L2", data)
+    stats = (await get(f"{agent}/stats"))[2]
+    assert owner.encode() in stats.split(b'"peers_down"')[1]
+
+
+async def test_all_peers_down_falls_back_to_the_origin(stack: Stack, s3_origin) -> None:
+    peers = await stack.start_peers(2)
+    agent = await stack.start_agent()
+    for p in peers:
+        await stack.stop(p)
+    data = payload(MiB, seed=9)
+    digest = await s3_origin.put(data)
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"], body) == (200, "ORIGIN", data)
+
+
+async def test_a_hanging_peer_costs_a_bounded_wait(stack: Stack, s3_origin) -> None:
+    runner, hung = await start_fake_peer("hang", {})
+    try:
+        agent = await stack.start_agent(peers=[hung], origin_timeout=1.0)
+        data = payload(1000, seed=10)
+        digest = await s3_origin.put(data)
+        status, headers, body = await get(f"{agent}/pkg/{digest}")
+        assert (status, headers["x-cache-tier"], body) == (200, "ORIGIN", data)
+    finally:
+        await runner.cleanup()
+
+
+async def test_origin_outage_serves_cached_and_fails_uncached_fast(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(1)
+    agent = await stack.start_agent()
+    cached = await s3_origin.put(payload(1000, seed=11))
+    uncached = await s3_origin.put(payload(1000, seed=12))
+    assert (await get(f"{agent}/pkg/{cached}"))[0] == 200
+
+    s3_origin.proxy.mode = "down"
+    status, headers, _ = await get(f"{agent}/pkg/{cached}")
+    assert (status, headers["x-cache-tier"]) == (200, "L1")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    status, _, body = await get(f"{agent}/pkg/{uncached}")
+    assert status in (502, 504) and b"upstream_" in body
+    assert loop.time() - start < 10  # fails, does not hang
+
+
+async def test_restart_keeps_the_cache(stack: Stack, s3_origin: OriginFixture) -> None:
+    agent = await stack.start_agent(peers=[])
+    data = payload(MiB, seed=13)
+    digest = await s3_origin.put(data)
+    assert (await get(f"{agent}/pkg/{digest}"))[1]["x-cache-tier"] == "ORIGIN"
+    await stack.restart(agent)
+    s3_origin.proxy.mode = "down"
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"], body) == (200, "L1", data)
+
+
+async def test_eviction_keeps_the_store_within_its_cap(stack: Stack, s3_origin) -> None:
+    agent = await stack.start_agent(peers=[], cache_size=5 * MiB)
+    digests = [await s3_origin.put(payload(MiB, seed=100 + i)) for i in range(12)]
+    for d in digests:
+        assert (await get(f"{agent}/pkg/{d}"))[0] == 200
+    async with aiohttp.ClientSession() as s, s.get(f"{agent}/stats") as r:
+        stats = await r.json()
+    assert stats["bytes"] <= 5 * MiB and stats["entries"] >= 3
+    assert metric(await metrics_of(agent), "cachesvc_evictions_total") >= 7
+    status, headers, _ = await get(f"{agent}/pkg/{digests[-1]}")
+    assert headers["x-cache-tier"] == "L1"  # the most recent survives
+    blobs = [f for f in store_files(stack.root / "agent-0") if f.startswith("blobs")]
+    assert len(blobs) == stats["entries"]
+
+
+async def test_peer_token_is_required_when_set(stack: Stack, s3_origin, monkeypatch) -> None:
+    peers = await stack.start_peers(1, peer_token="s3cret")
+    digest = await s3_origin.put(b"x" * 100)
+    status, _, body = await get(f"{peers[0]}/blob/{digest}")
+    assert status == 401 and b"unauthorized" in body
+    status, _, body = await get(f"{peers[0]}/blob/{digest}", Authorization="Bearer wrong")
+    assert status == 401
+    agent = await stack.start_agent(peer_token="s3cret")
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"]) == (200, "L2")
+
+
+async def test_ops_endpoints_answer(stack: Stack) -> None:
+    agent = await stack.start_agent(peers=[])
+    assert (await get(f"{agent}/healthz"))[0] == 200
+    assert (await get(f"{agent}/readyz"))[0] == 200
+    text = await metrics_of(agent)
+    for name in ("cachesvc_cache_bytes", "cachesvc_cache_entries", "cachesvc_request_seconds"):
+        assert name in text
+
+
+def test_payload_digest_helper_is_sha256() -> None:
+    assert digest_of(b"abc").hex == hashlib.sha256(b"abc").hexdigest()
