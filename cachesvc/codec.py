@@ -46,7 +46,9 @@ import gzip
 import io
 import lzma
 import os
+import queue
 import tempfile
+import threading
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +72,9 @@ TAR_ENTRY_OVERHEAD = 2 * KiB
 
 ZSTD_MAX_WINDOW = 1 << 27
 """128 MiB: the largest zstd window we agree to allocate (``zstd --long``'s)."""
+
+READ_AHEAD_CHUNKS = 4
+"""Decoded MiB a read-ahead thread may hold before the caller takes them."""
 
 HEAD_SIZE = 512
 """Bytes sniffed per layer: a tar header block, ``ustar`` sits at offset 257."""
@@ -222,6 +227,77 @@ class _Stage(io.RawIOBase):
             )
 
 
+class _ReadAhead(io.RawIOBase):
+    """Chunks of ``source`` read by a worker thread into a bounded queue.
+
+    At most :data:`READ_AHEAD_CHUNKS` chunks wait; an error in the worker is
+    raised by every later :meth:`read`. :meth:`close` stops and joins the
+    worker, so the source is never read after it returns.
+    """
+
+    def __init__(self, source: io.RawIOBase) -> None:
+        super().__init__()
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(READ_AHEAD_CHUNKS)
+        self._stop = threading.Event()
+        self._chunk = b""
+        self._error: BaseException | None = None
+        self._eof = False
+        self._worker = threading.Thread(target=self._run, args=(source,), name="codec-read-ahead")
+        self._worker.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(MiB), b""))
+        if not self._chunk and not self._eof:
+            self._next()
+        if size >= len(self._chunk):
+            data, self._chunk = self._chunk, b""
+        else:
+            data, self._chunk = self._chunk[:size], self._chunk[size:]
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join()
+        super().close()
+
+    def _next(self) -> None:
+        if self._error is None:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._error = item
+            else:
+                self._chunk, self._eof = item, not item
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, source: io.RawIOBase) -> None:
+        try:
+            while not self._stop.is_set():
+                data = source.read(MiB)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader's thread
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+
 def _zstd_reader(src: BinaryIO) -> BinaryIO:
     decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
     return decompressor.stream_reader(  # type: ignore[return-value]
@@ -307,13 +383,19 @@ def open_stream(path: Path | str, limits: Limits | None = None) -> Iterator[Arch
     """Open the package as a forward-only stream of its inner archive.
 
     The stream stops with :class:`TooLarge` when a bound is crossed and with
-    :class:`UnsupportedFormat` on corrupt data. Call from a thread.
+    :class:`UnsupportedFormat` on corrupt data. When there are compression
+    layers, a read-ahead thread decodes up to :data:`READ_AHEAD_CHUNKS` MiB
+    ahead of the caller (the C decoders release the GIL, so decoding and
+    extracting overlap on two cores). Call from a thread.
     """
     limits = limits or Limits()
     with contextlib.ExitStack() as stack:
         bottom, size = _open_package(Path(path), limits, stack)
         layers, top = _peel(bottom, limits, stack)
-        yield Archive(tuple(layers), top, size)  # type: ignore[arg-type]
+        stream: io.RawIOBase = top
+        if len(layers) > 1:  # decode in a second thread while the caller consumes
+            stream = stack.enter_context(contextlib.closing(_ReadAhead(top)))
+        yield Archive(tuple(layers), stream, size)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

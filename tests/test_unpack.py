@@ -245,6 +245,28 @@ async def test_a_tree_without_its_manifest_is_extracted_again(
     assert tree_of(again.path) == expected_modes(FILES)
 
 
+LONG_NAME = "d" * 60 + "/" + "e" * 60 + "/" + "f" * 90 + ".py"  # ustar splits it into prefix/name
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+    ids=["ustar", "gnu", "pax"],
+)
+async def test_tar_formats_with_long_and_unicode_names_unpack_byte_exact(
+    tmp_path: Path, unpacker: Unpacker, fmt: int
+) -> None:
+    files = {LONG_NAME: (b"x" * 1000, 0o755), "ünï/cødé.txt": (b"u", 0o644), "e": (b"", 0o644)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as archive:
+        for name, (data, mode) in files.items():
+            info, _ = tar_member(name, data, mode)
+            archive.addfile(info, io.BytesIO(data))
+    digest, package = store(tmp_path, wrap(buf.getvalue(), ["zstd"]))
+    result = await unpacker.unpack(digest, package)
+    assert tree_of(result.path) == expected_modes(files)
+
+
 # ---- hostile packages: refused with the right error, nothing left behind ----
 
 
@@ -339,6 +361,11 @@ HOSTILE = {
     "not an archive": (b"#!/bin/sh\nrm -rf /\n" * 100, UnsupportedFormat),
     "zstd around text": (wrap(b"hello\n" * 1000, ["zstd"]), UnsupportedFormat),
     "truncated zip": (zip_bytes()[:-30], UnsupportedFormat),
+    "truncated tar": (tar_of()[:1500], UnsupportedFormat),
+    "tar sparse member": (
+        tar_bytes([tar_member("holes", type=tarfile.GNUTYPE_SPARSE)]),
+        UnsupportedFormat,
+    ),
 }
 
 
