@@ -193,8 +193,10 @@ class Flights:
         self._running: dict[Digest, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_fetches)
+        self._max_fetches = max_fetches
         self._max_queued = max_queued
-        self._queued = 0
+        self._waiting = 0  # started, not yet holding a slot
+        self._active = 0
 
     def get(self, digest: Digest) -> Flight | None:
         flight = self._running.get(digest)
@@ -202,22 +204,21 @@ class Flights:
 
     def start(self, digest: Digest, fill: Fill) -> Flight:
         """Start a fill for ``digest`` (replacing an unjoinable one in the table).
-        Raises :class:`Overloaded` when too many fills already wait for a slot."""
-        if self._slots.locked() and self._queued >= self._max_queued:
-            raise Overloaded(f"{self._queued} upstream fetches already queued", retry_after=2)
+        Raises :class:`Overloaded` when ``max_fetches`` run and ``max_queued`` wait."""
+        if self._active + self._waiting >= self._max_fetches + self._max_queued:
+            queued = self._active + self._waiting - self._max_fetches
+            raise Overloaded(f"{queued} upstream fetches already queued", retry_after=2)
         flight = Flight(self.store, digest)
         self._running[digest] = flight
+        self._waiting += 1
         task = asyncio.get_running_loop().create_task(self._run(flight, fill))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flight
 
     async def _run(self, flight: Flight, fill: Fill) -> None:
-        self._queued += 1
         try:
-            async with self._slots:
-                self._queued -= 1
-                await fill(flight)
+            await self._slot(flight, fill)
         except asyncio.CancelledError:
             flight.fail(UpstreamError(f"fetch of {flight.digest.short} cancelled (shutdown)"))
             raise
@@ -232,6 +233,19 @@ class Flights:
             if not flight.done.done():
                 flight.fail(UpstreamError(f"fetch of {flight.digest.short} ended early"))
             await flight.release()
+
+    async def _slot(self, flight: Flight, fill: Fill) -> None:
+        """Wait for one of ``max_fetches`` slots, then fill."""
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        self._active += 1
+        try:
+            await fill(flight)
+        finally:
+            self._active -= 1
+            self._slots.release()
 
     def __len__(self) -> int:
         return len(self._running)

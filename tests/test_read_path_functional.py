@@ -331,3 +331,61 @@ async def test_ops_endpoints_answer(stack: Stack) -> None:
 
 def test_payload_digest_helper_is_sha256() -> None:
     assert digest_of(b"abc").hex == hashlib.sha256(b"abc").hexdigest()
+
+
+# -- pressure ---------------------------------------------------------------------------
+
+
+async def test_a_package_larger_than_the_cache_streams_through_unkept(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent(peers=[], cache_size=MiB)
+    data = payload(6 * MiB, seed=20)
+    digest = await s3_origin.put(data)
+    for _ in range(2):
+        status, headers, body = await get(f"{agent}/pkg/{digest}")
+        assert (status, headers["x-cache-tier"], body) == (200, "ORIGIN", data)
+    assert s3_origin.origin_gets(digest) == 2
+    assert not [f for f in store_files(stack.root / "agent-0") if not f.startswith("index")]
+
+
+async def test_a_disk_that_fills_mid_download_still_serves_the_request(
+    stack: Stack, s3_origin: OriginFixture, monkeypatch
+) -> None:
+    import errno
+    import os
+
+    agent = await stack.start_agent(peers=[])
+    data = payload(5 * MiB, seed=21)
+    digest = await s3_origin.put(data)
+    real = os.pwrite
+    writes = {"n": 0}
+
+    def fills_up(fd: int, buf: object, offset: int) -> int:
+        writes["n"] += 1
+        if writes["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("cachesvc.store.os.pwrite", fills_up)
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, body) == (200, data)
+    monkeypatch.undo()
+    stats = (await get(f"{agent}/stats"))[2]
+    assert b'"entries": 0' in stats
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"], body) == (200, "ORIGIN", data)
+    assert (await get(f"{agent}/pkg/{digest}"))[1]["x-cache-tier"] == "L1"
+
+
+async def test_too_many_fetches_are_shed_with_503_and_retry_after(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent(peers=[], max_fetches=1, max_queued=1)
+    digests = [await s3_origin.put(payload(1000, seed=30 + i)) for i in range(3)]
+    s3_origin.proxy.mode, s3_origin.proxy.delay = "slow", 0.5
+    results = await asyncio.gather(*(get(f"{agent}/pkg/{d}") for d in digests))
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 200, 503]
+    shed = next(r for r in results if r[0] == 503)
+    assert shed[1]["retry-after"] and b'"overloaded"' in shed[2]

@@ -1,0 +1,173 @@
+"""The store on a real disk: verify-then-commit, eviction, recovery ("mayhem")."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from cachesvc.digest import Digest
+from cachesvc.errors import DigestMismatch, UpstreamError
+from cachesvc.store import Store, StoreFull
+from tests.servers import digest_of, payload, store_files
+
+KiB = 1024
+
+
+async def put(store: Store, data: bytes, digest: Digest | None = None) -> None:
+    ingest = await store.begin(digest or digest_of(data), len(data))
+    try:
+        for i in range(0, len(data), 100 * KiB):
+            await ingest.write(data[i : i + 100 * KiB])
+        await ingest.commit()
+    finally:
+        await ingest.close()
+
+
+async def test_ingest_verifies_then_commits_and_serves_an_open_handle(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(300 * KiB)
+    await put(store, data)
+    blob = await store.lease(digest_of(data))
+    assert blob is not None and blob.size == len(data)
+    assert os.pread(blob.file.fileno(), len(data), 0) == data
+    store.release(blob)
+    assert store.usage().entries == 1 and store.usage().bytes == len(data)
+    await store.close()
+
+
+async def test_wrong_bytes_are_never_kept(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(200 * KiB)
+    with pytest.raises(DigestMismatch):
+        await put(store, data, digest_of(b"something else"))
+    assert store.usage().entries == 0 and store_files(tmp_path) == []
+    await store.close()
+
+
+async def test_a_short_body_is_refused(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(10 * KiB)
+    ingest = await store.begin(digest_of(data), len(data) + 1)
+    await ingest.write(data)
+    with pytest.raises(UpstreamError, match="got 10240 of 10241"):
+        await ingest.commit()
+    await ingest.close()
+    assert store_files(tmp_path) == []
+    await store.close()
+
+
+async def test_eviction_is_least_recently_used_and_keeps_the_cap(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 1000 * KiB)
+    blobs = [payload(200 * KiB, seed=i) for i in range(4)]
+    for b in blobs:
+        await put(store, b)
+    first = await store.lease(digest_of(blobs[0]))  # touch the oldest
+    assert first is not None
+    store.release(first)
+    await put(store, payload(250 * KiB, seed=9))  # 1050 KiB would not fit
+    assert digest_of(blobs[0]) in store and digest_of(blobs[1]) not in store
+    assert store.usage().bytes <= 1000 * KiB
+    await store.close()
+
+
+async def test_a_package_larger_than_the_store_raises_store_full(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 100 * KiB)
+    with pytest.raises(StoreFull):
+        await store.begin(digest_of(b"x"), 200 * KiB)
+    await store.close()
+
+
+async def test_enospc_mid_write_spills_but_still_verifies(tmp_path: Path, monkeypatch) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(3 * 2**20)
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def flaky(fd: int, buf: object, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("cachesvc.store.os.pwrite", flaky)
+    ingest = await store.begin(digest_of(data), len(data))
+    for i in range(0, len(data), 2**20):
+        await ingest.write(data[i : i + 2**20])
+    await ingest.commit()  # verified, not kept
+    assert ingest.spilled and not ingest.committed
+    await ingest.close()
+    assert digest_of(data) not in store and store_files(tmp_path) == []
+    await store.close()
+
+
+async def test_evicted_file_keeps_reading_through_an_open_lease(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(100 * KiB)
+    await put(store, data)
+    blob = await store.lease(digest_of(data))
+    assert blob is not None
+    await store.evict(digest_of(data))
+    assert os.pread(blob.file.fileno(), 10, 0) == data[:10]
+    store.release(blob)
+    assert blob.file.closed
+    await store.close()
+
+
+async def test_restart_keeps_entries_and_their_recency(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    a, b = payload(KiB, seed=1), payload(KiB, seed=2)
+    await put(store, a)
+    await put(store, b)
+    lease = await store.lease(digest_of(a))
+    assert lease is not None
+    store.release(lease)
+    await store.close()
+    again = await Store.open(tmp_path, 10 * 2**20)
+    assert again.digests() == [digest_of(b), digest_of(a)]  # a was used last
+    await again.close()
+
+
+async def test_mayhem_check_repairs_what_a_crash_or_a_disk_can_leave(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    good, gone, bad = (payload(KiB, seed=i) for i in range(3))
+    for b in (good, gone, bad):
+        await put(store, b)
+    await store.close()
+    blobs = tmp_path / "blobs" / "sha256"
+    (blobs / digest_of(gone).hex).unlink()  # row without a file
+    (blobs / digest_of(bad).hex).write_bytes(b"short")  # size differs from the row
+    orphan = payload(KiB, seed=7)  # renamed but never indexed (kill -9 between)
+    (blobs / digest_of(orphan).hex).write_bytes(orphan)
+    (blobs / digest_of(b"liar").hex).write_bytes(b"not liar")  # orphan with wrong bytes
+    (tmp_path / "tmp" / "abc.1234").write_bytes(b"partial")  # an interrupted ingest
+
+    store = await Store.open(tmp_path, 10 * 2**20)
+    assert sorted(store.digests(), key=str) == sorted([digest_of(good), digest_of(orphan)], key=str)
+    assert store.check(fix=True) == dict.fromkeys(
+        ("temp_removed", "rows_dropped", "adopted", "corrupt_removed"), 0
+    )
+    assert sorted(store_files(tmp_path)) == sorted(
+        f"blobs/sha256/{digest_of(x).hex}" for x in (good, orphan)
+    )
+    await store.close()
+
+
+async def test_pinned_entries_survive_eviction_within_their_share(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 1000 * KiB)
+    pinned = payload(300 * KiB, seed=1)
+    await put(store, pinned)
+    assert await store.pin(digest_of(pinned), max_share=0.5)
+    other = payload(300 * KiB, seed=2)
+    await put(store, other)
+    assert not await store.pin(digest_of(other), max_share=0.5)  # over the share
+    for i in range(5):
+        await put(store, payload(300 * KiB, seed=10 + i))
+    assert digest_of(pinned) in store
+    assert await store.unpin(digest_of(pinned))
+    for i in range(4):
+        await put(store, payload(300 * KiB, seed=20 + i))
+    assert digest_of(pinned) not in store
+    await store.close()
