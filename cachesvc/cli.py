@@ -57,6 +57,13 @@ def _service_flags(p: argparse.ArgumentParser, listen: str, cache: str) -> None:
         type=float,
         default=str(GRACE),
     )
+    add_flag(
+        p,
+        "--dns-interval",
+        "seconds between lookups of a dns+http:// peers name",
+        type=float,
+        default="10",
+    )
     add_flag(p, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
 
 

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +179,3 @@ def store_files(root: Path) -> list[str]:
             continue
         out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files]
     return sorted(out)
-
-
-Fetcher = Callable[..., Any]
-
-
