@@ -1,0 +1,160 @@
+"""Real ``cachesvc`` processes: kill -9 mid-download, SIGTERM mid-transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.servers import digest_of, free_port, payload, start_fake_peer, store_files
+
+MiB = 1 << 20
+
+
+class AgentProcess:
+    """``cachesvc agent`` as a child process on a loopback port."""
+
+    def __init__(self, root: Path, origin: str, peers: str) -> None:
+        self.root, self.origin, self.peers = root, origin, peers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> AgentProcess:
+        args = [sys.executable, "-m", "cachesvc.cli", "agent",
+                "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.root / "cache"),
+                "--cache-size", "1GiB", "--origin", self.origin, "--peers", self.peers,
+                "--shutdown-grace", "10", "--peer-connect-timeout", "0.5"]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                try:
+                    async with s.get(f"{self.url}/readyz") as r:
+                        if r.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
+                await asyncio.sleep(0.1)
+        raise AssertionError("agent did not become ready in 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+async def slow_origin_and_peer(tmp_path: Path) -> AsyncIterator[tuple[str, str, bytes]]:
+    """A file origin with an 8 MiB package, and a peer that trickles it (~3 s)."""
+    data = payload(8 * MiB, seed=40)
+    blob = tmp_path / "origin" / "blobs" / "sha256" / digest_of(data).hex
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    runner, peer = await start_fake_peer("slow", {digest_of(data).hex: data}, delay=0.025)
+    yield f"file://{tmp_path / 'origin'}", peer, data
+    await runner.cleanup()
+
+
+async def wait_for_partial(tmp_dir: Path) -> None:
+    for _ in range(100):
+        if any(f.stat().st_size > 0 for f in tmp_dir.iterdir()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no partial download appeared")
+
+
+async def test_kill_9_mid_download_leaves_nothing_partial(
+    tmp_path: Path, slow_origin_and_peer: tuple[str, str, bytes]
+) -> None:
+    origin, peer, data = slow_origin_and_peer
+    agent = await AgentProcess(tmp_path / "agent", origin, peer).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            download = asyncio.ensure_future(session.get(f"{agent.url}/pkg/{digest_of(data)}"))
+            await wait_for_partial(agent.root / "cache" / "tmp")
+            agent.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            agent.proc.wait()  # type: ignore[union-attr]
+            download.cancel()
+        assert [f for f in store_files(agent.root / "cache") if f.startswith("tmp/")]
+
+        agent.peers = ""  # restart reading the origin directly
+        await agent.start()
+        assert store_files(agent.root / "cache") == []  # swept: no partial, no blob
+        async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest_of(data)}") as r:
+            body = await r.read()
+            assert r.status == 200 and r.headers["X-Cache-Tier"] == "ORIGIN"
+        assert hashlib.sha256(body).hexdigest() == digest_of(data).hex
+    finally:
+        agent.stop()
+
+
+async def test_sigterm_finishes_the_transfer_in_flight_and_keeps_the_store_consistent(
+    tmp_path: Path, slow_origin_and_peer: tuple[str, str, bytes]
+) -> None:
+    origin, peer, data = slow_origin_and_peer
+    agent = await AgentProcess(tmp_path / "agent", origin, peer).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{agent.url}/pkg/{digest_of(data)}") as r:
+                first = await r.content.readexactly(MiB)
+                agent.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                body = first + await r.read()
+        assert body == data
+        assert await asyncio.to_thread(agent.proc.wait, 15) == 0  # type: ignore[union-attr]
+        assert [f for f in store_files(agent.root / "cache") if f.startswith("tmp/")] == []
+
+        agent.peers = ""
+        await agent.start()
+        async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest_of(data)}") as r:
+            assert r.status == 200 and r.headers["X-Cache-Tier"] == "L1"
+            assert await r.read() == data
+    finally:
+        agent.stop()
+
+
+def test_the_cli_explains_itself() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cachesvc.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("agent", "peer", "up", "publish", "fetch"):
+        assert command in out
+    assert "CACHESVC_TOKEN" in out
+
+
+async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
+    package = tmp_path / "app.zip"
+    package.write_bytes(payload(300_000, seed=41))
+    origin = f"file://{tmp_path / 'origin'}"
+    env = {**os.environ, "CACHESVC_ORIGIN": origin}
+    pub = subprocess.run(
+        [sys.executable, "-m", "cachesvc.cli", "publish", str(package), "--tenant", "t1",
+         "--function", "f", "--version", "1"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert pub.returncode == 0, pub.stderr
+    digest = pub.stdout.strip()
+    assert digest == str(digest_of(package.read_bytes()))
+    ref = (tmp_path / "origin" / "tenants" / "t1" / "f" / "1.json").read_text()
+    assert digest in ref
+
+    agent = await AgentProcess(tmp_path / "agent", origin, "").start()
+    try:
+        out = tmp_path / "fetched.zip"
+        fetch = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "cachesvc.cli", "fetch", digest, "--agent", agent.url,
+             "-o", str(out)], capture_output=True, text=True)  # fmt: skip
+        assert fetch.returncode == 0, fetch.stderr
+        assert out.read_bytes() == package.read_bytes() and "from ORIGIN" in fetch.stderr
+        bad = subprocess.run([sys.executable, "-m", "cachesvc.cli", "fetch", "sha256:nope"],
+                             capture_output=True, text=True)  # fmt: skip
+        assert bad.returncode == 1 and "is not sha256:<64 lowercase hex>" in bad.stderr
+    finally:
+        agent.stop()
