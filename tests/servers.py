@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic, incompressible-ish bytes."""
+    """Deterministic bytes (compressible: blocks repeat; use os.urandom when that matters)."""
     out = bytearray()
     block = hashlib.sha256(f"seed-{seed}".encode()).digest()
     while len(out) < size:
@@ -126,9 +126,8 @@ class Stack:
         url = f"http://127.0.0.1:{port}"
         name = kw.pop("name", f"agent-{len(self.agents)}")
         peer_list = ",".join(self.peers if peers is None else peers)
-        settings = self.settings(
-            name, port, peers=peer_list, code_dir=self.root / f"{name}-code", **kw
-        )
+        kw.setdefault("code_dir", self.root / f"{name}-code")
+        settings = self.settings(name, port, peers=peer_list, **kw)
         await self._start(url, make_app(settings), port)
         self.agents.append(url)
         return url

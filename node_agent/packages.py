@@ -1,0 +1,127 @@
+"""The agent's package endpoints: ``/pkg/{digest}/archive`` and ``/unpack``.
+
+Both first make the package present and verified in L1 (the same read-through
+walk as ``GET /pkg``), then work from the *open* store file (through
+``/proc/self/fd``), so an eviction in between cannot pull the bytes away.
+Layers are peeled by :mod:`cachesvc.codec`, trees extracted by
+:mod:`cachesvc.unpack`; an evicted package takes its unpacked tree with it.
+Packages over ``--max-package-size`` are refused from their size alone (a HEAD),
+before any download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from cachesvc.codec import Limits, archive_stream
+from cachesvc.digest import Digest
+from cachesvc.errors import CachesvcError, InvalidRequest, TooLarge
+from cachesvc.http import abort_stream, route_digest, timed
+from cachesvc.service import CORE, SETTINGS, Core
+from cachesvc.store import Blob
+from cachesvc.unpack import Unpacker
+
+log = logging.getLogger(__name__)
+
+UNPACKER = web.AppKey("unpacker", Unpacker)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the routes and the unpacker's lifetime (after the core's)."""
+    app.router.add_get("/pkg/{digest}/archive", timed("archive", get_archive))
+    app.router.add_post("/pkg/{digest}/unpack", timed("unpack", post_unpack))
+    app.cleanup_ctx.append(_unpacker_lifetime)
+
+
+def limits_of(app: web.Application) -> Limits:
+    s = app[SETTINGS]
+    return Limits(s.max_package_size, s.max_unpacked_size, s.max_files)
+
+
+async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
+    settings, core = app[SETTINGS], app[CORE]
+    if settings.code_dir is None:
+        yield
+        return
+    unpacker = Unpacker(settings.code_dir, limits_of(app))
+    swept = await asyncio.to_thread(unpacker.sweep_temp)
+    if swept:
+        log.warning("unpack: removed %d leftovers in %s", swept, settings.code_dir)
+    app[UNPACKER] = unpacker
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_evict(digest: Digest, _size: int) -> None:
+        task = asyncio.get_running_loop().create_task(unpacker.remove(digest))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    core.store.on_evict.append(on_evict)
+    yield
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await unpacker.aclose()
+
+
+async def local_package(core: Core, digest: Digest, limit: int) -> Blob:
+    """Lease the verified package from L1, fetching it through the tiers first."""
+    size, _tier = await core.tiers.head(digest)
+    if size > limit:
+        raise TooLarge(f"{digest.short} is {size} bytes, over --max-package-size {limit}")
+    await core.tiers.fetch(digest)
+    blob = await core.store.lease(digest)
+    if blob is None:
+        raise TooLarge(f"{digest.short} ({size} bytes) could not be kept in L1 to work on")
+    return blob
+
+
+def fd_path(blob: Blob) -> Path:
+    """A path that reaches the open file even after it was unlinked."""
+    return Path(f"/proc/self/fd/{blob.file.fileno()}")
+
+
+async def get_archive(request: web.Request) -> web.StreamResponse:
+    digest = route_digest(request)
+    core, limits = request.app[CORE], limits_of(request.app)
+    blob = await local_package(core, digest, limits.max_package_size)
+    try:
+        async with archive_stream(fd_path(blob), limits) as archive:
+            resp = web.StreamResponse(headers={
+                "X-Package-Layers": ",".join(archive.layers),
+                "Content-Type": "application/zip" if archive.layers[-1] == "zip"
+                else "application/x-tar",
+                "ETag": f'"{digest}.{archive.layers[-1]}"',
+            })  # fmt: skip
+            await resp.prepare(request)
+            try:
+                async for chunk in archive:
+                    await resp.write(chunk)
+            except (CachesvcError, OSError) as exc:
+                log.warning("archive %s: aborting: %s", digest.short, exc)
+                abort_stream(request)
+                return resp
+            await resp.write_eof()
+            return resp
+    finally:
+        core.store.release(blob)
+
+
+async def post_unpack(request: web.Request) -> web.Response:
+    unpacker = request.app.get(UNPACKER)
+    if unpacker is None:
+        raise InvalidRequest("this agent has no --code-dir: unpacking is off")
+    digest = route_digest(request)
+    core = request.app[CORE]
+    blob = await local_package(core, digest, unpacker.limits.max_package_size)
+    try:
+        result = await unpacker.unpack(digest, fd_path(blob))
+    except CachesvcError as exc:
+        core.metrics.unpacks.labels(exc.code).inc()
+        raise
+    finally:
+        core.store.release(blob)
+    core.metrics.unpacks.labels("ok").inc()
+    return web.json_response(result.as_json())
