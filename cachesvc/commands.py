@@ -59,6 +59,10 @@ def add_client_commands(sub: Any) -> None:
         metavar="FUNCTION",
         help="a function this one invokes, for prefetch (repeatable)",
     )
+    pub.add_argument(
+        "--warm", action="store_true", help="warm it into its L2 owners (--peers) before traffic"
+    )
+    add_flag(pub, "--peers", "L2 peers for --warm: http://HOST:PORT,... or dns+http://NAME:PORT")
     pub.set_defaults(run=_run_publish)
 
     fetch = sub.add_parser(
@@ -84,6 +88,10 @@ def add_client_commands(sub: Any) -> None:
     up.add_argument("--agent-port", type=int, default=8700)
     up.add_argument("--peer-port", type=int, default=8701, help="first of three peer ports")
     up.set_defaults(run=_run_up)
+
+    from cachesvc.warm_cli import add_command as add_warm_command
+
+    add_warm_command(sub)
 
 
 def _fail(message: str) -> int:
@@ -121,6 +129,11 @@ async def _publish(args: argparse.Namespace) -> int:
     done = "uploaded" if result.uploaded else "already in the origin"
     print(f"{result.digest} {result.size} bytes, {done}{where}", file=sys.stderr)
     print(result.digest)
+    if args.warm:
+        from cachesvc.warm_cli import prewarm_published
+
+        layers = [Digest.parse(d) for d in args.layer]
+        return 0 if await prewarm_published(args.peers or "", [result.digest, *layers], 600) else 1
     return 0
 
 

@@ -90,6 +90,16 @@ class Metrics:
             ["signal"],
             registry=r,
         )
+        self.prefetch_dropped = Counter(
+            "cachesvc_prefetch_dropped",
+            "Prefetch signals dropped because the prefetch queue was full",
+            registry=r,
+        )
+        self.references = Gauge(
+            "cachesvc_references",
+            "Package references known to this service's reference index",
+            registry=r,
+        )
         self.unpacks = Counter(
             "cachesvc_unpacks", "Package extractions, by outcome", ["outcome"], registry=r
         )

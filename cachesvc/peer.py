@@ -15,6 +15,7 @@ from cachesvc.config import Settings
 from cachesvc.errors import InvalidDigest
 from cachesvc.http import route_digest, serve_package, timed
 from cachesvc.service import CORE, SETTINGS, make_base_app, require_token
+from cachesvc.warm_api import add_routes as add_warm_routes
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -22,6 +23,7 @@ def make_app(settings: Settings) -> web.Application:
     blob = timed("blob", get_blob)
     app.router.add_get("/blob/{digest}", blob)  # also answers HEAD
     app.router.add_route("*", "/blob/{rest:.*}", bad_blob_path)
+    add_warm_routes(app)
     return app
 
 
