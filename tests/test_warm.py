@@ -4,6 +4,7 @@ real store, real flights and tiers over a ``file://`` origin, an injected clock.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from cachesvc.ring import Ring
 from cachesvc.store import Store
 from cachesvc.tiers import OriginSource, Tiers
 from cachesvc.warm import Job, Scope, WarmJobs
+from cachesvc.warm_cli import Outcome, Progress
 from tests.servers import digest_of, payload
 
 
@@ -231,3 +233,26 @@ async def test_prefetch_signals_are_deduplicated_and_bounded(parts) -> None:
     prefetcher.served(caller.hex)
     assert prefetcher._queue.qsize() == QUEUE_CAP
     assert metrics.prefetch_dropped._value.get() == 2 * (100 - QUEUE_CAP)
+
+
+# -- the command's progress bar ---------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_redraws_in_place_on_a_terminal_and_prints_lines_otherwise() -> None:
+    outcomes = [Outcome("http://a", total=4, done=1), Outcome("http://b", total=4, done=3)]
+    tty, log_file = Terminal(), io.StringIO()
+    for stream in (tty, log_file):
+        progress = Progress(outcomes, stream, width=8)
+        progress.draw()
+        progress.draw()  # unchanged: a terminal redraws, a log file gets nothing new
+        outcomes[0].state = "done"
+        progress.finish()
+        outcomes[0].state = "pending"
+    line = "warm [####....] 4/8 items, 0 B, 0/2 targets"
+    assert tty.getvalue() == f"\r{line}\r{line}\r{line[:-11]}1/2 targets\n"
+    assert log_file.getvalue() == f"{line}\n{line[:-11]}1/2 targets\n"
