@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 async def start_app(app: web.Application, host: str, port: int, grace: float) -> web.AppRunner:
-    runner = web.AppRunner(app, shutdown_timeout=grace, access_log=None)
+    # aiohttp reads a timeout of 0 as "wait forever": a grace of 0 means "don't wait".
+    runner = web.AppRunner(app, shutdown_timeout=max(grace, 0.001), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
