@@ -14,11 +14,13 @@ from cachesvc.errors import InvalidDigest
 from cachesvc.http import route_digest, serve_package, timed
 from cachesvc.service import CORE, make_base_app
 from cachesvc.warm_api import add_routes as add_warm_routes
+from node_agent.packages import add_routes as add_package_routes
 
 
 def make_app(settings: Settings) -> web.Application:
     app = make_base_app(settings, local_tier="L1")
     app.router.add_get("/pkg/{digest}", timed("pkg", get_package))
+    add_package_routes(app)
     app.router.add_route("*", "/pkg/{rest:.*}", bad_pkg_path)
     add_warm_routes(app, prefetch=True)
     return app
