@@ -107,34 +107,36 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 async def _publish(args: argparse.Namespace) -> int:
+    """Upload the blob; with ``--warm``, warm it into L2 *before* writing the
+    reference (the reference is what moves traffic); a failed warm writes none."""
     from cachesvc.origin import make_origin
-    from cachesvc.publish import publish
+    from cachesvc.publish import publish_blob, reference_key, write_reference
 
+    layers = [Digest.parse(d) for d in args.layer]
+    named = args.tenant and args.function and args.version
+    key = reference_key(args.tenant, args.function, args.version) if named else None
     origin = make_origin(args.origin, args.s3_endpoint)
-    with tempfile.TemporaryDirectory(prefix="cachesvc-publish-") as tmp:
-        path = await asyncio.to_thread(_transform, args, Path(tmp))
-        try:
-            result = await publish(
-                origin,
-                path,
-                args.tenant,
-                args.function,
-                args.version,
-                [Digest.parse(d) for d in args.layer],
-                args.calls,
-            )
-        finally:
-            await origin.close()
-    where = f" as {result.reference}" if result.reference else ""
-    done = "uploaded" if result.uploaded else "already in the origin"
-    print(f"{result.digest} {result.size} bytes, {done}{where}", file=sys.stderr)
-    print(result.digest)
-    if args.warm:
-        from cachesvc.warm_cli import prewarm_published
-
-        layers = [Digest.parse(d) for d in args.layer]
-        return 0 if await prewarm_published(args.peers or "", [result.digest, *layers], 600) else 1
+    try:
+        with tempfile.TemporaryDirectory(prefix="cachesvc-publish-") as tmp:
+            path = await asyncio.to_thread(_transform, args, Path(tmp))
+            digest, size, uploaded = await publish_blob(origin, path)
+        done = "uploaded" if uploaded else "already in the origin"
+        print(f"{digest} {size} bytes, {done}", file=sys.stderr)
+        if args.warm and not await _prewarm(args.peers or "", [digest, *layers]):
+            return _fail(f"warm of {digest} failed: reference {key or '-'} not written")
+        if key is not None:
+            await write_reference(origin, key, digest, size, layers, args.calls)
+            print(f"reference {key} -> {digest}", file=sys.stderr)
+    finally:
+        await origin.close()
+    print(digest)
     return 0
+
+
+async def _prewarm(peers: str, digests: list[Digest]) -> bool:
+    from cachesvc.warm_cli import prewarm_published
+
+    return await prewarm_published(peers, digests, 600)
 
 
 def _transform(args: argparse.Namespace, tmp: Path) -> Path:

@@ -43,6 +43,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     return m[1] or "0.0.0.0", int(m[2])
 
 
+def operator_token() -> str | None:
+    """``CACHESVC_TOKEN``, for clients of the operator API (``warm``, ``publish --warm``)."""
+    return os.environ.get("CACHESVC_TOKEN") or None
+
+
+def env_value(flag: str) -> str | None:
+    """The ``CACHESVC_<FLAG>`` value of a flag, for flags argparse cannot default
+    (``action="append"``)."""
+    return os.environ.get(env_name(flag))
+
+
 def env_name(flag: str) -> str:
     return "CACHESVC_" + flag.lstrip("-").upper().replace("-", "_")
 

@@ -65,6 +65,23 @@ async def publish_blob(origin: Origin, path: Path) -> tuple[Digest, int, bool]:
     return digest, size, True
 
 
+async def write_reference(
+    origin: Origin,
+    key: str,
+    digest: Digest,
+    size: int,
+    layers: list[Digest] | None = None,
+    calls: list[str] | None = None,
+) -> None:
+    """Write ``tenants/<t>/<f>/<v>.json``; the blob must already be in the origin."""
+    ref: dict[str, object] = {"digest": str(digest), "size": size}
+    if layers:
+        ref["layers"] = [str(d) for d in layers]
+    if calls:
+        ref["calls"] = [check_name("function", c) for c in calls]
+    await origin.put_text(key, json.dumps(ref, indent=1) + "\n")
+
+
 async def publish(
     origin: Origin,
     path: Path,
@@ -78,10 +95,5 @@ async def publish(
     key = reference_key(tenant, function, version) if tenant and function and version else None
     digest, size, uploaded = await publish_blob(origin, path)
     if key is not None:
-        ref: dict[str, object] = {"digest": str(digest), "size": size}
-        if layers:
-            ref["layers"] = [str(d) for d in layers]
-        if calls:
-            ref["calls"] = [check_name("function", c) for c in calls]
-        await origin.put_text(key, json.dumps(ref, indent=1) + "\n")
+        await write_reference(origin, key, digest, size, layers, calls)
     return Published(digest, size, key, uploaded)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from cachesvc.config import add_flag, env_name
+from cachesvc.config import add_flag, env_name, env_value, operator_token
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError
 from cachesvc.membership import parse_peers, resolve_all
@@ -90,8 +89,8 @@ def _fail(message: str) -> int:
 
 
 def run_warm(args: argparse.Namespace) -> int:
-    token = os.environ.get("CACHESVC_TOKEN")
-    agents = _split(args.agent or [os.environ.get(env_name("--agent"), "")])
+    token = operator_token()
+    agents = _split(args.agent or [env_value("--agent") or ""])
     if not token:
         return _fail("CACHESVC_TOKEN is not set (the operator token of the targets)")
     if bool(agents) == bool(args.peers):
@@ -142,7 +141,7 @@ async def peer_targets(spec: str) -> list[str]:
 async def prewarm_published(peers: str, digests: list[Digest], timeout: float) -> bool:
     """For ``publish --warm``: warm a new version into its L2 owners before
     traffic moves; progress and summary on stderr. True when every peer succeeded."""
-    token = os.environ.get("CACHESVC_TOKEN")
+    token = operator_token()
     if not token:
         print("cachesvc publish: --warm needs CACHESVC_TOKEN", file=sys.stderr)
         return False
