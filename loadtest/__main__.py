@@ -1,0 +1,55 @@
+"""``python -m loadtest run [--scenario NAME|all] [--quick] [--out DIR] [--targets ...]``
+
+Starts a local stack (moto + counting proxy, 3 peers, 2 agents, nginx), seeds
+it, runs each scenario with locust against the origin, nginx and cachesvc, and
+writes ``loadtest/out/<run>/report.md`` with CSVs and one plot per scenario.
+Exits 1 when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from loadtest.run import TARGET_ORDER, run
+from loadtest.scenarios import scenarios
+
+OUT = Path(__file__).with_name("out")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[2])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("run", help="run scenarios against a local stack and write a report")
+    names = [*scenarios(), "all"]
+    cmd.add_argument("--scenario", choices=names, action="append", help="repeatable (default all)")
+    cmd.add_argument("--quick", action="store_true", help="small packages, runs of seconds")
+    cmd.add_argument("--out", type=Path, help="run directory (default loadtest/out/<time>)")
+    cmd.add_argument(
+        "--targets",
+        default=",".join(TARGET_ORDER),
+        help="comma-separated, of origin,nginx,cachesvc",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    chosen = args.scenario or ["all"]
+    names = list(scenarios()) if "all" in chosen else list(dict.fromkeys(chosen))
+    targets = tuple(t for t in TARGET_ORDER if t in args.targets.split(","))
+    run_dir = args.out or OUT / time.strftime("%Y%m%d-%H%M%S")
+    report = asyncio.run(run(names, args.quick, run_dir, targets))
+    print(report.read_text())
+    print(f"report: {report}")
+    numbers = json.loads(report.with_name("results.json").read_text())
+    errors = sum(t["errors"] for by_target in numbers.values() for t in by_target.values())
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

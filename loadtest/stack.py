@@ -1,0 +1,142 @@
+"""The local stack a load-test run measures, all on 127.0.0.1.
+
+moto (S3, a child process) ← the counting :class:`S3Proxy` (in this process)
+← 3 ``cachesvc peer`` + 2 ``cachesvc agent`` child processes, and nginx (the
+caching baseline) ← also in front of the proxy. Every origin GET of every
+target passes the one proxy, so origin GETs and bytes are counted the same way
+for cachesvc and both baselines.
+
+Caches live in a temporary directory removed at the end; logs go to the run's
+``logs/`` directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+
+from loadtest.nginx import start_nginx
+from loadtest.origin_proxy import S3Proxy
+from loadtest.procs import Child, free_port, spawn, venv_tool, wait_ready
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+BUCKET = "loadtest-pkgs"
+CACHE_SIZE = "20GiB"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the load generator points at: base URLs and the package path template."""
+
+    name: str
+    hosts: tuple[str, ...]
+    path_template: str
+
+
+@dataclass
+class LocalStack:
+    moto_url: str
+    proxy: S3Proxy
+    agents: list[str]
+    peers: list[str]
+    nginx_url: str
+    token: str
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def origin_url(self) -> str:
+        return f"s3://{BUCKET}"
+
+    def targets(self) -> dict[str, Target]:
+        blob = f"/{BUCKET}/blobs/sha256/{{hex}}"
+        return {
+            "origin": Target("origin", (self.proxy.url,), blob),
+            "nginx": Target("nginx", (self.nginx_url,), blob),
+            "cachesvc": Target("cachesvc", tuple(self.agents), "/pkg/sha256:{hex}"),
+        }
+
+
+async def start_moto(logs: Path) -> tuple[Child, str]:
+    port = free_port()
+    argv = [venv_tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    child = await spawn("moto", argv, logs / "moto.log", env=AWS_ENV)
+    url = f"http://127.0.0.1:{port}"
+    await wait_ready(child, url + "/")
+    await asyncio.to_thread(boto3.client("s3", endpoint_url=url).create_bucket, Bucket=BUCKET)
+    return child, url
+
+
+async def start_tier(
+    role: str, index: int, ring: list[str], proxy_url: str, caches: Path, logs: Path, token: str
+) -> Child:
+    """One ``cachesvc peer`` or ``cachesvc agent`` on the port its URL names."""
+    url = ring[index] if role == "peer" else f"http://127.0.0.1:{free_port()}"
+    argv = [venv_tool("cachesvc"), role, "--listen", url.removeprefix("http://")]
+    argv += ["--cache-dir", str(caches / f"{role}-{index}"), "--cache-size", CACHE_SIZE]
+    argv += ["--origin", f"s3://{BUCKET}", "--s3-endpoint", proxy_url, "--peers", ",".join(ring)]
+    argv += ["--shutdown-grace", "2", "--log-level", "WARNING"]
+    argv += ["--advertise", url] if role == "peer" else []
+    env = {**AWS_ENV, "CACHESVC_TOKEN": token}
+    child = await spawn(f"{role}-{index}", argv, logs / f"{role}-{index}.log", env=env)
+    await wait_ready(child, url + "/readyz")
+    child.name = url  # the base URL is what callers want back
+    return child
+
+
+@asynccontextmanager
+async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncIterator[LocalStack]:
+    """Start everything, yield it, stop everything (also on errors)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    for name, value in AWS_ENV.items():  # this process seeds moto too
+        os.environ.setdefault(name, value)
+    caches = Path(tempfile.mkdtemp(prefix="cachesvc-loadtest-"))
+    token = secrets.token_hex(16)
+    async with AsyncExitStack() as stack:
+        stack.callback(shutil.rmtree, caches, True)
+        moto, moto_url = await start_moto(logs)
+        stack.push_async_callback(moto.stop)
+        proxy = await S3Proxy(moto_url).start()
+        stack.push_async_callback(proxy.stop)
+        ring = [f"http://127.0.0.1:{free_port()}" for _ in range(peers)]
+        which = [("peer", i) for i in range(peers)] + [("agent", i) for i in range(agents)]
+        tiers = await _start_all(stack, which, ring, proxy, caches, logs, token)
+        nginx, nginx_url = await start_nginx(caches / "nginx", proxy.url)
+        stack.push_async_callback(nginx.stop)
+        yield LocalStack(
+            moto_url, proxy, [c.name for c in tiers[peers:]], ring, nginx_url, token, tiers
+        )
+
+
+async def _start_all(
+    stack: AsyncExitStack,
+    which: list[tuple[str, int]],
+    ring: list[str],
+    proxy: S3Proxy,
+    caches: Path,
+    logs: Path,
+    token: str,
+) -> list[Child]:
+    results = await asyncio.gather(
+        *(start_tier(role, i, ring, proxy.url, caches, logs, token) for role, i in which),
+        return_exceptions=True,
+    )
+    children = [r for r in results if isinstance(r, Child)]
+    for child in children:
+        stack.push_async_callback(child.stop)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return children
