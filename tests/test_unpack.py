@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import bz2
-import gzip
 import hashlib
 import io
 import json
-import lzma
 import os
 import stat
 import struct
@@ -18,7 +15,6 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import lz4.frame
 import pytest
 import zstandard
 
@@ -27,17 +23,11 @@ from cachesvc.codec import Limits
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack import Unpacker
+from tests.test_codec import COMPRESS
 
 MiB = 1024 * 1024
 MTIME = time.mktime((2021, 6, 1, 12, 30, 0, 0, 0, -1))
 
-COMPRESS = {
-    "zstd": lambda data: zstandard.ZstdCompressor(level=3).compress(data),
-    "gzip": lambda data: gzip.compress(data, mtime=0),
-    "xz": lambda data: lzma.compress(data, format=lzma.FORMAT_XZ),
-    "bzip2": bz2.compress,
-    "lz4": lz4.frame.compress,
-}
 
 # name -> (content, mode)
 FILES: dict[str, tuple[bytes, int]] = {
