@@ -245,11 +245,13 @@ async def sampled(pids: list[int], targets: list[tuple[int, str]]) -> tuple[list
     sampler = RssSampler(pids)
     task = asyncio.create_task(sampler.run())
     await asyncio.sleep(0.15)  # at least one sample before the load
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
         results = await storm(targets)
     finally:
         task.cancel()
-    return results, sampler.peak
+    client = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    return results, {**sampler.peak, "client_cpu": client}
 
 
 def metric_sum(port: int, name: str, **labels: str) -> float:
@@ -390,8 +392,10 @@ async def one_storm(stack: Stack, work: Path, n: int) -> dict[str, object]:
         "metric_gets": fetched,
         "cold": summary(cold),
         "warm": summary(warm),
-        "cold_rss": max(cold_rss.values()),
-        "warm_rss": max(warm_rss.values()),
+        "cold_rss": max(v for k, v in cold_rss.items() if k != "client_cpu"),
+        "warm_rss": max(v for k, v in warm_rss.items() if k != "client_cpu"),
+        "cold_client": cold_rss["client_cpu"],
+        "warm_client": warm_rss["client_cpu"],
     }
 
 
@@ -420,8 +424,8 @@ def report_storms(
 ) -> list[str]:
     rows = [
         "| run | origin GETs (moto log / metrics) | requests ok | tiers | TTFB p50 | TTFB p99 |"
-        " total p50 | total p99 | agent RSS peak |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " total p50 | total p99 | agent RSS peak | client CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in enumerate(runs):
         for phase in ("cold", "warm"):
@@ -430,7 +434,7 @@ def report_storms(
             rows.append(
                 f"| {phase} {n} | {gets} | {s['ok']} | {s['tiers']} | {s['ttfb50']:.3f} s"
                 f" | {s['ttfb99']:.3f} s | {s['total50']:.3f} s | {s['total99']:.3f} s"
-                f" | {r[phase + '_rss'] / 1e6:.0f} MB |"
+                f" | {r[phase + '_rss'] / 1e6:.0f} MB | {r[phase + '_client']:.2f} |"
             )
     ratios = [r["cold"]["total99"] / r["warm"]["total99"] for r in runs]
     ttfb99 = [r["cold"]["ttfb99"] for r in runs]
