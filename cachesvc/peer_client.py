@@ -52,9 +52,10 @@ class PeerClient:
         return self._session
 
     def _timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            sock_connect=self._connect_timeout, sock_read=self._read_timeout
-        )
+        # No sock_read here: aiohttp would apply it to the wait for headers too,
+        # and an owner waiting on its own origin fetch must not be bypassed on a
+        # timer. Headers get header_timeout; body reads get read_timeout each.
+        return aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
 
     @asynccontextmanager
     async def open(self, peer: str, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
@@ -72,7 +73,7 @@ class PeerClient:
             raise PeerFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
         try:
             size = _check(resp, what, offset)
-            yield Body(size, offset, _chunks(resp, what))
+            yield Body(size, offset, _chunks(resp, what, self._read_timeout))
         finally:
             resp.release()
 
@@ -111,9 +112,14 @@ def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
     return resp.content_length
 
 
-async def _chunks(resp: aiohttp.ClientResponse, what: str) -> AsyncIterator[bytes]:
+async def _chunks(resp: aiohttp.ClientResponse, what: str, idle: float) -> AsyncIterator[bytes]:
+    """The body in chunks; a peer silent for ``idle`` seconds mid-body has failed."""
     try:
-        async for chunk in resp.content.iter_chunked(CHUNK):
+        while True:
+            async with asyncio.timeout(idle):
+                chunk = await resp.content.read(CHUNK)
+            if not chunk:
+                return
             yield chunk
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise PeerFailed(f"{what}: body broke off: {type(exc).__name__}: {exc}") from exc

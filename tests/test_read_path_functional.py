@@ -389,3 +389,32 @@ async def test_too_many_fetches_are_shed_with_503_and_retry_after(
     assert statuses == [200, 200, 503]
     shed = next(r for r in results if r[0] == 503)
     assert shed[1]["retry-after"] and b'"overloaded"' in shed[2]
+
+
+async def test_a_slow_owner_is_waited_for_never_bypassed_to_the_origin(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(2)
+    agent = await stack.start_agent(peer_read_timeout=0.5)
+    data = payload(MiB, seed=50)
+    digest = await s3_origin.put(data)
+    s3_origin.proxy.mode, s3_origin.proxy.delay = "slow", 1.5  # > the idle-read timeout
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["x-cache-tier"], body) == (200, "L2", data)
+    assert s3_origin.origin_gets(digest) == 1
+
+
+async def test_agents_that_disagree_about_the_ring_still_get_one_answer_each(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    peers = await stack.start_peers(3)
+    agents = [await stack.start_agent(peers=peers[:2]), await stack.start_agent(peers=peers[1:])]
+    digests = [await s3_origin.put(payload(10_000, seed=60 + i)) for i in range(10)]
+    for d in digests:
+        for a in agents:
+            status, headers, _ = await get(f"{a}/pkg/{d}")
+            assert status == 200 and headers["x-cache-tier"] == "L2"
+    # Two views of the ring mean at most two owners per digest; peers never forward.
+    assert all(s3_origin.origin_gets(d) <= 2 for d in digests)
+    text = "".join([await metrics_of(p) for p in peers])
+    assert metric(text, "cachesvc_upstream_fetches_total", upstream="peer") == 0
