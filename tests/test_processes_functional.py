@@ -158,3 +158,34 @@ async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
         assert bad.returncode == 1 and "is not sha256:<64 lowercase hex>" in bad.stderr
     finally:
         agent.stop()
+
+
+async def test_up_runs_a_stack_that_serves_its_sample_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    agent_port, peer_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachesvc.cli", "up", "--dir", str(tmp_path),
+         "--agent-port", str(agent_port), "--peer-port", str(peer_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        lines: list[str] = []
+        while not any(line.startswith("Ctrl-C") for line in lines):
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)  # type: ignore[union-attr]
+            assert line, "cachesvc up exited early"
+            lines.append(line)
+        curls = [line.split("#")[0].strip() for line in lines if "curl" in line and "/pkg/" in line]
+        digest = next(w for w in curls[0].split() if "/pkg/" in w).rsplit("/", 1)[1]
+        tiers = []
+        for _ in range(2):  # the printed command, run as printed
+            out = await asyncio.to_thread(
+                subprocess.run, curls[0], shell=True, capture_output=True, text=True
+            )
+            tiers += [h.split(":")[1].strip() for h in out.stdout.splitlines()
+                      if h.lower().startswith("x-cache-tier")]  # fmt: skip
+        assert tiers == ["L2", "L1"], lines
+        assert digest.startswith("sha256:")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
