@@ -40,7 +40,11 @@ async def run_until_signal(
     runners: list[web.AppRunner] = []
     try:
         for app, (host, port) in apps:
-            runners.append(await start_app(app, host, port, grace))
+            try:
+                runners.append(await start_app(app, host, port, grace))
+            except OSError as exc:
+                log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+                return 1
             log.info("listening on %s:%d", host, port)
         if banner is not None:
             await banner()

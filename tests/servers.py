@@ -28,6 +28,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive loopback ports that are all free now."""
+    for _ in range(50):
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
 def payload(size: int, seed: int = 0) -> bytes:
     """Deterministic bytes (compressible: blocks repeat; use os.urandom when that matters)."""
     out = bytearray()

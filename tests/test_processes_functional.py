@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.servers import digest_of, free_port, payload, start_fake_peer, store_files
+from tests.servers import digest_of, free_port, free_port_run, payload, start_fake_peer, store_files
 
 MiB = 1 << 20
 
@@ -161,16 +161,16 @@ async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
 
 
 async def test_up_runs_a_stack_that_serves_its_sample_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    agent_port, peer_port = free_port(), free_port()
+    agent_port, peer_port = free_port(), free_port_run(3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cachesvc.cli", "up", "--dir", str(tmp_path),
          "--agent-port", str(agent_port), "--peer-port", str(peer_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         lines: list[str] = []
         while not any(line.startswith("Ctrl-C") for line in lines):
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)  # type: ignore[union-attr]
-            assert line, "cachesvc up exited early"
+            assert line, f"cachesvc up exited early: {proc.stderr.read()[-3000:]}"  # type: ignore[union-attr]
             lines.append(line)
         curls = [line.split("#")[0].strip() for line in lines if "curl" in line and "/pkg/" in line]
         digest = next(w for w in curls[0].split() if "/pkg/" in w).rsplit("/", 1)[1]
@@ -189,3 +189,18 @@ async def test_up_runs_a_stack_that_serves_its_sample_and_stops_on_ctrl_c(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "cachesvc.cli", "peer", "--listen", f"127.0.0.1:{port}",
+             "--cache-dir", str(tmp_path / "c"), "--origin", f"file://{tmp_path}"],
+            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
