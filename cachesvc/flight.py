@@ -51,7 +51,8 @@ class Flight:
         self.tier: str | None = None
         self.ingest: Ingest | None = None
         self.started: asyncio.Future[None] = _future()
-        self.done: asyncio.Future[None] = _future()
+        self.done: asyncio.Future[None] = _future()  # verified (or failed)
+        self.ended: asyncio.Future[None] = _future()  # the fill is over: kept, or not
         self._progress: asyncio.Future[None] = _future()
         self._drained: asyncio.Future[None] = _future()
         self._chunks: list[bytes] = []
@@ -89,12 +90,15 @@ class Flight:
             self._trim()
 
     async def finish(self) -> None:
-        """All bytes are in: verify (and keep, if possible). Raises what commit raises."""
+        """All bytes are in: verify, release followers' last bytes, then keep
+        (fsync and rename are off the followers' critical path). Raises what
+        :meth:`Ingest.verify` and :meth:`Ingest.persist` raise."""
         assert self.ingest is not None
-        await self.ingest.commit()
-        self._trim()
+        await self.ingest.verify()
         _settle(self.done)
         self._wake()
+        await self.ingest.persist()
+        self._trim()
 
     def fail(self, exc: BaseException) -> None:
         """End the flight without a good verdict; followers abort."""
@@ -105,6 +109,13 @@ class Flight:
         self._wake()
 
     # -- the follower side -----------------------------------------------------
+
+    @property
+    def local(self) -> bool:
+        """Verified and being kept: a request joining now is served from this
+        disk, as a hit, while the commit (fsync, rename) completes."""
+        done = self.done.done() and not self.done.cancelled() and self.done.exception() is None
+        return done and self.ingest is not None and not self.ingest.spilled
 
     @property
     def joinable(self) -> bool:
@@ -191,7 +202,7 @@ class Flights:
     def __init__(self, store: Store, max_fetches: int = 64, max_queued: int = 256) -> None:
         self.store = store
         self._running: dict[Digest, Flight] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Flight] = {}
         self._slots = asyncio.Semaphore(max_fetches)
         self._max_fetches = max_fetches
         self._max_queued = max_queued
@@ -212,8 +223,8 @@ class Flights:
         self._running[digest] = flight
         self._waiting += 1
         task = asyncio.get_running_loop().create_task(self._run(flight, fill))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = flight
+        task.add_done_callback(self._tasks.pop)
         return flight
 
     async def _run(self, flight: Flight, fill: Fill) -> None:
@@ -232,6 +243,7 @@ class Flights:
                 del self._running[flight.digest]
             if not flight.done.done():
                 flight.fail(UpstreamError(f"fetch of {flight.digest.short} ended early"))
+            _settle(flight.ended)
             await flight.release()
 
     async def _slot(self, flight: Flight, fill: Fill) -> None:
@@ -250,11 +262,17 @@ class Flights:
     def __len__(self) -> int:
         return len(self._running)
 
-    async def close(self) -> None:
-        """Cancel every fill and wait for them (each cleans up its temp file)."""
-        for task in list(self._tasks):
-            task.cancel()
+    async def wait_idle(self) -> None:
+        """Wait until every fill running now has ended (verified bytes persisted)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel every fill still fetching and wait for them (each cleans up its
+        temp file); fills already verified finish persisting first."""
+        for task, flight in list(self._tasks.items()):
+            if not flight.done.done():
+                task.cancel()
+        await self.wait_idle()
 
 
 def _future() -> asyncio.Future[None]:

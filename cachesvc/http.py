@@ -191,9 +191,10 @@ async def _serve_flight(request: web.Request, tiers: Tiers, flight: Flight) -> w
     key = flight.follow()
     try:
         await asyncio.shield(flight.started)
-        assert flight.size is not None and flight.tier is not None
-        resp, start, end = _start(request, flight.digest, flight.size, flight.tier)
-        tiers.metrics.requests.labels(flight.tier).inc()
+        assert flight.size is not None
+        tier = tiers.tier_of(flight)
+        resp, start, end = _start(request, flight.digest, flight.size, tier)
+        tiers.metrics.requests.labels(tier).inc()
         await resp.prepare(request)
         try:
             await _follow(request, resp, flight, key, start, end)
@@ -201,7 +202,7 @@ async def _serve_flight(request: web.Request, tiers: Tiers, flight: Flight) -> w
             log.warning("GET %s: aborting the response: %s", flight.digest.short, exc)
             abort_stream(request)
             return resp
-        tiers.metrics.bytes_served.labels(flight.tier).inc(end - start)
+        tiers.metrics.bytes_served.labels(tier).inc(end - start)
         await resp.write_eof()
         return resp
     finally:

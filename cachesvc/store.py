@@ -394,6 +394,7 @@ class Ingest:
         self.received = 0
         self.on_disk = 0
         self.spilled = fd < 0
+        self.verified = False
         self.committed = False
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []
@@ -435,11 +436,16 @@ class Ingest:
             self.spilled = True
 
     async def commit(self) -> None:
-        """Verify size and sha256, then make the package durable and visible.
+        """:meth:`verify`, then :meth:`persist`."""
+        await self.verify()
+        await self.persist()
+
+    async def verify(self) -> None:
+        """Check size and sha256 of everything written.
 
         This is the only comparison of computed and expected digests in
-        cachesvc. Raises :class:`DigestMismatch` or :class:`UpstreamError`
-        (short body); a spilled ingest is verified but not kept.
+        cachesvc. Raises :class:`DigestMismatch`, or :class:`UpstreamError`
+        for a short body.
         """
         await self.drain()
         if self.received != self.size:
@@ -447,6 +453,13 @@ class Ingest:
         actual = self._hash.hexdigest()
         if actual != self.digest.hex:
             raise DigestMismatch(f"ingest {self.digest.short}: bytes hash to sha256:{actual[:12]}")
+        self.verified = True
+
+    async def persist(self) -> None:
+        """Make verified bytes durable and visible (fsync, rename, index); a
+        spilled ingest keeps nothing."""
+        if not self.verified:
+            raise DigestMismatch(f"ingest {self.digest.short}: persist before verify")
         if not self.spilled:
             await self.store._commit(self)
             self.committed = True

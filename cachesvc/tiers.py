@@ -170,9 +170,15 @@ class Tiers:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         flight = self.flights.get(digest)
         if flight is not None:
-            self.metrics.coalesced.inc()
+            if not flight.local:
+                self.metrics.coalesced.inc()
             return flight
         return self.flights.start(digest, self._fill)
+
+    def tier_of(self, flight: Flight) -> str:
+        """What X-Cache-Tier says for a request following ``flight``."""
+        assert flight.tier is not None
+        return self.local_tier if flight.local else flight.tier
 
     async def fetch(self, digest: Digest) -> tuple[int, str]:
         """Make sure the package is here (or at least verified once): for warm and
@@ -182,10 +188,12 @@ class Tiers:
             self.store.release(source)
             return source.size, self.local_tier
         key = source.follow()
+        was_local = source.local  # joined after the verdict: as good as a hit
         try:
             await source.verdict()
+            await asyncio.shield(source.ended)  # kept in the store, when it can be
             assert source.size is not None and source.tier is not None
-            return source.size, source.tier
+            return source.size, self.local_tier if was_local else source.tier
         finally:
             await source.leave(key)
 
@@ -196,7 +204,7 @@ class Tiers:
             return size, self.local_tier
         flight = self.flights.get(digest)
         if flight is not None and flight.size is not None and flight.tier is not None:
-            return flight.size, flight.tier
+            return flight.size, self.tier_of(flight)
         if digest in self.negative:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         last: CachesvcError = UpstreamError(f"HEAD {digest.short}: no upstream configured")

@@ -61,6 +61,7 @@ async def test_many_followers_share_one_fill_and_get_the_bytes(tmp_path: Path) -
     assert all(j is flight for j in joined)
     bodies = await asyncio.gather(*(read_all(flight) for _ in range(10)))
     assert calls == [1] and all(b == data for b in bodies)
+    await flights.wait_idle()  # followers finish before the fsync; the store after it
     assert digest_of(data) in store
     await flights.close()
     await store.close()

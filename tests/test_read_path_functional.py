@@ -33,6 +33,17 @@ async def head(url: str, **headers: str) -> tuple[int, dict[str, str]]:
         return r.status, {k.lower(): v for k, v in r.headers.items()}
 
 
+async def settled(url: str) -> dict:
+    """/stats once no fetch is running (a response ends before its fsync)."""
+    for _ in range(100):
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/stats") as r:
+            stats = await r.json()
+        if stats["inflight_fetches"] == 0:
+            return stats
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{url} still fetching: {stats}")
+
+
 async def metrics_of(url: str) -> str:
     return (await get(f"{url}/metrics"))[2].decode()
 
@@ -298,8 +309,7 @@ async def test_eviction_keeps_the_store_within_its_cap(stack: Stack, s3_origin) 
     digests = [await s3_origin.put(payload(MiB, seed=100 + i)) for i in range(12)]
     for d in digests:
         assert (await get(f"{agent}/pkg/{d}"))[0] == 200
-    async with aiohttp.ClientSession() as s, s.get(f"{agent}/stats") as r:
-        stats = await r.json()
+    stats = await settled(agent)
     assert stats["bytes"] <= 5 * MiB and stats["entries"] >= 3
     assert metric(await metrics_of(agent), "cachesvc_evictions_total") >= 7
     status, headers, _ = await get(f"{agent}/pkg/{digests[-1]}")
