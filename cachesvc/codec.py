@@ -53,7 +53,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import lz4.frame
 import zstandard
@@ -305,12 +305,13 @@ def _zstd_reader(src: BinaryIO) -> BinaryIO:
     )
 
 
-_DECODERS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
+# Any: the stdlib's decompressor files are BufferedIOBase, not typing.BinaryIO.
+_DECODERS: dict[str, Callable[[BinaryIO], Any]] = {
     "zstd": _zstd_reader,
-    "gzip": lambda src: gzip.GzipFile(fileobj=src, mode="rb"),  # type: ignore[return-value]
-    "xz": lambda src: lzma.LZMAFile(src, format=lzma.FORMAT_XZ),  # type: ignore[return-value]
-    "bzip2": lambda src: bz2.BZ2File(src),  # type: ignore[return-value]
-    "lz4": lambda src: lz4.frame.LZ4FrameFile(src),  # type: ignore[return-value]
+    "gzip": lambda src: gzip.GzipFile(fileobj=src, mode="rb"),
+    "xz": lambda src: lzma.LZMAFile(src, format=lzma.FORMAT_XZ),
+    "bzip2": lambda src: bz2.BZ2File(src),
+    "lz4": lambda src: lz4.frame.LZ4FrameFile(src),
 }
 
 

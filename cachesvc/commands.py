@@ -145,9 +145,12 @@ def _transform(args: argparse.Namespace, tmp: Path) -> Path:
     if args.repack:
         from cachesvc.repack import repack
 
-        report = repack(path, tmp / "repacked")
-        print(report.summary(), file=sys.stderr)
-        path = report.chosen
+        out = tmp / "repacked.tar.zst"
+        report = repack(path, out)
+        choice = "using tar.zst" if report.kept else "keeping the zip (smaller)"
+        print(f"repack: zip {report.zip_size} B, zstd over zip {report.zstd_zip_size} B, "
+              f"tar.zst {report.tar_zstd_size} B: {choice}", file=sys.stderr)  # fmt: skip
+        path = out if report.kept else path
     if args.compress:
         from cachesvc.repack import compress
 

@@ -34,7 +34,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import lz4.frame
 import zstandard
@@ -56,14 +56,13 @@ def zstd_compressor(level: int = 19) -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(compression_params=params)
 
 
-_WRITERS: dict[str, Callable[[BinaryIO, int], BinaryIO]] = {
-    "zstd": lambda dst, level: zstd_compressor(level).stream_writer(dst, closefd=False),  # type: ignore[dict-item]
-    "gzip": lambda dst, level: gzip.GzipFile(  # type: ignore[dict-item]
-        fileobj=dst, mode="wb", compresslevel=level, mtime=0
-    ),
-    "xz": lambda dst, level: lzma.LZMAFile(dst, "wb", format=lzma.FORMAT_XZ, preset=level),  # type: ignore[dict-item]
-    "bzip2": lambda dst, level: bz2.BZ2File(dst, "wb", compresslevel=level),  # type: ignore[dict-item]
-    "lz4": lambda dst, level: lz4.frame.LZ4FrameFile(dst, "wb", compression_level=level),  # type: ignore[dict-item]
+# Any: the stdlib's compressor files are BufferedIOBase, not typing.BinaryIO.
+_WRITERS: dict[str, Callable[[BinaryIO, int], Any]] = {
+    "zstd": lambda dst, level: zstd_compressor(level).stream_writer(dst, closefd=False),
+    "gzip": lambda dst, level: gzip.GzipFile(fileobj=dst, mode="wb", compresslevel=level, mtime=0),
+    "xz": lambda dst, level: lzma.LZMAFile(dst, "wb", format=lzma.FORMAT_XZ, preset=level),
+    "bzip2": lambda dst, level: bz2.BZ2File(dst, "wb", compresslevel=level),
+    "lz4": lambda dst, level: lz4.frame.LZ4FrameFile(dst, "wb", compression_level=level),
 }
 
 

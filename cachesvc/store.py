@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -85,7 +86,7 @@ class Blob:
 
     __slots__ = ("digest", "size", "file", "_leases", "_retired")
 
-    def __init__(self, digest: Digest, size: int, file: object) -> None:
+    def __init__(self, digest: Digest, size: int, file: io.FileIO) -> None:
         self.digest = digest
         self.size = size
         self.file = file  # raw FileIO: fileno() for sendfile, pread via os
@@ -98,12 +99,12 @@ class Blob:
     def _release(self) -> None:
         self._leases -= 1
         if self._retired and self._leases == 0:
-            self.file.close()  # type: ignore[attr-defined]
+            self.file.close()
 
     def _retire(self) -> None:
         self._retired = True
         if self._leases == 0:
-            self.file.close()  # type: ignore[attr-defined]
+            self.file.close()
 
 
 class Store:
@@ -338,6 +339,7 @@ class Store:
         self._lru.move_to_end(key)
 
     def _publish(self, ingest: Ingest, entry: Entry) -> None:
+        assert ingest.path is not None
         os.fsync(ingest.fd)
         os.rename(ingest.path, self._blobs / ingest.digest.hex)
         dir_fd = os.open(self._blobs, os.O_RDONLY)

@@ -311,7 +311,7 @@ COLUMNS = ("target", "state", "fetched", "cached", "not owner", "failed", "bytes
 
 
 def summary_rows(outcomes: list[Outcome]) -> list[tuple[str, ...]]:
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (o.target, o.state, str(o.fetched), str(o.cached), str(o.skipped), str(o.failed),
          human_bytes(o.bytes), f"{o.seconds:.1f}s")
         for o in outcomes

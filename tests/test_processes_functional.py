@@ -204,3 +204,26 @@ def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_publish_repack_uploads_a_smaller_tar_zst_and_reports_sizes(tmp_path: Path) -> None:
+    import zipfile
+
+    from cachesvc.codec import detect_layers
+
+    package = tmp_path / "app.zip"
+    common = os.urandom(64 * 1024)  # the same library vendored in many places
+    with zipfile.ZipFile(package, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(20):
+            zf.writestr(f"vendor/copy{i}/lib.so", common)
+        zf.writestr("handler.py", "def handler(e, c):\n    return 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "cachesvc.cli", "publish", str(package), "--repack",
+         "--tenant", "t", "--function", "f", "--version", "1",
+         "--origin", f"file://{tmp_path / 'origin'}"], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "repack: zip" in out.stderr and "using tar.zst" in out.stderr
+    digest = out.stdout.strip()
+    blob = tmp_path / "origin" / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    assert blob.stat().st_size < package.stat().st_size / 5
+    assert detect_layers(blob) == ["zstd", "tar"]
