@@ -26,10 +26,11 @@ from __future__ import annotations
 
 
 class CachesvcError(Exception):
-    """Base of every error a client may see."""
+    """Base of every error a client may see. ``headers`` go on the response."""
 
     status = 500
     code = "internal"
+    headers: dict[str, str] = {}  # noqa: RUF012 (replaced per instance, never mutated)
 
 
 class InvalidRequest(CachesvcError):
@@ -64,6 +65,10 @@ class RangeNotSatisfiable(CachesvcError):
     status = 416
     code = "range_not_satisfiable"
 
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Content-Range": f"bytes */{size}"}  # RFC 9110 §15.5.17
+
 
 class UnsafeArchive(CachesvcError):
     status = 422
@@ -94,7 +99,7 @@ class Overloaded(CachesvcError):
 
     def __init__(self, detail: str, retry_after: int = 1) -> None:
         super().__init__(detail)
-        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class UpstreamTimeout(CachesvcError):

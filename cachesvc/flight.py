@@ -273,6 +273,10 @@ class Flights:
             if not flight.done.done():
                 task.cancel()
         await self.wait_idle()
+        for flight in self._running.values():  # tasks cancelled before their first step
+            flight.fail(UpstreamError(f"fetch of {flight.digest.short} cancelled (shutdown)"))
+            _settle(flight.ended)
+        self._running.clear()
 
 
 def _future() -> asyncio.Future[None]:

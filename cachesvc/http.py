@@ -65,22 +65,19 @@ _AIOHTTP_CODES = {404: "not_found", 405: "invalid_request", 413: "too_large"}
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except Overloaded as exc:
-        metrics: Metrics | None = request.app.get(METRICS)
-        if metrics is not None:
-            metrics.overloaded.inc()
-        return json_error(exc.status, exc.code, str(exc), **{"Retry-After": str(exc.retry_after)})
     except CachesvcError as exc:
+        if isinstance(exc, Overloaded) and METRICS in request.app:
+            request.app[METRICS].overloaded.inc()
         if exc.status >= 500:
             log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc)
-        return json_error(exc.status, exc.code, str(exc))
+        return json_error(exc.status, exc.code, str(exc), **exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = _AIOHTTP_CODES.get(exc.status, "invalid_request")
         return json_error(exc.status, code, exc.reason)
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
+    except (ConnectionError, asyncio.CancelledError):
+        raise  # the client went away: nothing to answer
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal", f"{type(exc).__name__}: {exc}")
@@ -117,12 +114,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not m[1]:  # suffix: the last N bytes
         n = int(m[2])
         if n == 0 or size == 0:
-            raise RangeNotSatisfiable(f"range {header!r} of a {size}-byte package")
+            raise RangeNotSatisfiable(f"range {header!r} of a {size}-byte package", size)
         return max(0, size - n), size
     start = int(m[1])
+    if m[2] and int(m[2]) < start:
+        return None  # last before first: invalid, so ignored (RFC 9110 §14.1.1)
     end = min(int(m[2]) + 1, size) if m[2] else size
-    if start >= size or end <= start:
-        raise RangeNotSatisfiable(f"range {header!r} of a {size}-byte package")
+    if start >= size:
+        raise RangeNotSatisfiable(f"range {header!r} of a {size}-byte package", size)
     return start, end
 
 
@@ -149,7 +148,11 @@ def _start(
     request: web.Request, digest: Digest, size: int, tier: str
 ) -> tuple[web.StreamResponse, int, int]:
     """Status, headers and the byte span for a body of ``size`` bytes."""
-    span = parse_range(request.headers.get("Range"), size)
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != digest.etag:
+        span = None  # another representation or a date: the whole package (RFC 9110 §13.1.5)
+    else:
+        span = parse_range(request.headers.get("Range"), size)
     resp = web.StreamResponse(headers=_headers(digest, tier))
     start, end = span if span is not None else (0, size)
     if span is not None:
@@ -162,6 +165,10 @@ def _start(
 async def serve_package(request: web.Request, tiers: Tiers, digest: Digest) -> web.StreamResponse:
     """GET/HEAD of a package from this service's tiers."""
     if _not_modified(request, digest):
+        # A precondition applies only where the answer would be 2xx (RFC 9110
+        # §13.2.1): a package no tier has is still a 404. HEAD costs no body.
+        if digest not in tiers.store and tiers.flights.get(digest) is None:
+            await tiers.head(digest)
         return web.Response(status=304, headers=_headers(digest, None))
     if request.method == "HEAD":
         size, tier = await tiers.head(digest)
@@ -179,7 +186,12 @@ async def _serve_blob(request: web.Request, tiers: Tiers, blob: Blob) -> web.Str
         resp, start, end = _start(request, blob.digest, blob.size, tiers.local_tier)
         tiers.metrics.requests.labels(tiers.local_tier).inc()
         await resp.prepare(request)
-        await _sendfile(request, resp, blob.file, start, end - start)
+        try:
+            await _sendfile(request, resp, blob.file, start, end - start)
+        except OSError as exc:
+            log.warning("GET %s: aborting the response: %s", blob.digest.short, exc)
+            abort_stream(request)
+            return resp
         tiers.metrics.bytes_served.labels(tiers.local_tier).inc(end - start)
         await resp.write_eof()
         return resp
@@ -195,9 +207,12 @@ async def _serve_flight(request: web.Request, tiers: Tiers, flight: Flight) -> w
         tier = tiers.tier_of(flight)
         resp, start, end = _start(request, flight.digest, flight.size, tier)
         tiers.metrics.requests.labels(tier).inc()
+        if start == end:  # an empty package: headers alone would complete it
+            await flight.verdict()
         await resp.prepare(request)
         try:
             await _follow(request, resp, flight, key, start, end)
+            await flight.verdict()  # also for empty bodies and ranges
         except (CachesvcError, OSError) as exc:
             log.warning("GET %s: aborting the response: %s", flight.digest.short, exc)
             abort_stream(request)
@@ -212,45 +227,77 @@ async def _serve_flight(request: web.Request, tiers: Tiers, flight: Flight) -> w
 async def _follow(
     request: web.Request, resp: web.StreamResponse, flight: Flight, key: int, start: int, end: int
 ) -> None:
-    """Send ``[start, end)`` as it arrives; the last byte waits for the verdict."""
-    assert flight.ingest is not None and flight.size is not None
+    """Send ``[start, end)`` as it arrives; the last byte waits for the verdict.
+
+    The follower's position starts at ``start``, and while it waits for the
+    verdict it takes its held-back byte out of the relay window and counts as
+    done, so in relay mode a ranged or waiting follower never stalls the fill.
+    """
+    assert flight.size is not None
     pos = start
+    flight.advance(key, pos)
     while pos < end:
         ready = await flight.available(pos)
-        limit = min(ready, end)
-        if limit == end and not flight.done.done():
-            limit = end - 1  # hold back the tail until the digest checks
-            if limit <= pos:
-                await flight.verdict()
+        if ready >= end and not flight.done.done():
+            if pos < end - 1:
+                pos = await _send_span(request, resp, flight, pos, end - 1)
+                flight.advance(key, pos)
                 continue
-        kind, span = flight.read_span(pos, limit)
-        if kind == "file":
-            assert isinstance(span, int) and flight.ingest.file is not None
-            await _sendfile(request, resp, flight.ingest.file, pos, span)
-            pos += span
-        else:
-            assert isinstance(span, bytes)
-            await resp.write(span)
-            pos += len(span)
+            held = flight.read_span(pos, end)  # the last byte, kept while we wait
+            flight.advance(key, flight.size)
+            await flight.verdict()
+            await _send(request, resp, flight, pos, held)
+            return
+        pos = await _send_span(request, resp, flight, pos, min(ready, end))
         flight.advance(key, pos)
+
+
+async def _send_span(
+    request: web.Request, resp: web.StreamResponse, flight: Flight, pos: int, limit: int
+) -> int:
+    """Send what is readable of ``[pos, limit)`` in one step; returns the new position."""
+    return await _send(request, resp, flight, pos, flight.read_span(pos, limit))
+
+
+async def _send(
+    request: web.Request,
+    resp: web.StreamResponse,
+    flight: Flight,
+    pos: int,
+    span: tuple[str, int | bytes],
+) -> int:
+    kind, what = span
+    if kind == "file":
+        assert isinstance(what, int) and flight.ingest is not None
+        assert flight.ingest.file is not None
+        await _sendfile(request, resp, flight.ingest.file, pos, what)
+        return pos + what
+    assert isinstance(what, bytes)
+    await resp.write(what)
+    return pos + len(what)
 
 
 async def _sendfile(
     request: web.Request, resp: web.StreamResponse, file: Any, offset: int, count: int
 ) -> None:
     """Zero-copy: one direct ``sendfile(2)`` first, then the loop's machinery
-    for whatever did not fit; bounded read/write where the loop has no
-    sendfile (uvloop)."""
+    for whatever did not fit. Where the loop has no sendfile (uvloop, TLS),
+    ``pread`` + write: never asyncio's fallback, which seeks the shared file
+    object. Raises OSError when the file holds fewer bytes than promised."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
     sent = _sendfile_now(transport, file, offset, count)
     if sent == count:
         return
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.get_running_loop().sendfile(transport, file, offset + sent, count - sent)
-    except NotImplementedError:
+        sent += await loop.sendfile(transport, file, offset + sent, count - sent, fallback=False)
+    except (NotImplementedError, asyncio.SendfileNotAvailableError):
         await _copy(resp, file, offset + sent, count - sent)
+        return
+    if sent != count:
+        raise OSError(f"file ended after {sent} of {count} bytes")
 
 
 def _sendfile_now(transport: asyncio.Transport, file: Any, offset: int, count: int) -> int:

@@ -104,9 +104,10 @@ def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
         raise PeerFailed(f"{what}: answered {resp.status}")
     if offset:
         content_range = resp.headers.get("Content-Range", "")
-        if not content_range.startswith(f"bytes {offset}-"):
+        total = content_range.rsplit("/", 1)[-1]
+        if not content_range.startswith(f"bytes {offset}-") or not total.isdigit():
             raise PeerFailed(f"{what}: bad Content-Range {content_range!r}")
-        return int(content_range.rsplit("/", 1)[1])
+        return int(total)
     if resp.content_length is None:
         raise PeerFailed(f"{what}: no Content-Length")
     return resp.content_length

@@ -279,14 +279,15 @@ class Store:
         await self.make_room(size)
         if self._bytes + self._reserved + size > self.capacity:
             raise StoreFull(f"no room for {size} bytes in a {self.capacity}-byte store")
+        self._reserved += size  # before the await: concurrent begins see it
         path = self._tmp / f"{digest.hex}.{secrets.token_hex(4)}"
         try:
             fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        except BaseException as exc:
+            self._reserved -= size
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(f"disk full creating {path.name}") from exc
             raise
-        self._reserved += size
         return Ingest(self, digest, size, path, fd)
 
     def begin_unstored(self, digest: Digest, size: int) -> Ingest:
@@ -398,6 +399,8 @@ class Ingest:
         self.spilled = fd < 0
         self.verified = False
         self.committed = False
+        self._reservation = size if fd >= 0 else 0
+        self._writing: asyncio.Future[None] | None = None
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_len = 0
@@ -417,7 +420,8 @@ class Ingest:
         if not self._pending:
             return
         batch, self._pending, self._pending_len = self._pending, [], 0
-        await asyncio.to_thread(self._write_batch, batch)
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
+        await asyncio.shield(self._writing)
 
     def _write_batch(self, batch: list[bytes]) -> None:
         for chunk in batch:
@@ -465,16 +469,24 @@ class Ingest:
         if not self.spilled:
             await self.store._commit(self)
             self.committed = True
+            self._release_reservation()  # the bytes are counted as stored now
 
     async def close(self) -> None:
         """Release the reservation and the file; idempotent. An uncommitted
-        temp file is removed."""
+        temp file is removed. Waits for a write still running in its thread,
+        so the fd is never closed (and reused) under it."""
         if self.fd == -2:
             return
         fd, self.fd = self.fd, -2
+        self._release_reservation()
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
         if fd >= 0:
-            self.store._reserved -= self.size
             await asyncio.to_thread(self._close, fd)
+
+    def _release_reservation(self) -> None:
+        self.store._reserved -= self._reservation
+        self._reservation = 0
 
     def _close(self, fd: int) -> None:
         assert self.file is not None and self.path is not None

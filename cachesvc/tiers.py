@@ -40,6 +40,7 @@ from cachesvc.errors import (
     CachesvcError,
     DigestMismatch,
     NotFound,
+    Overloaded,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -271,7 +272,10 @@ class Tiers:
 
     def _refill(self, digest: Digest) -> None:
         if digest not in self.store and self.flights.get(digest) is None:
-            self.flights.start(digest, self._fill)
+            try:
+                self.flights.start(digest, self._fill)
+            except Overloaded:
+                log.warning("refill of %s skipped: overloaded", digest.short)
 
     def _count(self, source: Source, outcome: str) -> None:
         self.metrics.upstream_fetches.labels(source.upstream, outcome).inc()

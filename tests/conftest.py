@@ -92,6 +92,21 @@ async def s3_origin(moto_url: str) -> AsyncIterator[OriginFixture]:
         yield fixture
 
 
+@pytest.fixture
+def file_origin(tmp_path: Path) -> OriginFixture:
+    """A file:// origin whose blobs a test can damage in place."""
+    root = tmp_path / "origin"
+    root.mkdir()
+    return OriginFixture("file", f"file://{root}", None, None, None, root)
+
+
+@pytest.fixture
+async def file_stack(file_origin: OriginFixture, tmp_path: Path) -> AsyncIterator[Stack]:
+    s = Stack(file_origin.url, None, tmp_path / "stack")
+    yield s
+    await s.close()
+
+
 @pytest.fixture(params=["s3", "file"])
 async def origin(
     request: pytest.FixtureRequest, moto_url: str, tmp_path: Path

@@ -158,3 +158,21 @@ async def test_relay_mode_bounds_memory_when_the_store_cannot_keep_it(tmp_path: 
     assert peak <= 8 * 2**20 + CHUNK and digest_of(data) not in store
     await flights.close()
     await store.close()
+
+
+async def test_closing_right_after_a_start_fails_the_flight_for_its_followers(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path, 2**20)
+    flights = Flights(store)
+
+    async def forever(flight: Flight) -> None:
+        await asyncio.sleep(3600)
+
+    flight = flights.start(digest_of(b"x"), forever)
+    flight.follow()
+    await flights.close()  # in the same loop iteration as the start
+    with pytest.raises(UpstreamError, match="cancelled"):
+        await asyncio.wait_for(asyncio.shield(flight.started), timeout=2)
+    assert len(flights) == 0
+    await store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -170,4 +171,30 @@ async def test_pinned_entries_survive_eviction_within_their_share(tmp_path: Path
     for i in range(4):
         await put(store, payload(300 * KiB, seed=20 + i))
     assert digest_of(pinned) not in store
+    await store.close()
+
+
+async def test_concurrent_begins_never_reserve_more_than_the_capacity(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 100)
+    results = await asyncio.gather(
+        store.begin(digest_of(b"a"), 60), store.begin(digest_of(b"b"), 60), return_exceptions=True
+    )
+    started = [r for r in results if not isinstance(r, BaseException)]
+    assert len(started) == 1 and any(isinstance(r, StoreFull) for r in results)
+    for ingest in started:
+        await ingest.close()
+    await store.close()
+
+
+async def test_a_committed_entry_still_streaming_is_counted_once(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 100)
+    a, b, c = b"a" * 40, b"b" * 50, b"c" * 10
+    await put(store, a)
+    ingest_b = await store.begin(digest_of(b), 50)
+    await ingest_b.write(b)
+    await ingest_b.commit()  # left open: a follower still reads its temp fd
+    ingest_c = await store.begin(digest_of(c), 10)  # 40 + 50 + 10 fits exactly
+    assert digest_of(a) in store and digest_of(b) in store
+    for ingest in (ingest_c, ingest_b):
+        await ingest.close()
     await store.close()
