@@ -37,6 +37,7 @@ from cachesvc.store import Ingest, Store, StoreFull
 log = logging.getLogger(__name__)
 
 RELAY_WINDOW = 8 << 20  # bytes buffered per flight when the store cannot keep it
+STALL_TIMEOUT = 30.0  # seconds a full relay window waits for its slowest follower
 
 Fill = Callable[["Flight"], Awaitable[None]]
 
@@ -44,9 +45,10 @@ Fill = Callable[["Flight"], Awaitable[None]]
 class Flight:
     """One fill of one digest and the followers that stream it."""
 
-    def __init__(self, store: Store, digest: Digest) -> None:
+    def __init__(self, store: Store, digest: Digest, stall_timeout: float = STALL_TIMEOUT):
         self.store = store
         self.digest = digest
+        self.stall_timeout = stall_timeout
         self.size: int | None = None
         self.tier: str | None = None
         self.ingest: Ingest | None = None
@@ -86,7 +88,11 @@ class Flight:
         self._wake()
         while self.ingest.spilled and self._tail_bytes() > RELAY_WINDOW and self._followers:
             self._drained = _future()
-            await self._drained
+            try:
+                async with asyncio.timeout(self.stall_timeout):
+                    await self._drained
+            except TimeoutError:
+                self._drop_slowest()
             self._trim()
 
     async def finish(self) -> None:
@@ -132,6 +138,8 @@ class Flight:
         return key
 
     def advance(self, key: int, position: int) -> None:
+        if key not in self._followers:
+            return  # dropped as too slow: its next read fails
         self._followers[key] = position
         if not self._drained.done():
             self._trim()
@@ -181,6 +189,17 @@ class Flight:
 
     def _wake(self) -> None:
         _settle(self._progress)
+
+    def _drop_slowest(self) -> None:
+        """A follower that read nothing for ``stall_timeout`` with the relay
+        window full stops holding the others back; its next read fails."""
+        key = min(self._followers, key=self._followers.__getitem__)
+        log.warning(
+            "flight %s: dropping a follower stuck at byte %d for %.0fs",
+            self.digest.short,
+            self._followers.pop(key),
+            self.stall_timeout,
+        )
 
     def _tail_bytes(self) -> int:
         return self.received - self._starts[0] if self._starts else 0

@@ -176,3 +176,21 @@ async def test_closing_right_after_a_start_fails_the_flight_for_its_followers(
         await asyncio.wait_for(asyncio.shield(flight.started), timeout=2)
     assert len(flights) == 0
     await store.close()
+
+
+async def test_a_stuck_follower_in_relay_mode_is_dropped_not_waited_for_forever(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path, 2**20)  # smaller than the package: relay mode
+    flights = Flights(store)
+    data = payload(12 * 2**20)
+    flight = Flight(store, digest_of(data), stall_timeout=0.2)
+    stuck = flight.follow()  # registered, never reads
+    fill = filler(data, [])
+    await asyncio.wait_for(fill(flight), timeout=10)
+    assert flight.done.done() and flight._followers == {}
+    with pytest.raises(UpstreamError, match="trimmed"):
+        flight.read_span(0, 10)
+    await flight.leave(stuck)
+    await flights.close()
+    await store.close()
