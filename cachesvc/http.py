@@ -293,8 +293,8 @@ async def _sendfile(
     loop = asyncio.get_running_loop()
     try:
         sent += await loop.sendfile(transport, file, offset + sent, count - sent, fallback=False)
-    except (NotImplementedError, asyncio.SendfileNotAvailableError):
-        await _copy(resp, file, offset + sent, count - sent)
+    except RuntimeError:  # no native sendfile: asyncio's SendfileNotAvailableError, uvloop's
+        await _copy(resp, file, offset + sent, count - sent)  # "not implemented"; both subclass it
         return
     if sent != count:
         raise OSError(f"file ended after {sent} of {count} bytes")

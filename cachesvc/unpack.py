@@ -385,7 +385,8 @@ def extract(package_path: Path, dest: Path, limits: Limits) -> tuple[int, int, t
                 _extract_zip(archive.stream, tree, limits)
             else:
                 _extract_tar(archive.stream, tree)
-        except (zipfile.BadZipFile, NotImplementedError, EOFError, ValueError) as exc:
+        # RuntimeError: zipfile's unknown compression methods and encrypted members.
+        except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
             raise UnsupportedFormat(f"corrupt {archive.kind}: {exc}") from exc
         return tree.files, tree.bytes, archive.layers
 

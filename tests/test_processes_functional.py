@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 import subprocess
@@ -72,6 +71,18 @@ async def wait_for_partial(tmp_dir: Path) -> None:
     raise AssertionError("no partial download appeared")
 
 
+async def restart_without_peers(agent: AgentProcess) -> None:
+    agent.peers = ""  # the restarted agent reads the origin directly
+    await agent.start()
+
+
+async def get_once(agent: AgentProcess, digest: str) -> tuple[str, bytes]:
+    """GET a package through the agent: (X-Cache-Tier, body)."""
+    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest}") as r:
+        assert r.status == 200
+        return r.headers["X-Cache-Tier"], await r.read()
+
+
 async def test_kill_9_mid_download_leaves_nothing_partial(
     tmp_path: Path, slow_origin_and_peer: tuple[str, str, bytes]
 ) -> None:
@@ -86,13 +97,9 @@ async def test_kill_9_mid_download_leaves_nothing_partial(
             download.cancel()
         assert [f for f in store_files(agent.root / "cache") if f.startswith("tmp/")]
 
-        agent.peers = ""  # restart reading the origin directly
-        await agent.start()
+        await restart_without_peers(agent)
         assert store_files(agent.root / "cache") == []  # swept: no partial, no blob
-        async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest_of(data)}") as r:
-            body = await r.read()
-            assert r.status == 200 and r.headers["X-Cache-Tier"] == "ORIGIN"
-        assert hashlib.sha256(body).hexdigest() == digest_of(data).hex
+        assert await get_once(agent, str(digest_of(data))) == ("ORIGIN", data)
     finally:
         agent.stop()
 
@@ -112,11 +119,8 @@ async def test_sigterm_finishes_the_transfer_in_flight_and_keeps_the_store_consi
         assert await asyncio.to_thread(agent.proc.wait, 15) == 0  # type: ignore[union-attr]
         assert [f for f in store_files(agent.root / "cache") if f.startswith("tmp/")] == []
 
-        agent.peers = ""
-        await agent.start()
-        async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest_of(data)}") as r:
-            assert r.status == 200 and r.headers["X-Cache-Tier"] == "L1"
-            assert await r.read() == data
+        await restart_without_peers(agent)
+        assert await get_once(agent, str(digest_of(data))) == ("L1", data)
     finally:
         agent.stop()
 

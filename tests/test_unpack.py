@@ -446,3 +446,17 @@ async def test_manifest_beside_the_tree_holds_the_result(
     manifest = json.loads((code_dir / f"{digest.hex}.json").read_text())
     assert manifest == result.as_json()
     assert not (result.path / ".cachesvc-unpack.json").exists()
+
+
+def test_a_zip_member_with_an_unknown_compression_method_is_unsupported(tmp_path: Path) -> None:
+    package = tmp_path / "odd.zip"
+    with zipfile.ZipFile(package, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("handler.py", b"x = 1\n")
+    raw = bytearray(package.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local, central
+        at = raw.find(signature)
+        raw[at + offset : at + offset + 2] = (99).to_bytes(2, "little")  # AES: not supported
+    package.write_bytes(bytes(raw))
+    with pytest.raises(UnsupportedFormat):
+        unpack.extract(package, tmp_path / "out", Limits())
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
