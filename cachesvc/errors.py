@@ -18,6 +18,8 @@
     ├── Overloaded                     503 overloaded
     └── UpstreamTimeout                504 upstream_timeout
 
+    ConfigError                        not a request error: a service cannot start
+
 Every class carries ``status`` and ``code``; :mod:`cachesvc.http` turns them into
 ``{"error": code, "detail": str(exc)}``. This module knows nothing of HTTP.
 """
@@ -105,3 +107,13 @@ class Overloaded(CachesvcError):
 class UpstreamTimeout(CachesvcError):
     status = 504
     code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """A service cannot start as configured: a bad flag or ``CACHESVC_*`` value,
+    a cache or code dir that cannot be used, a dir locked by another process.
+
+    The message is one line that names its source (the flag or variable, or the
+    path); the command prints it as ``cachesvc: <message>`` and exits 2, with no
+    traceback. Never a response to a request.
+    """
