@@ -84,12 +84,13 @@ class Blob:
     closed when it is neither cached as hot nor leased.
     """
 
-    __slots__ = ("digest", "size", "file", "_leases", "_retired")
+    __slots__ = ("digest", "size", "file", "verified", "_leases", "_retired")
 
     def __init__(self, digest: Digest, size: int, file: io.FileIO) -> None:
         self.digest = digest
         self.size = size
         self.file = file  # raw FileIO: fileno() for sendfile, pread via os
+        self.verified = False  # hashed by this process (set by the store at lease)
         self._leases = 0
         self._retired = False
 
@@ -121,6 +122,7 @@ class Store:
         )
         self._lru: OrderedDict[str, int] = OrderedDict()  # hex -> size, oldest first
         self._pinned: set[str] = set()
+        self._verified: set[str] = set()  # hashed by this process since it started
         self._touched: set[str] = set()
         self._open: OrderedDict[str, Blob] = OrderedDict()
         self._bytes = 0
@@ -243,6 +245,7 @@ class Store:
                 return None
         else:
             self._open.move_to_end(digest.hex)
+        blob.verified = digest.hex in self._verified
         blob._acquire()
         return blob
 
@@ -317,7 +320,22 @@ class Store:
         log.info("store: evicted %s (%d bytes)", digest.short, size)
         return True
 
+    def mark_verified(self, digest: Digest) -> None:
+        """The entry's file was hashed by this process and matched its name."""
+        if digest.hex in self._lru:
+            self._verified.add(digest.hex)
+
+    async def drop_corrupt(self, digest: Digest, reason: str) -> None:
+        """Remove an entry whose bytes on disk no longer match its digest."""
+        log.error("store: %s is corrupt on disk (%s); dropping it", digest.short, reason)
+        await self._drop(digest.hex)
+
+    def recheck(self, blob: Blob) -> Recheck:
+        """Re-hash a leased entry in place; see :class:`Recheck`."""
+        return Recheck(self, blob)
+
     async def _drop(self, key: str) -> None:
+        self._verified.discard(key)
         size = self._lru.pop(key, 0)
         self._bytes -= size
         self._pinned.discard(key)
@@ -338,6 +356,7 @@ class Store:
             self._bytes += ingest.size
         self._lru[key] = ingest.size
         self._lru.move_to_end(key)
+        self._verified.add(key)
 
     def _publish(self, ingest: Ingest, entry: Entry) -> None:
         assert ingest.path is not None
@@ -447,18 +466,13 @@ class Ingest:
         await self.persist()
 
     async def verify(self) -> None:
-        """Check size and sha256 of everything written.
-
-        This is the only comparison of computed and expected digests in
-        cachesvc. Raises :class:`DigestMismatch`, or :class:`UpstreamError`
-        for a short body.
+        """Check size and sha256 of everything written (:func:`compare`).
+        Raises :class:`DigestMismatch`, or :class:`UpstreamError` for a short body.
         """
         await self.drain()
         if self.received != self.size:
             raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
-        actual = self._hash.hexdigest()
-        if actual != self.digest.hex:
-            raise DigestMismatch(f"ingest {self.digest.short}: bytes hash to sha256:{actual[:12]}")
+        compare(self.digest, self._hash, "ingest")
         self.verified = True
 
     async def persist(self) -> None:
@@ -494,6 +508,80 @@ class Ingest:
         os.close(fd)
         if not self.committed:
             self.path.unlink(missing_ok=True)
+
+
+class Recheck:
+    """A committed entry re-hashed in place, for a flight that serves it while
+    hashing (its first serve since this process started).
+
+    Shaped like :class:`Ingest` for :class:`~cachesvc.flight.Flight`: ``file``,
+    ``on_disk`` (bytes hashed so far, readable by followers), ``received``,
+    :meth:`verify`, :meth:`persist`, :meth:`close`. Holds its own lease on the
+    blob, so eviction cannot pull the file away. A mismatch (rot, truncation)
+    drops the entry from the store.
+    """
+
+    spilled = False
+
+    def __init__(self, store: Store, blob: Blob) -> None:
+        self.store = store
+        self.blob = blob
+        self.digest = blob.digest
+        self.size = blob.size
+        self.file: io.FileIO | None = blob.file
+        self.on_disk = 0
+        self._hash = hashlib.sha256()
+        self._short = False
+
+    @property
+    def received(self) -> int:
+        return self.on_disk
+
+    async def step(self) -> bool:
+        """Hash the next block in a thread; False when every byte is hashed."""
+        want = min(RECHECK_BLOCK, self.size - self.on_disk)
+        if want <= 0 or self._short:
+            return False
+        try:
+            block = await asyncio.to_thread(os.pread, self.blob.file.fileno(), want, self.on_disk)
+        except OSError as exc:  # an unreadable block is rot too: verify() drops the entry
+            log.error("store: reading %s at %d: %s", self.digest.short, self.on_disk, exc)
+            block = b""
+        self._hash.update(block)
+        self.on_disk += len(block)
+        self._short = len(block) < want
+        return not self._short and self.on_disk < self.size
+
+    async def verify(self) -> None:
+        """Size and sha256 of the file as it is on disk; a mismatch drops the entry."""
+        try:
+            if self.on_disk != self.size:
+                raise DigestMismatch(
+                    f"recheck {self.digest.short}: file has {self.on_disk} of {self.size} bytes"
+                )
+            compare(self.digest, self._hash, "recheck")
+        except DigestMismatch as exc:
+            await self.store.drop_corrupt(self.digest, str(exc))
+            raise
+
+    async def persist(self) -> None:
+        self.store.mark_verified(self.digest)
+
+    async def close(self) -> None:
+        if self.file is not None:
+            self.file = None
+            Store.release(self.blob)
+
+
+RECHECK_BLOCK = 1 << 20
+
+
+def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
+    """The one comparison of computed and expected sha256 in cachesvc.
+    Raises :class:`DigestMismatch`."""
+    actual = hashed.hexdigest()
+    if actual != digest.hex:
+        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")
 
 
 def _file_sha256(path: Path) -> str:

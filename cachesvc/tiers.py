@@ -31,7 +31,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,9 +48,10 @@ from cachesvc.errors import (
 from cachesvc.flight import Flight, Flights
 from cachesvc.metrics import Metrics
 from cachesvc.origin import Origin
+from cachesvc.package import BlobPackage, Package
 from cachesvc.peer_client import PeerClient
 from cachesvc.ring import Ring
-from cachesvc.store import Blob, Store
+from cachesvc.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -160,43 +162,59 @@ class Tiers:
         self.local_tier = local_tier
         self.negative = negative or NegativeCache()
 
-    async def get(self, digest: Digest) -> Blob | Flight:
-        """Steps 1-4: an open blob to serve, or a flight to follow (already
-        registered: the caller must :meth:`Flight.follow` it right away)."""
+    @asynccontextmanager
+    async def open(self, digest: Digest) -> AsyncIterator[Package]:
+        """Steps 1-4: the package to read, valid inside the ``async with``.
+
+        Raises :class:`NotFound` (negative cache, or every source said so),
+        :class:`Overloaded`, or the failure of a fetch that never started.
+        On exit the lease or the follower is released.
+        """
         blob = await self.store.lease(digest)
-        if blob is not None:
-            return blob
-        if digest in self.negative:
-            self.metrics.negative_hits.inc()
-            raise NotFound(f"{digest} is not in the origin (negative cache)")
+        if blob is not None and blob.verified:
+            try:
+                yield BlobPackage(blob, self.local_tier)
+            finally:
+                self.store.release(blob)
+            return
+        if blob is not None:  # not hashed since this process started: recheck it
+            self.store.release(blob)
+        follower = self._join(digest, recheck=blob is not None).follow()
+        try:
+            await follower.started()
+            follower.tier = self._tier_of(follower.flight)
+            yield follower
+        finally:
+            await follower.leave()
+
+    def _join(self, digest: Digest, recheck: bool) -> Flight:
+        """The running flight for ``digest``, or a new one (no await: the caller
+        follows it at once)."""
         flight = self.flights.get(digest)
         if flight is not None:
             if not flight.local:
                 self.metrics.coalesced.inc()
             return flight
+        if recheck:
+            return self.flights.start(digest, self._recheck, local=True)
+        if digest in self.negative:
+            self.metrics.negative_hits.inc()
+            raise NotFound(f"{digest} is not in the origin (negative cache)")
         return self.flights.start(digest, self._fill)
 
-    def tier_of(self, flight: Flight) -> str:
-        """What X-Cache-Tier says for a request following ``flight``."""
+    def _tier_of(self, flight: Flight) -> str:
+        """X-Cache-Tier for a request following ``flight`` (once it started):
+        this service's own tier once the bytes are verified and being kept."""
         assert flight.tier is not None
         return self.local_tier if flight.local else flight.tier
 
     async def fetch(self, digest: Digest) -> tuple[int, str]:
-        """Make sure the package is here (or at least verified once): for warm and
-        unpack. Returns (size, tier the bytes came from)."""
-        source = await self.get(digest)
-        if isinstance(source, Blob):
-            self.store.release(source)
-            return source.size, self.local_tier
-        key = source.follow()
-        was_local = source.local  # joined after the verdict: as good as a hit
-        try:
-            await source.verdict()
-            await asyncio.shield(source.ended)  # kept in the store, when it can be
-            assert source.size is not None and source.tier is not None
-            return source.size, self.local_tier if was_local else source.tier
-        finally:
-            await source.leave(key)
+        """Make sure the package is here and verified (kept, when the store can
+        keep it): for warm, prefetch and unpack. Returns (size, tier the bytes
+        came from; this service's own tier if they were already here)."""
+        async with self.open(digest) as package:
+            await package.complete()
+            return package.size, package.tier
 
     async def head(self, digest: Digest) -> tuple[int, str]:
         """Size and tier without downloading the body."""
@@ -205,7 +223,7 @@ class Tiers:
             return size, self.local_tier
         flight = self.flights.get(digest)
         if flight is not None and flight.size is not None and flight.tier is not None:
-            return flight.size, self.tier_of(flight)
+            return flight.size, self._tier_of(flight)
         if digest in self.negative:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         last: CachesvcError = UpstreamError(f"HEAD {digest.short}: no upstream configured")
@@ -250,6 +268,27 @@ class Tiers:
             raise last
         finally:
             self.metrics.inflight.dec()
+
+    async def _recheck(self, flight: Flight) -> None:
+        """A local entry not hashed since start: serve it while hashing it; if
+        it rotted, the store drops it, followers abort, and a refill starts."""
+        blob = await self.store.lease(flight.digest)
+        if blob is None:  # evicted meanwhile: fetch it like any miss
+            await self._fill(flight)
+            return
+        recheck = self.store.recheck(blob)
+        flight.begin_recheck(recheck, self.local_tier)
+        try:
+            while True:
+                more = await recheck.step()
+                flight.grew()
+                if not more:
+                    break
+            await flight.finish()
+        except DigestMismatch:
+            self.metrics.digest_mismatch.inc()
+            asyncio.get_running_loop().call_soon(self._refill, flight.digest)
+            raise
 
     async def _pull(self, flight: Flight, source: Source) -> None:
         """Stream one source into the flight, resuming at ``flight.received``."""

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,14 +160,17 @@ class Stack:
         runner = self._runners.pop(url)
         await runner.cleanup()
 
-    async def restart(self, url: str) -> None:
-        """Stop, then start the same app settings again on the same port."""
+    async def restart(self, url: str, meanwhile: Callable[[Settings], None] | None = None) -> None:
+        """Stop, then start the same app settings again on the same port;
+        ``meanwhile(settings)`` runs while it is stopped (e.g. to damage its disk)."""
         from cachesvc.peer import make_app as make_peer
         from cachesvc.service import SETTINGS
         from node_agent.app import make_app as make_agent
 
         settings = self.apps[url][SETTINGS]
         await self.stop(url)
+        if meanwhile is not None:
+            meanwhile(settings)
         factory = make_agent if url in self.agents else make_peer
         await self._start(url, factory(settings), settings.listen[1])
 
