@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cachesvc.config import Settings, add_flag, parse_listen, parse_size
+from cachesvc.egress import parse_rate
+from cachesvc.fanout import DEFAULT_FANOUT
 
 DEFAULT_AGENT = "127.0.0.1:8700"
 DEFAULT_PEER = "127.0.0.1:8701"
@@ -64,6 +66,21 @@ def _service_flags(p: argparse.ArgumentParser, listen: str, cache: str) -> None:
         type=float,
         default="10",
     )
+    add_flag(
+        p,
+        "--egress-limit",
+        "most body bytes per second this process sends, sendfile included (e.g. 100MiB)",
+        type=parse_rate,
+        default="unlimited",
+    )
+    add_flag(
+        p,
+        "--fanout",
+        "most other hosts this host feeds one package to at once; 0 = only the ring "
+        "owner serves agents (no agent-to-agent transfers)",
+        type=int,
+        default=str(DEFAULT_FANOUT),
+    )
     add_flag(p, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
 
 
@@ -104,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(agent, "--max-files", "most files in one package", type=int, default="100000")
     add_flag(
         agent, "--peer-connect-timeout", "seconds to connect to a peer", type=float, default="1"
+    )
+    add_flag(
+        agent,
+        "--advertise",
+        "this agent's URL for other hosts, for fan-out (default: from --listen, "
+        "unless it is a wildcard address)",
     )
     agent.set_defaults(run=_run_agent)
 

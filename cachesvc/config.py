@@ -97,6 +97,8 @@ class Settings:
     prefetch_calls: bool = True
     dns_interval: float = 10.0
     advertise: str | None = None
+    fanout: int = 2
+    egress_limit: float | None = None
     token: str | None = field(default=None, repr=False)
     peer_token: str | None = field(default=None, repr=False)
 
@@ -110,6 +112,14 @@ class Settings:
             token=os.environ.get("CACHESVC_TOKEN") or None,
             peer_token=os.environ.get("CACHESVC_PEER_TOKEN") or None,
         )
+
+    @property
+    def self_url(self) -> str | None:
+        """How other hosts reach this one: ``--advertise``, else the listen
+        address unless it is a wildcard (then None: no fan-out to this host)."""
+        if self.advertise:
+            return self.advertise.rstrip("/")
+        return None if self.listen[0] in ("0.0.0.0", "::", "") else self.listen_url
 
     @property
     def listen_url(self) -> str:

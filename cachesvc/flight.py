@@ -59,6 +59,7 @@ class Flight:
         self.stall_timeout = stall_timeout
         self.size: int | None = None
         self.tier: str | None = None
+        self.via: tuple[str, ...] = ()  # agents the current source's bytes come through
         self.ingest: Ingest | Recheck | None = None
         self.started: asyncio.Future[None] = _future()
         self.done: asyncio.Future[None] = _future()  # verified (or failed)
@@ -258,6 +259,10 @@ class Follower:
     def size(self) -> int:
         assert self.flight.size is not None, "size is known once the flight started"
         return self.flight.size
+
+    @property
+    def via(self) -> tuple[str, ...]:
+        return self.flight.via
 
     async def started(self) -> None:
         """Wait for the flight's first source to answer; raises its failure."""

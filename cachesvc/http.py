@@ -32,9 +32,11 @@ from typing import Any
 from aiohttp import web
 
 from cachesvc.digest import Digest
+from cachesvc.egress import TokenBucket
 from cachesvc.errors import CachesvcError, InvalidDigest, Overloaded, RangeNotSatisfiable
 from cachesvc.metrics import Metrics
-from cachesvc.package import FileSpan, Package, Span
+from cachesvc.package import Package, Span, span_len
+from cachesvc.peer_client import FORWARDED
 from cachesvc.tiers import Tiers
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,9 @@ def _start(
     return resp, start, end
 
 
-async def serve_package(request: web.Request, tiers: Tiers, digest: Digest) -> web.StreamResponse:
+async def serve_package(
+    request: web.Request, tiers: Tiers, egress: TokenBucket, digest: Digest
+) -> web.StreamResponse:
     """GET/HEAD of a package from this service's tiers."""
     if _not_modified(request, digest):
         # A precondition applies only where the answer would be 2xx (RFC 9110
@@ -178,23 +182,34 @@ async def serve_package(request: web.Request, tiers: Tiers, digest: Digest) -> w
         resp.content_length = size
         return resp
     async with tiers.open(digest) as package:
-        return await _send_package(request, tiers.metrics, package)
+        return await send_package(request, tiers.metrics, egress, package)
 
 
-async def _send_package(
-    request: web.Request, metrics: Metrics, package: Package
+async def send_package(
+    request: web.Request,
+    metrics: Metrics,
+    egress: TokenBucket,
+    package: Package,
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Headers once the first span is ready (a failure before it is a JSON
-    error; an empty body waits for the verdict), then every span; after
-    ``prepare()`` a failure aborts the connection."""
+    """The package's bytes for this request's range, paced by ``egress``.
+
+    Headers go out once the first span is ready (a failure before it is a
+    JSON error; an empty body waits for the verdict), then every span; after
+    ``prepare()`` a failure aborts the connection. Bytes to another cachesvc
+    host (a forwarded request) count as upload."""
     resp, start, end = _start(request, package.digest, package.size, package.tier)
+    resp.headers.update(headers or {})
     metrics.requests.labels(package.tier).inc()
+    upload = metrics.upload_bytes if FORWARDED in request.headers else None
     async with aclosing(package.spans(start, end)) as spans:
         span = await anext(spans, None)
         await resp.prepare(request)
         try:
             while span is not None:
-                await _write_span(request, resp, span)
+                await _write_span(request, resp, egress, span)
+                if upload is not None:
+                    upload.inc(span_len(span))
                 span = await anext(spans, None)
         except (CachesvcError, OSError) as exc:
             log.warning("GET %s: aborting the response: %s", package.digest.short, exc)
@@ -205,11 +220,20 @@ async def _send_package(
     return resp
 
 
-async def _write_span(request: web.Request, resp: web.StreamResponse, span: Span) -> None:
-    if isinstance(span, FileSpan):
+async def _write_span(
+    request: web.Request, resp: web.StreamResponse, egress: TokenBucket, span: Span
+) -> None:
+    """One span out: ``sendfile`` for file spans, in egress-sized slices when limited."""
+    if isinstance(span, bytes):
+        await egress.take(len(span))
+        await resp.write(span)
+    elif egress.unlimited:
         await _sendfile(request, resp, span.file, span.offset, span.count)
     else:
-        await resp.write(span)
+        offset = span.offset
+        async for part in egress.paced(span.count):
+            await _sendfile(request, resp, span.file, offset, part)
+            offset += part
 
 
 async def _sendfile(

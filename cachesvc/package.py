@@ -60,6 +60,11 @@ class Package(Protocol):
         """X-Cache-Tier: where the bytes of this request come from."""
         ...
 
+    @property
+    def via(self) -> tuple[str, ...]:
+        """The agents these bytes come through, nearest first (fan-out)."""
+        ...
+
     def spans(self, start: int, end: int) -> AsyncGenerator[Span, None]:
         """The bytes ``[start, end)`` as they become readable; the last one only
         after a good verdict. Raises the package's failure."""
@@ -78,6 +83,7 @@ class BlobPackage:
         self.digest = blob.digest
         self.size = blob.size
         self.tier = tier
+        self.via: tuple[str, ...] = ()
 
     async def spans(self, start: int, end: int) -> AsyncGenerator[Span, None]:
         if end > start:

@@ -41,6 +41,7 @@ from cachesvc.errors import (
     CachesvcError,
     DigestMismatch,
     NotFound,
+    NotHere,
     Overloaded,
     UpstreamError,
     UpstreamTimeout,
@@ -62,15 +63,34 @@ NEGATIVE_MAX = 10_000
 class Source(Protocol):
     """One upstream, as the walk sees it."""
 
-    name: str
-    tier: str  # what X-Cache-Tier says when this source served the bytes
-    upstream: str  # metric label: "peer" or "origin"
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tier(self) -> str:
+        """What X-Cache-Tier says when this source served the bytes."""
+        ...
+
+    @property
+    def upstream(self) -> str:
+        """Metric label of who sends the bytes now: "peer", "agent" or "origin"."""
+        ...
 
     def open(self, digest: Digest, offset: int) -> Any: ...
 
     async def head(self, digest: Digest) -> int: ...
 
-    def failed(self) -> None: ...
+    def retry(self, exc: CachesvcError) -> bool:
+        """Whether to ask this source again, resuming, after ``exc`` mid-body."""
+        ...
+
+    def failed(self) -> None:
+        """It failed (down, error, broke off): skip it for a while."""
+        ...
+
+    def refused(self) -> None:
+        """Bytes it delivered did not match the digest."""
+        ...
 
     def succeeded(self) -> None: ...
 
@@ -89,7 +109,13 @@ class PeerSource:
     async def head(self, digest: Digest) -> int:
         return await self.client.head(self.name, digest)
 
+    def retry(self, exc: CachesvcError) -> bool:
+        return False
+
     def failed(self) -> None:
+        self.ring.mark_down(self.name)
+
+    def refused(self) -> None:
         self.ring.mark_down(self.name)
 
     def succeeded(self) -> None:
@@ -109,7 +135,13 @@ class OriginSource:
     async def head(self, digest: Digest) -> int:
         return await self.origin.head(digest)
 
+    def retry(self, exc: CachesvcError) -> bool:
+        return False
+
     def failed(self) -> None:
+        return None
+
+    def refused(self) -> None:
         return None
 
     def succeeded(self) -> None:
@@ -163,12 +195,17 @@ class Tiers:
         self.negative = negative or NegativeCache()
 
     @asynccontextmanager
-    async def open(self, digest: Digest) -> AsyncIterator[Package]:
+    async def open(
+        self, digest: Digest, local_only: bool = False, start_timeout: float | None = None
+    ) -> AsyncIterator[Package]:
         """Steps 1-4: the package to read, valid inside the ``async with``.
 
         Raises :class:`NotFound` (negative cache, or every source said so),
         :class:`Overloaded`, or the failure of a fetch that never started.
-        On exit the lease or the follower is released.
+        ``local_only`` (another host asks, fan-out): only what is here or being
+        filled here, else :class:`NotHere`, and a fill that has not started
+        within ``start_timeout`` is :class:`UpstreamTimeout`. On exit the lease
+        or the follower is released.
         """
         blob = await self.store.lease(digest)
         if blob is not None and blob.verified:
@@ -179,15 +216,20 @@ class Tiers:
             return
         if blob is not None:  # not hashed since this process started: recheck it
             self.store.release(blob)
-        follower = self._join(digest, recheck=blob is not None).follow()
+        follower = self._join(digest, blob is not None, local_only).follow()
         try:
-            await follower.started()
+            try:
+                async with asyncio.timeout(start_timeout):
+                    await follower.started()
+            except TimeoutError as exc:
+                what = f"{digest.short}: its fill did not start within {start_timeout}s"
+                raise UpstreamTimeout(what) from exc
             follower.tier = self._tier_of(follower.flight)
             yield follower
         finally:
             await follower.leave()
 
-    def _join(self, digest: Digest, recheck: bool) -> Flight:
+    def _join(self, digest: Digest, recheck: bool, local_only: bool = False) -> Flight:
         """The running flight for ``digest``, or a new one (no await: the caller
         follows it at once)."""
         flight = self.flights.get(digest)
@@ -197,6 +239,8 @@ class Tiers:
             return flight
         if recheck:
             return self.flights.start(digest, self._recheck, local=True)
+        if local_only:
+            raise NotHere(f"{digest.short} is neither here nor being fetched here")
         if digest in self.negative:
             self.metrics.negative_hits.inc()
             raise NotFound(f"{digest} is not in the origin (negative cache)")
@@ -247,7 +291,7 @@ class Tiers:
             last: CachesvcError = UpstreamError(f"fetch {digest.short}: no upstream configured")
             for source in self._sources(digest):
                 try:
-                    await self._pull(flight, source)
+                    await self._pull_from(flight, source)
                 except NotFound:
                     self._count(source, "not_found")
                     self.negative.add(digest)
@@ -256,7 +300,6 @@ class Tiers:
                     self._refused(flight, source, exc)
                     raise
                 except (UpstreamError, UpstreamTimeout) as exc:
-                    self._count(source, "timeout" if isinstance(exc, UpstreamTimeout) else "error")
                     log.warning("fetch %s via %s failed: %s", digest.short, source.name, exc)
                     source.failed()
                     last = exc
@@ -290,9 +333,24 @@ class Tiers:
             asyncio.get_running_loop().call_soon(self._refill, flight.digest)
             raise
 
+    async def _pull_from(self, flight: Flight, source: Source) -> None:
+        """:meth:`_pull`, again while the source asks to be retried (a fan-out
+        parent failed: the owner names another). Counts every attempt."""
+        while True:
+            try:
+                await self._pull(flight, source)
+                return
+            except DigestMismatch:
+                raise
+            except (UpstreamError, UpstreamTimeout) as exc:
+                self._count(source, "timeout" if isinstance(exc, UpstreamTimeout) else "error")
+                if not source.retry(exc):
+                    raise
+
     async def _pull(self, flight: Flight, source: Source) -> None:
         """Stream one source into the flight, resuming at ``flight.received``."""
         async with source.open(flight.digest, flight.received) as body:
+            flight.via = body.via
             if flight.ingest is None:
                 await flight.begin(body.size, source.tier)
             elif body.size != flight.size:
@@ -305,8 +363,8 @@ class Tiers:
         self._count(source, "mismatch")
         self.metrics.digest_mismatch.inc()
         log.error("fetch %s via %s refused: %s", flight.digest.short, source.name, exc)
-        source.failed()
-        if source.upstream == "peer":  # the origin may still have the right bytes
+        source.refused()
+        if source.upstream != "origin":  # the origin may still have the right bytes
             asyncio.get_running_loop().call_soon(self._refill, flight.digest)
 
     def _refill(self, digest: Digest) -> None:

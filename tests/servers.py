@@ -147,6 +147,7 @@ class Stack:
         name = kw.pop("name", f"agent-{len(self.agents)}")
         peer_list = ",".join(self.peers if peers is None else peers)
         kw.setdefault("code_dir", self.root / f"{name}-code")
+        kw.setdefault("advertise", url)  # reachable by other agents: fan-out on
         settings = self.settings(name, port, peers=peer_list, **kw)
         await self._start(url, make_app(settings), port)
         self.agents.append(url)
@@ -158,6 +159,17 @@ class Stack:
 
     async def stop(self, url: str) -> None:
         runner = self._runners.pop(url)
+        await runner.cleanup()
+
+    async def kill(self, url: str) -> None:
+        """Like a crash: every open connection is cut at once (no graceful
+        drain), then the server is gone."""
+        runner = self._runners.pop(url)
+        server = runner.server
+        if server is not None:
+            for handler in list(server.connections):
+                if handler.transport is not None:
+                    handler.transport.abort()
         await runner.cleanup()
 
     async def restart(self, url: str, meanwhile: Callable[[Settings], None] | None = None) -> None:
