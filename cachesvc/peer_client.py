@@ -25,7 +25,8 @@ from cachesvc.origin import Body
 FORWARDED = "X-Cachesvc-Forwarded"
 PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)
 VIA = "X-Cachesvc-Via"  # on an agent's answer: itself, then the agents its bytes come through
-CHUNK = 256 * 1024
+CHUNK = 1 << 20  # bytes per read of a body: fewer, larger hops through the loop
+READ_BUFSIZE = 4 << 20  # aiohttp's read buffer (default 64 KiB pauses the socket often)
 REASON_MAX = 512
 
 
@@ -60,6 +61,7 @@ class PeerClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=10),
                 auto_decompress=False,
+                read_bufsize=READ_BUFSIZE,
             )
         return self._session
 

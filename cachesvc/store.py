@@ -425,35 +425,50 @@ class Ingest:
         self._pending_len = 0
 
     async def write(self, chunk: bytes) -> None:
-        """Append bytes; they are hashed and written in batches off the loop."""
+        """Append bytes; they are hashed and written in batches off the loop.
+
+        One batch is hashed and written in a thread while the next one is
+        gathered (at most one in flight: memory stays bounded), so receiving,
+        hashing and writing overlap."""
         if self.received + len(chunk) > self.size:
             raise UpstreamError(f"ingest {self.digest.short}: upstream sent over {self.size} bytes")
         self.received += len(chunk)
         self._pending.append(chunk)
         self._pending_len += len(chunk)
         if self._pending_len >= WRITE_BATCH:
-            await self.drain()
+            await self._flush()
 
     async def drain(self) -> None:
-        """Hash and write what is pending; afterwards ``on_disk`` covers it."""
+        """Hash and write everything pending; afterwards ``on_disk`` covers it."""
+        await self._flush()
+        await self._wait_writing()
+
+    async def _flush(self) -> None:
+        """Start hashing and writing what is pending, once the batch before it is done."""
+        await self._wait_writing()
         if not self._pending:
             return
         batch, self._pending, self._pending_len = self._pending, [], 0
         self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
-        await asyncio.shield(self._writing)
+
+    async def _wait_writing(self) -> None:
+        if self._writing is not None and not self._writing.done():
+            await asyncio.shield(self._writing)
+        elif self._writing is not None:
+            self._writing.result()  # a failed write raises here
 
     def _write_batch(self, batch: list[bytes]) -> None:
         for chunk in batch:
             self._hash.update(chunk)
         if self.spilled:
             return
-        data = b"".join(batch) if len(batch) > 1 else batch[0]
         try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(self.fd, view, self.on_disk)
-                self.on_disk += n
-                view = view[n:]
+            for chunk in batch:
+                view = memoryview(chunk)
+                while view:  # pwrite may write less than asked
+                    n = os.pwrite(self.fd, view, self.on_disk)
+                    self.on_disk += n
+                    view = view[n:]
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
