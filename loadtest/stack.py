@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ AWS_ENV = {
 }
 BUCKET = "loadtest-pkgs"
 CACHE_SIZE = "20GiB"
+Extra = Callable[[str, str], Sequence[str]]  # (role, url) → more flags for that process
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,24 @@ async def start_moto(logs: Path) -> tuple[Child, str]:
 
 
 async def start_tier(
-    role: str, index: int, ring: list[str], proxy_url: str, caches: Path, logs: Path, token: str
+    role: str,
+    index: int,
+    ring: list[str],
+    proxy_url: str,
+    caches: Path,
+    logs: Path,
+    token: str,
+    extra: Extra | None = None,
 ) -> Child:
-    """One ``cachesvc peer`` or ``cachesvc agent`` on the port its URL names."""
+    """One ``cachesvc peer`` or ``cachesvc agent`` on the port its URL names;
+    ``extra(role, url)`` gives more flags (``python -m loadtest fanout``)."""
     url = ring[index] if role == "peer" else f"http://127.0.0.1:{free_port()}"
     argv = [venv_tool("cachesvc"), role, "--listen", url.removeprefix("http://")]
     argv += ["--cache-dir", str(caches / f"{role}-{index}"), "--cache-size", CACHE_SIZE]
     argv += ["--origin", f"s3://{BUCKET}", "--s3-endpoint", proxy_url, "--peers", ",".join(ring)]
     argv += ["--shutdown-grace", "2", "--log-level", "WARNING"]
     argv += ["--advertise", url] if role == "peer" else []
+    argv += extra(role, url) if extra is not None else []
     env = {**AWS_ENV, "CACHESVC_TOKEN": token}
     child = await spawn(f"{role}-{index}", argv, logs / f"{role}-{index}.log", env=env)
     await wait_ready(child, url + "/readyz")
@@ -128,9 +138,10 @@ async def _start_all(
     caches: Path,
     logs: Path,
     token: str,
+    extra: Extra | None = None,
 ) -> list[Child]:
     results = await asyncio.gather(
-        *(start_tier(role, i, ring, proxy.url, caches, logs, token) for role, i in which),
+        *(start_tier(role, i, ring, proxy.url, caches, logs, token, extra) for role, i in which),
         return_exceptions=True,
     )
     children = [r for r in results if isinstance(r, Child)]

@@ -4,8 +4,9 @@ schedule, the tracker's choices, and what came out of it.
 Hosts and hops, as issue 11's policy builds them:
 
 * The origin sends to P only, at ``origin_bandwidth``, its first byte
-  ``origin_latency`` after P's fill starts (at the first request): one origin
-  GET, always (asserted).
+  ``origin_latency`` after P's fill starts (when the first request has
+  reached P: one ``hop_latency`` after it left): one origin GET, always
+  (asserted).
 * P (the ring owner, also the tracker) and every agent send at most
   ``egress`` bytes/s. Other peers hold no copy and take no part.
 * Agent A arrives (its local client asks it) and asks P; the tracker names a
@@ -137,7 +138,7 @@ class Run:
         agent = self.engine.host(name, p.egress)
         self.hosts[name], self.arrived[name] = agent, now
         if not self.filling:  # P's one fill starts with the first request
-            self.engine.upload(self.origin, self.owner, now + p.origin_latency)
+            self.engine.upload(self.origin, self.owner, now + p.hop_latency + p.origin_latency)
             self.filling = True
         pick = self.tracker.assign(name, p.k)
         hops = 1 if pick.parent == "P" else 2  # a redirect costs one more round trip

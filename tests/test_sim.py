@@ -91,16 +91,18 @@ def params(n: int, k: int, size: int = 20 * MiB, **kw: float | str | int) -> Par
 
 def test_solo_is_size_over_egress_plus_latencies_and_one_chunk() -> None:
     out = simulate(params(1, 2))
-    # origin first byte; the bytes at E (origin, P and A pipelined); A forwards
-    # chunk i after holding it, so it holds everything one chunk time after P.
-    assert out.time_to_all == pytest.approx(0.01 + 20 * MiB / E + MiB / E, rel=1e-9)
+    # the request reaches P, then the origin's first byte; the bytes at E
+    # (origin, P and A pipelined); P forwards chunk i after holding it, so A
+    # holds everything one chunk time after P.
+    assert out.time_to_all == pytest.approx(0.001 + 0.01 + 20 * MiB / E + MiB / E, rel=1e-9)
     assert out.origin_gets == 1 and out.largest_upload == 20 * MiB
 
 
 def test_a_redirect_costs_two_round_trips_before_the_first_byte() -> None:
     chunk = 64 * 1024  # P → A0 → A1; A0 holds long before A1's request reaches it
     out = simulate(params(2, 1, size=chunk, chunk=chunk, hop_latency=0.1, origin_latency=0))
-    assert out.waits == pytest.approx([0.1 + chunk / E, 0.2 + chunk / E], rel=1e-9)
+    # P's fill starts when A0's request reaches it (0.1 s); A1 asks P, then A0.
+    assert out.waits == pytest.approx([0.1 + 2 * chunk / E, 0.2 + chunk / E], rel=1e-9)
 
 
 def test_owner_only_storm_takes_n_times_size_over_egress() -> None:
@@ -159,7 +161,7 @@ def stepped(p: Params, dt: float) -> float:
         latency = p.hop_latency * (1 if parent == "P" else 2)
         flows += [[parent, name, when + latency, 0.0], [name, None, when + p.local_latency, 0.0]]
         if i == 0:
-            flows.append(["origin", "P", when + p.origin_latency, 0.0])
+            flows.append(["origin", "P", when + p.hop_latency + p.origin_latency, 0.0])
 
     def ready(host: str) -> float:  # bytes of whole chunks held
         h = have[host]
