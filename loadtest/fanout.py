@@ -38,13 +38,11 @@ import asyncio
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +59,9 @@ from cachesvc.ring import Ring
 from loadtest.fanout_report import Row, predict, write_outputs
 from loadtest.hashstorm import Fetch, storm
 from loadtest.origin_proxy import S3Proxy
-from loadtest.procs import Child, free_port, venv_tool
+from loadtest.procs import venv_tool
 from loadtest.seed import publish_random
-from loadtest.stack import AWS_ENV, BUCKET, _start_all, start_moto
+from loadtest.stack import BUCKET, Extra, local_stack
 
 PEERS = 3
 DEFAULT_K = 2
@@ -97,8 +95,7 @@ class Stack:
     moto_url: str
     peers: list[str]
     agents: list[str]
-    caches: Path
-    workdir: Path
+    caches: Path  # each process's store is <caches>/<role>-<index>; also the seeding dir
 
 
 def add_parser(sub: Any) -> None:
@@ -152,7 +149,9 @@ async def run(plan: Plan) -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
-def tier_flags(k: int, plan: Plan, flags: dict[str, frozenset[str]]) -> Any:
+def tier_flags(k: int, plan: Plan, flags: dict[str, frozenset[str]]) -> Extra:
+    """The fan-out flags of one process, as far as this build knows them."""
+
     def extra(role: str, url: str) -> list[str]:
         known = flags[role]
         argv = ["--egress-limit", plan.egress_text] if "--egress-limit" in known else []
@@ -168,25 +167,11 @@ async def fanout_stack(
 ) -> AsyncIterator[Stack]:
     """moto, the proxy, 3 peers and max(N) agents; everything stopped at the end."""
     logs.mkdir(parents=True, exist_ok=True)
-    for name, value in AWS_ENV.items():
-        os.environ.setdefault(name, value)
     os.environ.setdefault("CACHESVC_PEER_TOKEN", secrets.token_hex(16))  # agent→agent too
-    caches = Path(tempfile.mkdtemp(prefix="cachesvc-fanout-"))
-    async with AsyncExitStack() as stack:
-        stack.callback(shutil.rmtree, caches, True)
-        moto, moto_url = await start_moto(logs)
-        stack.push_async_callback(moto.stop)
-        proxy = await S3Proxy(moto_url).start()
-        stack.push_async_callback(proxy.stop)
-        ring = [f"http://127.0.0.1:{free_port()}" for _ in range(PEERS)]
-        which = [("peer", i) for i in range(PEERS)] + [("agent", i) for i in range(max(plan.ns))]
-        token = secrets.token_hex(16)
-        extra = tier_flags(k, plan, flags)
-        children: list[Child] = await _start_all(
-            stack, which, ring, proxy, caches, logs, token, extra
-        )
-        urls = [c.name for c in children]
-        ready = Stack(proxy, moto_url, urls[:PEERS], urls[PEERS:], caches, caches)
+    extra = tier_flags(k, plan, flags)
+    async with local_stack(logs, PEERS, max(plan.ns), nginx=False, extra=extra) as ls:
+        assert ls.caches is not None
+        ready = Stack(ls.proxy, ls.moto_url, ls.peers, ls.agents, ls.caches)
         await warm_up(ready)
         yield ready
 
@@ -251,7 +236,7 @@ async def publish(
     s3 = boto3.client("s3", endpoint_url=stack.moto_url)
     try:
         return [
-            await publish_random(origin, s3, BUCKET, f"fanout-{role}-{tag}", 0, size, stack.workdir)
+            await publish_random(origin, s3, BUCKET, f"fanout-{role}-{tag}", 0, size, stack.caches)
             for role in roles
         ]
     finally:

@@ -53,9 +53,10 @@ class LocalStack:
     proxy: S3Proxy
     agents: list[str]
     peers: list[str]
-    nginx_url: str
+    nginx_url: str  # "" when started without nginx
     token: str
     children: list[Child] = field(default_factory=list)
+    caches: Path | None = None  # each process's store is <caches>/<role>-<index>
 
     @property
     def origin_url(self) -> str:
@@ -107,8 +108,11 @@ async def start_tier(
 
 
 @asynccontextmanager
-async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncIterator[LocalStack]:
-    """Start everything, yield it, stop everything (also on errors)."""
+async def local_stack(
+    logs: Path, peers: int = 3, agents: int = 2, nginx: bool = True, extra: Extra | None = None
+) -> AsyncIterator[LocalStack]:
+    """Start everything, yield it, stop everything (also on errors). ``extra``
+    adds flags per process (see :func:`start_tier`)."""
     logs.mkdir(parents=True, exist_ok=True)
     for name, value in AWS_ENV.items():  # this process seeds moto too
         os.environ.setdefault(name, value)
@@ -122,12 +126,13 @@ async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncItera
         stack.push_async_callback(proxy.stop)
         ring = [f"http://127.0.0.1:{free_port()}" for _ in range(peers)]
         which = [("peer", i) for i in range(peers)] + [("agent", i) for i in range(agents)]
-        tiers = await _start_all(stack, which, ring, proxy, caches, logs, token)
-        nginx, nginx_url = await start_nginx(caches / "nginx", proxy.url)
-        stack.push_async_callback(nginx.stop)
-        yield LocalStack(
-            moto_url, proxy, [c.name for c in tiers[peers:]], ring, nginx_url, token, tiers
-        )
+        tiers = await _start_all(stack, which, ring, proxy, caches, logs, token, extra)
+        nginx_url = ""
+        if nginx:
+            server, nginx_url = await start_nginx(caches / "nginx", proxy.url)
+            stack.push_async_callback(server.stop)
+        agent_urls = [c.name for c in tiers[peers:]]
+        yield LocalStack(moto_url, proxy, agent_urls, ring, nginx_url, token, tiers, caches)
 
 
 async def _start_all(
