@@ -3,10 +3,14 @@ with a deliberately naive time-stepped model of the same policy."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
+from sim.__main__ import main as sim_main
+from sim.__main__ import parse_bandwidth
 from sim.model import MODELS, Params, arrivals, simulate
 from sim.tracker import Tracker
 
@@ -206,3 +210,28 @@ def test_event_engine_agrees_with_a_time_stepped_model(
     out = simulate(p)
     dt = (p.chunk / p.egress) / 40
     assert out.time_to_all == pytest.approx(stepped(p, dt), rel=0.02, abs=2 * dt * n)
+
+
+# -- the command ---------------------------------------------------------------
+
+
+def test_sim_command_writes_json_table_and_a_log_log_plot(tmp_path: Path) -> None:
+    argv = ["--n", "10,40", "--size", "2MiB", "--k", "0,2", "--model", "storm,burst"]
+    assert sim_main([*argv, "--bandwidth", "1Gbit", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(runs) == 8 and {r["origin_gets"] for r in runs} == {1}
+    owner_only = next(r for r in runs if (r["model"], r["n"], r["k"]) == ("storm", 40, 0))
+    tree = next(r for r in runs if (r["model"], r["n"], r["k"]) == ("storm", 40, 2))
+    assert owner_only["ratio_to_solo"] > 10 > 4 > tree["ratio_to_solo"]
+    assert owner_only["largest_upload_pkgs"] == 40 and tree["largest_upload_pkgs"] == 2
+    table = (tmp_path / "table.md").read_text()
+    assert "### storm" in table and "### burst" in table and "| 40 | 2 MiB | 2 |" in table
+    assert (tmp_path / "fanout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [("10Gbit", 1.25e9), ("25Gbps", 3.125e9), ("100Mbit/s", 12.5e6), ("40MiB", 40 * MiB)],
+)
+def test_bandwidths_take_bits_or_bytes_per_second(text: str, rate: float) -> None:
+    assert parse_bandwidth(text) == rate
