@@ -67,6 +67,8 @@ PEERS = 3
 DEFAULT_K = 2
 NEW_FLAGS = ("--egress-limit", "--fanout", "--advertise")
 OUT = Path(__file__).with_name("out")
+UPLOAD_METRIC = "cachesvc_upload_bytes_total"
+SERVED_METRIC = "cachesvc_bytes_served_total"
 WARMUP_SIZE = 64 * 1024
 WARMUP_TRIES = 40  # P(some of 3 peers owns none of 40 random digests) ≈ 3·(2/3)^40 ≈ 1e-7
 
@@ -201,9 +203,9 @@ async def measure(stack: Stack, plan: Plan, n: int, k: int, limited: bool) -> Ro
     timeout = plan.storm_timeout(n)
     solo = await storm([fetch(stack, 0, solo_pkg)], timeout)
     solo_s = holds(stack, [0], solo_pkg, solo.started_wall, solo.fetches)[0][0]
-    before = await uploads(stack)
+    before, _ = await uploads(stack)
     result = await storm([fetch(stack, i, storm_pkg) for i in range(n)], timeout)
-    after = await uploads(stack)
+    after, upload_from = await uploads(stack)
     held = holds(stack, list(range(n)), storm_pkg, result.started_wall, result.fetches)
     up = {url: after[url] - before.get(url, 0) for url in after}
     top = max(up, key=lambda url: up[url]) if up else ""
@@ -220,6 +222,7 @@ async def measure(stack: Stack, plan: Plan, n: int, k: int, limited: bool) -> Ro
         origin_gets=stack.proxy.blob_gets(_digest(storm_pkg)),
         largest_upload=up.get(top, 0),
         uploader=_role(stack, top),
+        upload_from=upload_from,
         bad_bodies=result.bad,
         errors=[f.error for f in result.fetches if f.error][:3],
         calibration={"hop_latency_s": hop, "origin_ttfb_s": origin_ttfb, "origin_Bps": origin_bw},
@@ -275,18 +278,20 @@ def holds(
     return out
 
 
-async def uploads(stack: Stack) -> dict[str, int]:
-    """Bytes each host sent to other hosts: ``cachesvc_upload_bytes_total``; on a
-    build without it, a peer's ``cachesvc_bytes_served_total`` (a peer serves
-    only other hosts) and 0 for agents (without fan-out they serve only locals)."""
-    out = {}
+async def uploads(stack: Stack) -> tuple[dict[str, int], str]:
+    """Bytes each host sent to other hosts, and where the figure came from:
+    ``cachesvc_upload_bytes_total`` where every host has it; else, on a build
+    without it, each peer's ``cachesvc_bytes_served_total`` (a peer serves only
+    other hosts) and nothing for agents (unknown, not 0)."""
+    samples = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for url in stack.peers + stack.agents:
             async with session.get(url + "/metrics") as resp:
-                samples = _samples(await resp.text())
-            fallback = samples.get("cachesvc_bytes_served_total", 0) if url in stack.peers else 0
-            out[url] = int(samples.get("cachesvc_upload_bytes_total", fallback))
-    return out
+                samples[url] = _samples(await resp.text())
+    if all(UPLOAD_METRIC in s for s in samples.values()):
+        return {url: int(s[UPLOAD_METRIC]) for url, s in samples.items()}, UPLOAD_METRIC
+    served = {url: int(samples[url].get(SERVED_METRIC, 0)) for url in stack.peers}
+    return served, f"{SERVED_METRIC} of peers (agents unknown: no {UPLOAD_METRIC})"
 
 
 def _samples(text: str) -> dict[str, float]:

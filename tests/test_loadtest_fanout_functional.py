@@ -86,6 +86,7 @@ def row(n: int, k: int, holds: float, solo: float, upload_pkgs: float) -> Row:
         origin_gets=1,
         largest_upload=int(upload_pkgs * 16 * MiB),
         uploader="peer-0",
+        upload_from="cachesvc_upload_bytes_total",
         bad_bodies=0,
         errors=[],
         calibration={"hop_latency_s": 0.002, "origin_ttfb_s": 0.01, "origin_Bps": 500 * MiB},
