@@ -14,10 +14,13 @@ else: callers write spans.
 Where followers read from:
 
 * ``[0, ingest.on_disk)``: the temp file (or the entry's own file, for a
-  recheck): zero-copy ``sendfile``;
-* ``[tail_start, received)``: a short in-memory tail of chunks not yet on
-  disk. Normally it is at most one write batch. When the store cannot keep the
-  package (disk full), the tail is the only copy of the bytes: it is trimmed
+  recheck), with zero-copy ``sendfile``. Normally that is all they read: a
+  batch reaches them once it is written (:data:`~cachesvc.store.MIN_BATCH`
+  and more), which costs a millisecond and saves the copy a ``write()`` from
+  memory makes;
+* ``[tail_start, received)``: the in-memory tail of chunks not yet on disk
+  (at most two write batches). When the store cannot keep the package (disk
+  full), the tail is the only copy of the bytes and followers read from it: it is trimmed
   behind the slowest follower and the fill waits while it is longer than
   :data:`RELAY_WINDOW` (so slow clients throttle the fill instead of memory
   growing), and a late follower that would need trimmed bytes cannot join.
@@ -81,6 +84,7 @@ class Flight:
         except StoreFull as exc:
             log.warning("flight %s: %s; streaming it through unkept", self.digest.short, exc)
             self.ingest = self.store.begin_unstored(self.digest, size)
+        self.ingest.on_written = self._on_disk
         _settle(self.started)
 
     def begin_recheck(self, recheck: Recheck, tier: str) -> None:
@@ -93,14 +97,23 @@ class Flight:
     def received(self) -> int:
         return self.ingest.received if self.ingest else 0
 
+    @property
+    def readable(self) -> int:
+        """Bytes followers may read: those on disk (sent with ``sendfile``), or
+        all received when the store keeps nothing (relay, from memory)."""
+        if self.ingest is None:
+            return 0
+        return self.ingest.received if self.ingest.spilled else self.ingest.on_disk
+
     async def feed(self, chunk: bytes) -> None:
         """Append a chunk from the current source; blocks while relay memory is full."""
         assert isinstance(self.ingest, Ingest)
         self._starts.append(self.ingest.received)
         self._chunks.append(chunk)
         await self.ingest.write(chunk)
-        self._trim()
-        self._wake()
+        if self.ingest.spilled:  # followers read the tail; else they wait for the disk
+            self._trim()
+            self._wake()
         while self.ingest.spilled and self._tail_bytes() > RELAY_WINDOW and self._followers:
             self._drained = _future()
             try:
@@ -112,6 +125,11 @@ class Flight:
 
     def grew(self) -> None:
         """More of the body became readable (a re-verification advanced)."""
+        self._wake()
+
+    def _on_disk(self) -> None:
+        """A batch was written: followers may send it from the file."""
+        self._trim()
         self._wake()
 
     async def finish(self) -> None:
@@ -184,9 +202,9 @@ class Flight:
         while True:
             if self.done.done():
                 self.done.result()
-                return self.received
-            if self.received > offset:
-                return self.received
+                return self.readable
+            if self.readable > offset:
+                return self.readable
             self._progress = self._progress if not self._progress.done() else _future()
             await asyncio.shield(self._progress)
 

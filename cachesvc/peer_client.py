@@ -25,7 +25,6 @@ from cachesvc.origin import Body
 FORWARDED = "X-Cachesvc-Forwarded"
 PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)
 VIA = "X-Cachesvc-Via"  # on an agent's answer: itself, then the agents its bytes come through
-CHUNK = 1 << 20  # bytes per read of a body: fewer, larger hops through the loop
 READ_BUFSIZE = 4 << 20  # aiohttp's read buffer (default 64 KiB pauses the socket often)
 REASON_MAX = 512
 
@@ -174,7 +173,7 @@ async def _chunks(resp: aiohttp.ClientResponse, what: str, idle: float) -> Async
     try:
         while True:
             async with asyncio.timeout(idle):
-                chunk = await resp.content.read(CHUNK)
+                chunk, _ = await resp.content.readchunk()  # as received: no join, no copy
             if not chunk:
                 return
             yield chunk

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
 FLUSH_INTERVAL = 30.0  # seconds between writes of access order to the index
-WRITE_BATCH = 1 << 20  # bytes gathered before one thread hop writes + hashes them
+MIN_BATCH = 256 << 10  # bytes gathered before a thread hop hashes + writes them, if idle
+WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is written
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
 
 
@@ -420,6 +421,7 @@ class Ingest:
         self.committed = False
         self._reservation = size if fd >= 0 else 0
         self._writing: asyncio.Future[None] | None = None
+        self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_len = 0
@@ -429,13 +431,16 @@ class Ingest:
 
         One batch is hashed and written in a thread while the next one is
         gathered (at most one in flight: memory stays bounded), so receiving,
-        hashing and writing overlap."""
+        hashing and writing overlap. Batches are small while the writer is idle
+        (bytes reach the disk, and followers, soon) and grow while it is busy
+        (fewer thread hops)."""
         if self.received + len(chunk) > self.size:
             raise UpstreamError(f"ingest {self.digest.short}: upstream sent over {self.size} bytes")
         self.received += len(chunk)
         self._pending.append(chunk)
         self._pending_len += len(chunk)
-        if self._pending_len >= WRITE_BATCH:
+        idle = self._writing is None or self._writing.done()
+        if self._pending_len >= WRITE_BATCH or (idle and self._pending_len >= MIN_BATCH):
             await self._flush()
 
     async def drain(self) -> None:
@@ -450,6 +455,11 @@ class Ingest:
             return
         batch, self._pending, self._pending_len = self._pending, [], 0
         self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
+        self._writing.add_done_callback(self._written)
+
+    def _written(self, _future: asyncio.Future[None]) -> None:
+        if self.on_written is not None:
+            self.on_written()
 
     async def _wait_writing(self) -> None:
         if self._writing is not None and not self._writing.done():
