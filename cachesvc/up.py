@@ -34,12 +34,19 @@ HANDLER = b"""def handler(event, context):
 
 
 def sample_zip() -> bytes:
-    """A small, real function package."""
+    """A small, real function package; the same bytes on every run (fixed
+    timestamps), so ``up --dir`` restarted on its data serves the same digest."""
+    files = {
+        "handler.py": HANDLER,
+        "lib/util.py": b"GREETING = 'hello'\n" * 200,
+        "requirements.txt": b"# no dependencies\n",
+    }
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("handler.py", HANDLER)
-        zf.writestr("lib/util.py", b"GREETING = 'hello'\n" * 200)
-        zf.writestr("requirements.txt", b"# no dependencies\n")
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
     return buf.getvalue()
 
 
