@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_agent(sub)
+    _add_peer(sub)
+
+    from cachesvc import commands
+
+    commands.add_client_commands(sub)
+    return parser
+
+
+def _add_agent(sub: Any) -> None:
     agent = sub.add_parser(
         "agent",
         help="run the node agent (L1)",
@@ -155,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.set_defaults(run=_run_agent)
 
+
+def _add_peer(sub: Any) -> None:
     peer = sub.add_parser(
         "peer",
         help="run an L2 cache peer",
@@ -176,11 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_base_url,
     )
     peer.set_defaults(run=_run_peer)
-
-    from cachesvc import commands
-
-    commands.add_client_commands(sub)
-    return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:

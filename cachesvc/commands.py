@@ -71,6 +71,15 @@ def add_client_commands(sub: Any) -> None:
     )
     pub.set_defaults(run=_run_publish)
 
+    _add_fetch(sub)
+    _add_up(sub)
+
+    from cachesvc.warm_cli import add_command as add_warm_command
+
+    add_warm_command(sub)
+
+
+def _add_fetch(sub: Any) -> None:
     fetch = sub.add_parser(
         "fetch",
         help="download a package through an agent",
@@ -99,6 +108,8 @@ def add_client_commands(sub: Any) -> None:
     )
     fetch.set_defaults(run=_run_fetch)
 
+
+def _add_up(sub: Any) -> None:
     up = sub.add_parser(
         "up",
         help="run a whole stack on this machine (origin, 3 peers, 1 agent)",
@@ -109,10 +120,6 @@ def add_client_commands(sub: Any) -> None:
     add_flag(up, "--agent-port", "the agent's port", type=parse_port, default="8700")
     add_flag(up, "--peer-port", "first of three peer ports", type=parse_port, default="8701")
     up.set_defaults(run=_run_up)
-
-    from cachesvc.warm_cli import add_command as add_warm_command
-
-    add_warm_command(sub)
 
 
 def _fail(message: str) -> int:
