@@ -4,7 +4,8 @@
 
     CachesvcError                      (500 internal)
     ├── InvalidRequest                 400 invalid_request
-    │   └── InvalidDigest              400 invalid_digest
+    │   ├── InvalidDigest              400 invalid_digest
+    │   └── MethodNotAllowed           405 invalid_request (with Allow)
     ├── Unauthorized                   401 unauthorized
     ├── NotFound                       404 not_found
     │   └── UnknownTenant              404 unknown_tenant
@@ -45,6 +46,17 @@ class InvalidRequest(CachesvcError):
 
 class InvalidDigest(InvalidRequest):
     code = "invalid_digest"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """The path names a resource that does not take this method (RFC 9110 §15.5.6:
+    a 405 carries ``Allow``)."""
+
+    status = 405
+
+    def __init__(self, method: str, allowed: list[str]) -> None:
+        super().__init__(f"method {method} not allowed; use {', '.join(allowed)}")
+        self.headers = {"Allow": ", ".join(allowed)}
 
 
 class Unauthorized(CachesvcError):

@@ -3,6 +3,9 @@
 * :func:`route_digest`: the route parameter becomes a :class:`Digest` here.
 * :func:`error_middleware`: contract errors (and aiohttp's own 404/405/...)
   become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500.
+* :func:`refuse_unrouted`: the answer of a catch-all route: 405 with ``Allow``
+  when another route takes the path with other methods, else 400
+  ``invalid_digest``.
 * :func:`serve_package`: the package response, written once for ``/pkg`` and
   ``/blob``: strong ``"sha256:<hex>"`` ETag and 304 (RFC 9110 §13.1.2), a
   single byte range → 206/416 (§14), HEAD without a body download, and the body
@@ -27,13 +30,19 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
 from cachesvc.digest import Digest
 from cachesvc.egress import TokenBucket
-from cachesvc.errors import CachesvcError, InvalidDigest, Overloaded, RangeNotSatisfiable
+from cachesvc.errors import (
+    CachesvcError,
+    InvalidDigest,
+    MethodNotAllowed,
+    Overloaded,
+    RangeNotSatisfiable,
+)
 from cachesvc.metrics import Metrics
 from cachesvc.package import Package, Span, span_len
 from cachesvc.peer_client import FORWARDED
@@ -75,6 +84,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status >= 500:
             log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc)
         return json_error(exc.status, exc.code, str(exc), **exc.headers)
+    except web.HTTPMethodNotAllowed as exc:  # no catch-all route under this path
+        allowed = MethodNotAllowed(exc.method, sorted(exc.allowed_methods))
+        return json_error(allowed.status, allowed.code, str(allowed), **allowed.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -85,6 +97,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
+async def refuse_unrouted(request: web.Request, usage: str) -> NoReturn:
+    """The answer of a catch-all route (``/pkg/{rest:.*}``): the path does not
+    name a resource with this method. When other routes take this path with other
+    methods (``DELETE /pkg/{digest}``, ``GET /pkg/{digest}/unpack``), that is a
+    405 with ``Allow``; otherwise the path is a malformed digest, a 400.
+
+    Why ask the router: aiohttp answers 405 itself only when no route matches
+    the path at all, and a catch-all always matches; listing each route's
+    methods here again would drift from the routes.
+    """
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise MethodNotAllowed(request.method, sorted(allowed))
+    raise InvalidDigest(f"{request.path!r} does not name a digest: {usage}")
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -16,9 +16,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from cachesvc.config import Settings
-from cachesvc.errors import InvalidDigest
 from cachesvc.fanout import parent_for, redirect
-from cachesvc.http import route_digest, serve_package, timed
+from cachesvc.http import refuse_unrouted, route_digest, serve_package, timed
 from cachesvc.service import CORE, SETTINGS, make_base_app, require_token
 from cachesvc.warm_api import add_routes as add_warm_routes
 
@@ -45,5 +44,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 
 async def bad_blob_path(request: web.Request) -> web.StreamResponse:
+    """Token first (an unauthenticated client learns nothing of the routes), then
+    405 for a method ``/blob/{digest}`` does not take, 400 for a malformed digest."""
     require_token(request, request.app[SETTINGS].peer_token, "/blob")
-    raise InvalidDigest(f"{request.path!r} does not name a digest: /blob/sha256:<64 hex>")
+    await refuse_unrouted(request, "/blob/sha256:<64 hex>")

@@ -12,9 +12,9 @@ from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
-from cachesvc.errors import InvalidDigest, NotHere
+from cachesvc.errors import NotHere
 from cachesvc.fanout import check_requester
-from cachesvc.http import route_digest, send_package, serve_package, timed
+from cachesvc.http import refuse_unrouted, route_digest, send_package, serve_package, timed
 from cachesvc.peer_client import FORWARDED, VIA
 from cachesvc.service import CORE, Core, make_base_app, require_token
 from cachesvc.warm_api import add_routes as add_warm_routes
@@ -59,4 +59,5 @@ async def feed_host(request: web.Request, core: Core, digest: Digest) -> web.Str
 
 
 async def bad_pkg_path(request: web.Request) -> web.StreamResponse:
-    raise InvalidDigest(f"{request.path!r} does not name a digest: /pkg/sha256:<64 hex>")
+    """405 for a method the path's routes do not take; 400 for a malformed digest."""
+    await refuse_unrouted(request, "/pkg/sha256:<64 hex>")
