@@ -8,7 +8,6 @@ also feeds other agents what it holds or is filling (:func:`feed_host`).
 
 from __future__ import annotations
 
-
 from aiohttp import web
 
 from cachesvc.config import Settings
