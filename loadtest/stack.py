@@ -52,7 +52,7 @@ class LocalStack:
     proxy: S3Proxy
     agents: list[str]
     peers: list[str]
-    nginx_url: str
+    nginx_url: str | None  # None: the run leaves the nginx baseline out
     token: str
     children: list[Child] = field(default_factory=list)
 
@@ -62,11 +62,13 @@ class LocalStack:
 
     def targets(self) -> dict[str, Target]:
         blob = f"/{BUCKET}/blobs/sha256/{{hex}}"
-        return {
+        targets = {
             "origin": Target("origin", (self.proxy.url,), blob),
-            "nginx": Target("nginx", (self.nginx_url,), blob),
             "cachesvc": Target("cachesvc", tuple(self.agents), "/pkg/sha256:{hex}"),
         }
+        if self.nginx_url is not None:
+            targets["nginx"] = Target("nginx", (self.nginx_url,), blob)
+        return targets
 
 
 async def start_moto(logs: Path) -> tuple[Child, str]:
@@ -97,8 +99,11 @@ async def start_tier(
 
 
 @asynccontextmanager
-async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncIterator[LocalStack]:
-    """Start everything, yield it, stop everything (also on errors)."""
+async def local_stack(
+    logs: Path, peers: int = 3, agents: int = 2, nginx: bool = True
+) -> AsyncIterator[LocalStack]:
+    """Start everything (nginx only if ``nginx``), yield it, stop everything
+    (also on errors)."""
     logs.mkdir(parents=True, exist_ok=True)
     for name, value in AWS_ENV.items():  # this process seeds moto too
         os.environ.setdefault(name, value)
@@ -113,8 +118,10 @@ async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncItera
         ring = [f"http://127.0.0.1:{free_port()}" for _ in range(peers)]
         which = [("peer", i) for i in range(peers)] + [("agent", i) for i in range(agents)]
         tiers = await _start_all(stack, which, ring, proxy, caches, logs, token)
-        nginx, nginx_url = await start_nginx(caches / "nginx", proxy.url)
-        stack.push_async_callback(nginx.stop)
+        nginx_url = None
+        if nginx:
+            nginx_child, nginx_url = await start_nginx(caches / "nginx", proxy.url)
+            stack.push_async_callback(nginx_child.stop)
         yield LocalStack(
             moto_url, proxy, [c.name for c in tiers[peers:]], ring, nginx_url, token, tiers
         )
