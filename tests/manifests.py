@@ -267,6 +267,15 @@ def render_base() -> list[dict[str, Any]]:
     return render(BASE) + [secret_doc(SECRET_NAME, data)]
 
 
+def generated_name(docs: list[Doc]) -> str:
+    """The name of the one Secret of a build: ``cachesvc-secrets``, with
+    kustomize's hash suffix where a secretGenerator made it."""
+    (secret,) = of_kind(docs, "Secret")
+    name = secret["metadata"]["name"]
+    assert re.fullmatch(rf"{SECRET_NAME}(-[0-9a-z]{{10}})?", name), name
+    return str(name)
+
+
 # --- reading rendered manifests -----------------------------------------------
 
 
