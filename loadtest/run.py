@@ -90,7 +90,7 @@ async def run(
     chosen = [scenarios(quick)[n] for n in names]
     run_dir.mkdir(parents=True, exist_ok=True)
     results: list[TargetRun] = []
-    async with local_stack(run_dir / "logs") as stack:
+    async with local_stack(run_dir / "logs", nginx="nginx" in targets) as stack:
         plan = {sc.name: sc.sizes for sc in chosen}
         manifest_data = await seed(BUCKET, stack.moto_url, plan, run_dir)
         manifest = run_dir / "packages.json"

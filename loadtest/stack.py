@@ -53,7 +53,7 @@ class LocalStack:
     proxy: S3Proxy
     agents: list[str]
     peers: list[str]
-    nginx_url: str  # "" when started without nginx
+    nginx_url: str | None  # None: the run leaves the nginx baseline out
     token: str
     children: list[Child] = field(default_factory=list)
     caches: Path | None = None  # each process's store is <caches>/<role>-<index>
@@ -64,11 +64,13 @@ class LocalStack:
 
     def targets(self) -> dict[str, Target]:
         blob = f"/{BUCKET}/blobs/sha256/{{hex}}"
-        return {
+        targets = {
             "origin": Target("origin", (self.proxy.url,), blob),
-            "nginx": Target("nginx", (self.nginx_url,), blob),
             "cachesvc": Target("cachesvc", tuple(self.agents), "/pkg/sha256:{hex}"),
         }
+        if self.nginx_url is not None:
+            targets["nginx"] = Target("nginx", (self.nginx_url,), blob)
+        return targets
 
 
 async def start_moto(logs: Path) -> tuple[Child, str]:
@@ -111,8 +113,8 @@ async def start_tier(
 async def local_stack(
     logs: Path, peers: int = 3, agents: int = 2, nginx: bool = True, extra: Extra | None = None
 ) -> AsyncIterator[LocalStack]:
-    """Start everything, yield it, stop everything (also on errors). ``extra``
-    adds flags per process (see :func:`start_tier`)."""
+    """Start everything (nginx only if ``nginx``), yield it, stop everything
+    (also on errors). ``extra`` adds flags per process (see :func:`start_tier`)."""
     logs.mkdir(parents=True, exist_ok=True)
     for name, value in AWS_ENV.items():  # this process seeds moto too
         os.environ.setdefault(name, value)
@@ -127,10 +129,10 @@ async def local_stack(
         ring = [f"http://127.0.0.1:{free_port()}" for _ in range(peers)]
         which = [("peer", i) for i in range(peers)] + [("agent", i) for i in range(agents)]
         tiers = await _start_all(stack, which, ring, proxy, caches, logs, token, extra)
-        nginx_url = ""
+        nginx_url = None
         if nginx:
-            server, nginx_url = await start_nginx(caches / "nginx", proxy.url)
-            stack.push_async_callback(server.stop)
+            nginx_child, nginx_url = await start_nginx(caches / "nginx", proxy.url)
+            stack.push_async_callback(nginx_child.stop)
         agent_urls = [c.name for c in tiers[peers:]]
         yield LocalStack(moto_url, proxy, agent_urls, ring, nginx_url, token, tiers, caches)
 
