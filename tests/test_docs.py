@@ -205,16 +205,15 @@ def test_the_api_reference_names_every_flag_of_every_command(command: str) -> No
     assert sorted(f for f in flags if f"`{f}" not in text) == [], heading
 
 
-def test_the_api_reference_lists_the_contracts_later_flags_marked_as_later() -> None:
+def test_the_api_reference_lists_the_contracts_later_flags_on_both_services() -> None:
     text = section(api_text(), "### `cachesvc agent` and `cachesvc peer`")
     rows = {
         line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `--")
     }
-    for flag in LATER_FLAGS:
+    for flag in (*LATER_FLAGS, "--advertise"):
         (row,) = [line for name, line in rows.items() if name.startswith(f"`{flag} ")]
-        assert "**(later)**" in row, flag
-    advertise = next(line for name, line in rows.items() if name.startswith("`--advertise "))
-    assert advertise.split("|")[2].strip() == "(later)"  # on agents, for fan-out
+        agent, peer = (cell.strip() for cell in row.split("|")[2:4])
+        assert (agent, peer) == ("✓", "✓"), flag
 
 
 def error_codes() -> set[str]:
