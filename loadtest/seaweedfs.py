@@ -116,6 +116,7 @@ class SeaweedFS:
     root: Path
     identities: Sequence[Identity] = (ADMIN,)
     anonymous_read: bool = False
+    log_file: Path | None = None  # default: weed.log under root
     ports: dict[str, int] = field(default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = None
 
@@ -125,7 +126,7 @@ class SeaweedFS:
 
     @property
     def log(self) -> Path:
-        return self.root / "weed.log"
+        return self.log_file or self.root / "weed.log"
 
     @property
     def running(self) -> bool:
