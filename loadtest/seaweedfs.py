@@ -117,6 +117,7 @@ class SeaweedFS:
     identities: Sequence[Identity] = (ADMIN,)
     anonymous_read: bool = False
     log_file: Path | None = None  # default: weed.log under root
+    metrics: bool = False  # serve Prometheus metrics (for :meth:`s3_requests`)
     ports: dict[str, int] = field(default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = None
 
@@ -137,7 +138,8 @@ class SeaweedFS:
         until its S3 port answers."""
         binary = weed_binary()
         (self.root / "data").mkdir(parents=True, exist_ok=True)
-        self.ports = self.ports or {name: _free_port() for name in PORT_NAMES}
+        names = PORT_NAMES + (("metrics",) if self.metrics else ())
+        self.ports = self.ports or {name: _free_port() for name in names}
         self._write_config()
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
@@ -168,6 +170,7 @@ class SeaweedFS:
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
             f"-s3.config={self.root / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            *([f"-metricsPort={p['metrics']}"] if "metrics" in p else []),
         ]  # fmt: skip
 
     def _write_config(self) -> None:
@@ -196,6 +199,19 @@ class SeaweedFS:
 
     def _tail(self) -> str:
         return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else "(no log)"
+
+    def s3_requests(self, bucket: str, kind: str = "GET") -> int:
+        """S3 requests of ``kind`` (GET counts HEADs too) on ``bucket`` so far, any
+        status, from the server's own metrics (needs ``metrics=True``)."""
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
+                if f'type="{kind}"' in line:
+                    total += float(line.rsplit(" ", 1)[1])
+        return int(total)
 
     def set_identities(self, identities: Sequence[Identity], timeout: float = 15.0) -> None:
         """Replace the identities; the running server reloads them on SIGHUP.
