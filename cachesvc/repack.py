@@ -57,12 +57,16 @@ LEVELS: dict[str, tuple[int, int, int]] = {
 DEFAULT_LEVELS = {fmt: default for fmt, (_low, _high, default) in LEVELS.items()}
 # zstd jobs run on every core. zstd's own job size at a 2**27 window is 4x the
 # window (512 MiB), so a package below that was one job on one core (64 MiB at
-# level 19: ~21 s). 16 MiB jobs, each seeing the 16 MiB before it
-# (overlap_log 6 = window/8) besides its own long-distance matches: on the
-# corpus's boto3 package as tar.zst, 0.05 % larger than one job. Rejected:
-# overlap_log 9 (the whole window): every job re-reads 128 MiB before it.
-ZSTD_JOB = 16 * MiB
-ZSTD_OVERLAP_LOG = 6
+# level 19: ~21 s). Jobs of 8 MiB, each seeing the 8 MiB before it
+# (overlap_log 5 = window/16) besides its own long-distance matches. Measured
+# on the corpus's boto3 zip (17 MiB), against one job: +0.05 % in size, the
+# busiest thread 2.3 s of CPU instead of 5.1 s, all threads 4.5 s instead of
+# 5.5 s; as tar.zst (repack) +0.10 %. Rejected: 16 MiB jobs (a 17 MiB package
+# is a 16 MiB job and a 1 MiB one: one core again); 4 MiB jobs with 4 MiB of
+# overlap (+0.11 % / +0.18 %, hardly faster); overlap_log 9 (the whole
+# window: every job re-reads 128 MiB before it).
+ZSTD_JOB = 8 * MiB
+ZSTD_OVERLAP_LOG = 5
 # A layer is tried at the chosen level only when a fast pass of the same codec
 # (these levels) shrinks the input at all: random or already-compressed bytes
 # are recognised in ~0.2 s per 64 MiB (zstd), not after ~20 s at level 19 that
