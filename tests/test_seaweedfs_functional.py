@@ -33,18 +33,11 @@ from cachesvc.service import READINESS
 from loadtest.seaweedfs import ADMIN, Identity, SeaweedFS
 from tests.conftest import SEAWEED_BUCKET, OriginFixture
 from tests.servers import Stack, free_port, start_server
+from tests.test_readiness import Clock
 
 WRONG = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
 REFUSED = "origin refused: SignatureDoesNotMatch: The request signature we calculated"
 HINT = "check the origin credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def real_zip(size: int) -> bytes:
@@ -108,6 +101,17 @@ class Service:
 async def get_json(url: str) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return r.status, await r.json()
+
+
+async def readyz_settled(base: str) -> tuple[int, dict[str, Any]]:
+    """/readyz once the first origin check has ended (a probe waits for it only
+    a second, less than a loaded machine may need); bounded to 30 s."""
+    for _ in range(300):
+        status, body = await get_json(f"{base}/readyz")
+        if not body.get("reason", "").endswith("first check still running"):
+            return status, body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{base}: the first origin check did not end in 30 s")
 
 
 async def fetch(url: str) -> tuple[int, str, bytes]:
@@ -175,7 +179,7 @@ async def test_a_wrong_secret_is_a_clear_error_from_publish_the_agent_and_the_pe
         await peer.start(env=WRONG)
         await agent.start(env=WRONG)
         for service in (peer, agent):
-            status, body = await get_json(f"{service.url}/readyz")
+            status, body = await readyz_settled(service.url)
             assert (status, body["status"]) == (503, "not_ready"), body
             assert body["reason"].startswith(f"origin {seaweed_origin.url}: SignatureDoesNotMatch")
         async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest}") as r:
@@ -203,7 +207,8 @@ async def test_readyz_says_why_the_origin_refuses_the_secret_and_is_ready_once_i
     try:
         [peer] = await stack.start_peers(1)
         check = stack.apps[peer][READINESS].origin
-        check.clock, check.wait = Clock(), 30.0
+        clock = Clock()
+        check.clock, check.wait = clock, 30.0
         status, body = await get_json(f"{peer}/readyz")
         assert (status, body["status"]) == (503, "not_ready")
         assert body["reason"].startswith(f"origin {seaweed_origin.url}: SignatureDoesNotMatch: ")
@@ -212,7 +217,7 @@ async def test_readyz_says_why_the_origin_refuses_the_secret_and_is_ready_once_i
         seaweedfs.set_identities([ADMIN, Identity("ops", key, "new-secret")])  # fixed at the store
         assert (await get_json(f"{peer}/readyz"))[0] == 503  # the verdict is cached...
         assert check.checks == 1  # ...and the origin was not asked again
-        check.clock.now += ORIGIN_TTL  # type: ignore[attr-defined]
+        clock.now += ORIGIN_TTL
         status, body = await get_json(f"{peer}/readyz")
         assert (status, body["status"], body["origin"]) == (200, "ready", "ok")
         assert check.checks == 2
