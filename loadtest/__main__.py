@@ -1,6 +1,6 @@
-"""``python -m loadtest run [--scenario NAME|all] [--quick] [--out DIR] [--targets ...]``
+"""``python -m loadtest run [--scenario NAME|all] [--quick] [--origin STORE] [--out DIR] ...``
 
-Starts a local stack (moto + counting proxy, 3 peers, 2 agents, nginx), seeds
+Starts a local stack (moto or SeaweedFS, a counting proxy, 3 peers, 2 agents, nginx), seeds
 it, runs each scenario with locust against the origin, nginx and cachesvc, and
 writes ``loadtest/out/<run>/report.md`` with CSVs and one plot per scenario.
 Exits 1 when any request failed. Where nginx is not on PATH and cannot be
@@ -24,6 +24,7 @@ from loadtest import fanout
 from loadtest.nginx import nginx_binary
 from loadtest.run import TARGET_ORDER, run
 from loadtest.scenarios import scenarios
+from loadtest.stack import ORIGINS
 from loadtest.tools import ToolUnavailable
 
 OUT = Path(__file__).with_name("out")
@@ -41,6 +42,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--targets",
         default=",".join(TARGET_ORDER),
         help="comma-separated, of origin,nginx,cachesvc",
+    )
+    cmd.add_argument(
+        "--origin", choices=ORIGINS, default="moto", help="the S3 store (default moto, a mock)"
     )
     fanout.add_parser(sub)
     return parser.parse_args(argv)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(scenarios()) if "all" in chosen else list(dict.fromkeys(chosen))
     targets = available(tuple(t for t in TARGET_ORDER if t in args.targets.split(",")))
     run_dir = args.out or OUT / time.strftime("%Y%m%d-%H%M%S")
-    report = asyncio.run(run(names, args.quick, run_dir, targets))
+    report = asyncio.run(run(names, args.quick, run_dir, targets, args.origin))
     print(report.read_text())
     print(f"report: {report}")
     numbers = json.loads(report.with_name("results.json").read_text())

@@ -170,3 +170,83 @@ def test_as_root_without_apt_get_and_nginx_the_nginx_tests_skip_saying_why(
         pytest.skip("needs root: the test above covers a user without root")
     done = child_pytest(tmp_path, [])
     assert_nginx_tests_skipped(done, "apt-get is not available")
+
+
+# -- the report reads without its author -------------------------------------------
+
+
+def report_section(run: Path, scenario: str) -> str:
+    text = (run / "report.md").read_text()
+    return text.split(f"## {scenario}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_a_quick_report_says_it_is_quick_in_its_title_settings_and_tables(quick_run: Path) -> None:
+    text = (quick_run / "report.md").read_text()
+    assert text.splitlines()[0].endswith("(QUICK run: not for figures)")
+    for scenario in SCENARIOS:
+        section = report_section(quick_run, scenario)
+        assert "| run | quick (small packages, seconds-long runs: not for figures) |" in section
+        table = section.split("| target | fetches |", 1)[1].split("\n\n", 1)[0]
+        rows = table.splitlines()[2:]  # after the header's rest and the rule
+        assert [row.split(" | ", 1)[0] for row in rows] == [f"| {t}" for t in TARGETS]
+        assert all(row.endswith("| quick |") for row in rows), rows
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_each_scenario_states_the_settings_it_ran_with(quick_run: Path, scenario: str) -> None:
+    from loadtest.scenarios import scenarios
+
+    sc = scenarios(quick=True)[scenario]
+    section = report_section(quick_run, scenario)
+    assert f"| users and shape | {sc.shape()} |" in section
+    assert f"| planned duration | {sc.run_s:g} s," in section
+    assert f"| locust | `{sc.user} {' '.join(sc.args)}` |" in section
+    assert f"| packages | {len(sc.sizes)}" in section
+    targets = next(line for line in section.splitlines() if line.startswith("| targets |"))
+    assert all(f"{t}: http://127.0.0.1:" in targets for t in TARGETS)
+    assert "| origin | moto (an S3 mock" in section
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_each_scenario_says_why_each_target_looks_the_way_it_does(
+    quick_run: Path, scenario: str
+) -> None:
+    section = report_section(quick_run, scenario)
+    figures = results(quick_run)[scenario]
+    origin = figures["origin"]
+    assert f"- origin direct: {'nothing to warm, and ' if scenario == 'warm' else ''}no cache" in (
+        section
+    )
+    assert f"each of the {origin['fetches']} fetches is its own origin GET" in section
+    nginx, cachesvc = figures["nginx"], figures["cachesvc"]
+    assert f"- nginx: {nginx['origin_gets']} origin GET(s) for {nginx['distinct']}" in section
+    assert f"- cachesvc: {cachesvc['origin_gets']} origin GET(s) for {cachesvc['distinct']}" in (
+        section
+    )
+    if scenario == "storm":
+        assert "re-checking the lock every 500 ms" in section
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_each_plot_tells_hits_from_misses_and_draws_p50_and_p99(
+    quick_run: Path, scenario: str
+) -> None:
+    from PIL import Image
+
+    from loadtest.plot import tier_class
+
+    with Image.open(quick_run / scenario / "latency.png") as png:
+        title, shown = png.text["Title"], png.text["Description"]
+    assert title.startswith(f"{scenario} (QUICK run): latency to last byte per fetch")
+    panels = dict(part.split(": ", 1) for part in shown.split("; "))
+    assert list(panels) == list(TARGETS)
+    for target, figures in results(quick_run)[scenario].items():
+        assert f"p50 {figures['p50']:.1f} ms" in panels[target]
+        assert f"p99 {figures['p99']:.1f} ms" in panels[target]
+        for tier, fetches, _p50, _p99 in figures["by_tier"]:
+            assert f"{tier_class(tier)[0]} ({fetches})" in panels[target]
+    if scenario == "hit":  # every package's first fetch is a miss, the rest hits
+        assert (
+            "hit: nginx's cache" in panels["nginx"] and "miss: from the origin" in panels["nginx"]
+        )
+        assert "hit: the agent's disk (L1)" in panels["cachesvc"]
