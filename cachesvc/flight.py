@@ -134,7 +134,7 @@ class Flight:
 
     async def finish(self) -> None:
         """All bytes are in: verify, release followers' last bytes, then keep
-        (fsync and rename are off the followers' critical path). Raises what
+        (rename and index are off the followers' critical path). Raises what
         :meth:`Ingest.verify` and :meth:`Ingest.persist` raise."""
         assert self.ingest is not None
         await self.ingest.verify()
@@ -160,7 +160,7 @@ class Flight:
     @property
     def local(self) -> bool:
         """Verified and being kept: a request joining now is served from this
-        disk, as a hit, while the commit (fsync, rename) completes."""
+        disk, as a hit, while the commit (rename, index) completes."""
         return self.verified and self.ingest is not None and not self.ingest.spilled
 
     @property

@@ -10,10 +10,12 @@ Guarantees:
 
 * **Only verified bytes are ever committed.** :meth:`Ingest.commit` is the one
   place in cachesvc where a computed sha256 is compared with the expected one;
-  there is no switch to skip it. Commit is temp file -> fsync -> rename ->
-  fsync(dir) -> index, so a crash at any moment (kill -9 included) leaves either
-  nothing or a complete verified blob; :meth:`Store.open` sweeps temp files and
-  re-verifies blobs that were renamed but not yet indexed.
+  there is no switch to skip it. Commit is temp file -> verify -> rename ->
+  index, so a process crash at any moment (kill -9 included) leaves either
+  nothing or a complete verified blob (no fsync: after an OS crash, entries
+  are re-hashed before they are served again, see :class:`Recheck`);
+  :meth:`Store.open` sweeps temp files and re-verifies blobs that were
+  renamed but not yet indexed.
 * **Size-capped, least-recently-used eviction.** Recency lives in memory (an
   ``OrderedDict``, so a hit costs no disk write) and is flushed to the diskcache
   index periodically and on close, so the order survives restarts. Eviction
@@ -24,7 +26,7 @@ Guarantees:
   an evicted file is unlinked, and its space is freed when the last lease ends.
 
 The store knows nothing of HTTP, peers, origins or the ring. Blocking calls
-(diskcache, fsync, hashing, open) run in threads.
+(diskcache, rename, hashing, open) run in threads.
 """
 
 from __future__ import annotations
@@ -373,14 +375,15 @@ class Store:
         self._verified.add(key)
 
     def _publish(self, ingest: Ingest, entry: Entry) -> None:
+        # No fsync: it cost 1-12 ms per package here, on every miss, and bought
+        # nothing the read path needs. A process crash (kill -9) loses nothing
+        # written (the page cache survives it); after an OS crash a renamed
+        # file may be short or hold garbage, and every entry is re-hashed before
+        # its first serve after a start (and by the scrubber), so such a file
+        # is found and dropped, never served. A cache may lose entries; it may
+        # not serve wrong bytes.
         assert ingest.path is not None
-        os.fsync(ingest.fd)
         os.rename(ingest.path, self._blobs / ingest.digest.hex)
-        dir_fd = os.open(self._blobs, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         self._index[ingest.digest.hex] = tuple(entry)
 
     # -- pins ------------------------------------------------------------------
@@ -514,7 +517,7 @@ class Ingest:
         self.verified = True
 
     async def persist(self) -> None:
-        """Make verified bytes durable and visible (fsync, rename, index); a
+        """Make verified bytes visible (rename, index); a
         spilled ingest keeps nothing."""
         if not self.verified:
             raise DigestMismatch(f"ingest {self.digest.short}: persist before verify")
