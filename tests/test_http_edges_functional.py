@@ -115,6 +115,7 @@ async def test_a_blob_that_shrank_on_disk_aborts_the_response(
     agent = await file_stack.start_agent(peers=[], name="a")
     assert (await get(f"{agent}/pkg/{digest}"))[0] == 200
     await asyncio.sleep(0.3)  # committed
+    assert (await get(f"{agent}/pkg/{digest}"))[1]["x-cache-tier"] == "L1"  # its file is open now
     os.truncate(file_stack.root / "a" / "blobs" / "sha256" / digest.hex, MiB)
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(get(f"{agent}/pkg/{digest}"), timeout=10)
