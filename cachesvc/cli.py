@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from cachesvc.config import Settings, add_flag, parse_listen, parse_size
+from cachesvc.config import Settings, add_flag, parse_duration, parse_listen, parse_size
 
 DEFAULT_AGENT = "127.0.0.1:8700"
 DEFAULT_PEER = "127.0.0.1:8701"
@@ -64,6 +64,10 @@ def _service_flags(p: argparse.ArgumentParser, listen: str, cache: str) -> None:
         type=float,
         default="10",
     )
+    add_flag(p, "--scrub-interval", "a full re-hash of the store every DURATION (2s, 6h, 1d)",
+             type=parse_duration, default="1d")  # fmt: skip
+    add_flag(p, "--scrub-rate", "most bytes per second the scrub reads, e.g. 64MiB",
+             type=parse_size, default="64MiB")  # fmt: skip
     add_flag(p, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
 
 
