@@ -197,23 +197,16 @@ def _open_cache(path: Path) -> diskcache.Cache:
 
 def _problem(path: Path) -> str | None:
     """Why the index at ``path`` cannot be opened as is, or None (absent is fine)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot stat it: {exc}"
-    if not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
     db = path / DB_NAME
-    try:
-        st = os.lstat(db)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot stat {DB_NAME}: {exc}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{DB_NAME} is not a regular file"
+    for p, is_kind, kind in ((path, stat.S_ISDIR, "a directory"), (db, stat.S_ISREG, "a file")):
+        try:
+            mode = os.lstat(p).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot stat {p.name}: {exc}"
+        if not is_kind(mode):
+            return f"{p.name} is not {kind}"
     return _database_problem(db)
 
 

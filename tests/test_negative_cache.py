@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from cachesvc.digest import Digest
 from cachesvc.tiers import NEGATIVE_MAX, NegativeCache
+from tests.test_ring import Clock
 
 
 def digest(i: int) -> Digest:
     return Digest(f"{i:064x}")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_an_entry_is_present_before_its_ttl_and_gone_after() -> None:

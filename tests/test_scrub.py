@@ -88,25 +88,26 @@ async def test_the_rate_is_never_exceeded(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_a_full_pass_starts_every_interval(tmp_path: Path) -> None:
+async def scrub_runs(tmp_path: Path, size: int, interval: float, passes: int) -> FakeTime:
+    """``passes`` passes over one entry of ``size`` bytes at 1 MiB/s: the fake time after."""
     store = await Store.open(tmp_path, 100 * MiB)
-    await put(store, payload(2 * MiB))
+    await put(store, payload(size))
     t = FakeTime()
-    scrubber = Scrubber(store, 3600, MiB, clock=t.clock, sleep=t.sleep)  # a pass takes 1 s
-    await scrubber.run(passes=3)
-    assert scrubber.last_pass is not None and scrubber.last_pass.started == 1000 + 2 * 3600
-    assert t.sleeps == [1.0, 3599.0, 1.0, 3599.0, 1.0]  # pace, rest of the interval, ...
+    await Scrubber(store, interval, MiB, clock=t.clock, sleep=t.sleep).run(passes=passes)
     await store.close()
+    return t
+
+
+async def test_a_full_pass_starts_every_interval(tmp_path: Path) -> None:
+    t = await scrub_runs(tmp_path, 2 * MiB, 3600, passes=3)  # a pass takes 1 s
+    assert t.sleeps == [1.0, 3599.0, 1.0, 3599.0, 1.0]  # pace, rest of the interval, ...
+    assert t.now == 1000 + 2 * 3600 + 1
 
 
 async def test_a_pass_longer_than_the_interval_is_followed_at_once(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path, 100 * MiB)
-    await put(store, payload(4 * MiB))
-    t = FakeTime()
-    scrubber = Scrubber(store, 1, MiB, clock=t.clock, sleep=t.sleep)  # a pass takes 3 s
-    await scrubber.run(passes=2)
-    assert scrubber.last_pass is not None and scrubber.last_pass.started == pytest.approx(1003.0)
-    await store.close()
+    t = await scrub_runs(tmp_path, 4 * MiB, 1, passes=2)  # a pass takes 3 s
+    assert t.sleeps == [1.0] * 3 + [0.0] + [1.0] * 4  # no rest; the pace carries over
+    assert t.now == 1000 + 3 + 4
 
 
 class StopPass(Exception):

@@ -127,12 +127,7 @@ async def test_evicted_file_keeps_reading_through_an_open_lease(tmp_path: Path) 
 
 async def test_restart_keeps_entries_and_their_recency(tmp_path: Path) -> None:
     store = await Store.open(tmp_path, 10 * 2**20)
-    a, b = payload(KiB, seed=1), payload(KiB, seed=2)
-    await put(store, a)
-    await put(store, b)
-    lease = await store.lease(digest_of(a))
-    assert lease is not None
-    store.release(lease)
+    a, b = await put_two_then_lease_the_first(store)
     await store.close()
     again = await Store.open(tmp_path, 10 * 2**20)
     assert again.digests() == [digest_of(b), digest_of(a)]  # a was used last
@@ -269,14 +264,19 @@ async def test_a_verdict_on_a_replaced_file_leaves_the_fresh_copy_alone(tmp_path
     await store.close()
 
 
-async def test_a_lease_without_touch_keeps_the_eviction_order(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path, 10 * 2**20)
+async def put_two_then_lease_the_first(store: Store, touch: bool = True) -> tuple[bytes, bytes]:
     a, b = payload(KiB, seed=1), payload(KiB, seed=2)
     await put(store, a)
     await put(store, b)
-    blob = await store.lease(digest_of(a), touch=False)
-    assert blob is not None
-    store.release(blob)
+    lease = await store.lease(digest_of(a), touch)
+    assert lease is not None
+    store.release(lease)
+    return a, b
+
+
+async def test_a_lease_without_touch_keeps_the_eviction_order(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    a, b = await put_two_then_lease_the_first(store, touch=False)
     assert store.digests() == [digest_of(a), digest_of(b)]  # a is still the oldest
     await store.close()
 
