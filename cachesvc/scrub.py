@@ -94,14 +94,25 @@ class Scrubber:
         """Scrub pass after pass, one every interval; forever, or ``passes`` times."""
         done = 0
         while passes is None or done < passes:
-            report = await self.scrub_pass()
+            started = self._clock()
+            report = await self._pass_or_log()
             done += 1
             if passes is not None and done >= passes:
                 return
-            if report.seconds > self._interval:
+            seconds = report.seconds if report else self._clock() - started
+            if seconds > self._interval:
                 log.warning("scrub: a pass took %.0fs, over the %.0fs interval: raise --scrub-rate",
-                            report.seconds, self._interval)  # fmt: skip
-            await self._sleep(max(0.0, self._interval - report.seconds))
+                            seconds, self._interval)  # fmt: skip
+            await self._sleep(max(0.0, self._interval - seconds))
+
+    async def _pass_or_log(self) -> PassReport | None:
+        """A pass; a failure (a bug, the index refusing a write) is logged and
+        the next pass tried after the interval: the scrubber never just stops."""
+        try:
+            return await self.scrub_pass()
+        except Exception:
+            log.exception("scrub: a pass failed; the next one starts after the interval")
+            return None
 
     async def scrub_pass(self) -> PassReport:
         """Re-hash every entry present now, unverified ones first."""

@@ -17,11 +17,10 @@ Guarantees:
   chmod 0444 -> rename -> fsync(dir) -> index, so a crash at any moment
   (kill -9 included) leaves either nothing or a complete verified blob.
 * **The disk is not trusted.** :meth:`Store.open` never raises for anything
-  found on disk and never follows a link (see :mod:`cachesvc.recovery` for
-  what it checks, and what it leaves to the scrubber and the first serve). An
-  entry is ``verified`` once this process has hashed its bytes: ingested
-  here, re-hashed at start (no index row), by the scrubber or by a first
-  serve. Bytes found wrong are dropped with :meth:`Store.drop_corrupt`.
+  found on disk and never follows a link; :mod:`cachesvc.recovery` says what
+  start-up checks and what it leaves to the scrubber and the first serve. An
+  entry is ``verified`` once this process hashed its bytes (ingest, adoption
+  at start, scrub, first serve); wrong bytes are dropped by :meth:`drop_corrupt`.
 * **One owner.** The store holds an advisory lock on its directory from
   open to close; a second store on it (any process) fails with
   :class:`~cachesvc.errors.ConfigError` naming the pid that holds it.
@@ -64,9 +63,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Blob", "Entry", "Ingest", "Store", "StoreFull", "Usage"]
 
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
-FLUSH_INTERVAL = 30.0  # seconds between writes of access order to the index
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
-BLOB_MODE = 0o444  # committed blobs are never written again
+# Committed blobs are never written again. fs-verity (FS_IOC_ENABLE_VERITY) would
+# make the kernel refuse rotten reads, but ext4 here has it off (EOPNOTSUPP,
+# checked 2026-12-01): blobs are re-hashed by the scrubber and first serves instead.
+BLOB_MODE = 0o444
 
 CorruptHook = Callable[[str], None]  # called with found_by: "startup", "scrub", "serve"
 
@@ -138,30 +139,19 @@ class Store:
         """
         lock = await asyncio.to_thread(DirLock.acquire, root, "cache dir")
         try:
-            store = await asyncio.to_thread(cls._recover, root, capacity, lock, clock, on_corrupt)
+            replaced = await asyncio.to_thread(recovery.prepare_layout, root)
+            index, rows = await asyncio.to_thread(Index.open, root / "index", root / "quarantine")
+            store = cls(root, capacity, index, lock, clock, on_corrupt)
+            report = await asyncio.to_thread(store._check, rows, True)
         except BaseException:
             lock.release()
             raise
-        for _ in range(store.startup_report.get("corrupt_removed", 0)):
-            store._on_corrupt("startup")
-        await store.make_room(0)
-        return store
-
-    @classmethod
-    def _recover(
-        cls,
-        root: Path,
-        capacity: int,
-        lock: DirLock,
-        clock: Callable[[], float],
-        on_corrupt: CorruptHook | None,
-    ) -> Store:
-        replaced = recovery.prepare_layout(root)
-        index, rows = Index.open(root / "index", root / "quarantine")
-        store = cls(root, capacity, index, lock, clock, on_corrupt)
-        store.startup_report = {**store._check(rows, fix=True), "layout_replaced": replaced}
+        store.startup_report = {**report, "layout_replaced": replaced}
         if any(store.startup_report.values()):
             log.warning("store %s recovered: %s", root, store.startup_report)
+        for _ in range(report["corrupt_removed"]):
+            store._on_corrupt("startup")
+        await store.make_room(0)
         return store
 
     async def close(self) -> None:
@@ -264,8 +254,9 @@ class Store:
         try:
             file = await asyncio.to_thread(open_file, self._blobs / digest.hex, size)
         except OSError as exc:
-            found_by = "serve" if hot else "scrub"
-            await self.drop_corrupt(digest, f"cannot open its file: {exc}", found_by=found_by)
+            if self._generation.get(digest.hex) == generation:  # not replaced meanwhile
+                reason, found_by = f"cannot open its file: {exc}", "serve" if hot else "scrub"
+                await self.drop_corrupt(digest, reason, found_by=found_by)
             return None
         if self._generation.get(digest.hex) != generation:  # evicted or replaced meanwhile
             file.close()
@@ -291,11 +282,9 @@ class Store:
         if digest.hex not in self._lru or not self._current(digest, lease):
             return
         self._verified.add(digest.hex)
-        blob = self._open.get(digest.hex)
-        if blob is not None and blob.generation == self._generation[digest.hex]:
-            blob.verified = True
-        if lease is not None:
-            lease.verified = True
+        for blob in (self._open.get(digest.hex), lease):  # a handle in _open is always current
+            if blob is not None:
+                blob.verified = True
 
     async def drop_corrupt(
         self, digest: Digest, reason: str, *, found_by: str = "serve", lease: Blob | None = None

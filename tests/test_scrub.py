@@ -5,12 +5,15 @@ and eviction while scrubbing is safe."""
 from __future__ import annotations
 
 import errno
+import sqlite3
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from cachesvc.config import parse_duration
 from cachesvc.errors import ConfigError
+from cachesvc.index import Index
 from cachesvc.metrics import Metrics
 from cachesvc.scrub import BLOCK, Scrubber
 from cachesvc.store import Store
@@ -206,3 +209,18 @@ def test_durations_parse(text: str, seconds: float) -> None:
 def test_bad_durations_say_what_is_accepted(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration .examples: 2s, 90m, 6h, 1d"):
         parse_duration(text)
+
+
+async def test_a_failing_pass_is_logged_and_the_next_one_runs(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 100 * MiB)
+    data = payload(MiB)
+    await put(store, data)
+    rot(store, data)
+    t, metrics = FakeTime(), Metrics()
+    scrubber = Scrubber(store, 60, 100 * MiB, metrics, clock=t.clock, sleep=t.sleep)
+    disk_error = sqlite3.OperationalError("disk I/O error")
+    with mock.patch.object(Index, "delete", side_effect=[disk_error]):  # dropping the row fails
+        await scrubber.run(passes=2)
+    assert metrics.scrub_passes._value.get() == 1  # the first pass failed, the second ran
+    assert store.digests() == []
+    await store.close()
