@@ -2,8 +2,8 @@
 another program or a failing disk left there is found, logged and removed,
 and nothing found raises.
 
-What start-up checks (:meth:`cachesvc.store.Store.check`, run by
-``Store.open`` before anything is served), in this order:
+What start-up checks (``Store.open``, after taking the directory's lock and
+before anything is served), in this order:
 
 1. **Layout** (:func:`prepare_layout`): ``blobs/``, ``blobs/sha256/`` and
    ``tmp/`` are real directories; a file or a link in their place is removed
@@ -17,13 +17,17 @@ What start-up checks (:meth:`cachesvc.store.Store.check`, run by
    that cannot even be stat'ed are removed. A file with an index row must
    have the row's size, else it is removed as corrupt; one without a row is
    an *orphan* (renamed, then a crash before indexing) that the store re-hashes
-   and adopts only if it matches its name. Rows without a file are dropped.
+   and adopts only if it matches its name (hashing it here, as one whose
+   bytes this process checked). Rows without a file are dropped.
+
+The store's root itself may be a link (an operator's choice); nothing inside
+it is followed. Other names in the root or in ``blobs/`` are left alone.
 
 What start-up leaves to later: files whose row and size agree are **not**
-read (that would make every restart read the whole store). They are served
-only after a re-hash: by the background scrubber (:mod:`cachesvc.scrub`) or
-by their first serve, which hashes while streaming and holds back the last
-byte until the bytes match.
+read (that would make every restart read the whole store). They stay
+unverified until re-hashed: by the background scrubber (:mod:`cachesvc.scrub`)
+or by their first serve, which hashes while streaming and holds back the last
+byte until the bytes match. Either way, wrong bytes drop the entry.
 
 Blocking: call from a thread.
 """
