@@ -17,12 +17,12 @@ up: $(BIN)/cachesvc
 
 ## make test: install, then run the linter and the whole test suite
 test: $(BIN)/cachesvc
-	$(BIN)/ruff check cachesvc node_agent tests bench loadtest
+	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/cachesvc
-	$(BIN)/ruff check cachesvc node_agent tests bench loadtest
-	$(BIN)/ruff format --check cachesvc node_agent tests bench loadtest
+	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
+	$(BIN)/ruff format --check cachesvc node_agent tests bench loadtest sim
 
 bench: $(BIN)/cachesvc
 	$(BIN)/python bench/read_path.py

@@ -33,13 +33,11 @@ class Blob:
 
     __slots__ = ("digest", "size", "file", "verified", "generation", "_leases", "_retired")
 
-    def __init__(
-        self, digest: Digest, size: int, file: io.FileIO, verified: bool, generation: int
-    ) -> None:
+    def __init__(self, digest: Digest, size: int, file: io.FileIO, generation: int) -> None:
         self.digest = digest
         self.size = size
         self.file = file  # raw FileIO: fileno() for sendfile, pread via os
-        self.verified = verified
+        self.verified = False  # set by the store at each lease
         self.generation = generation
         self._leases = 0
         self._retired = False

@@ -16,7 +16,22 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from cachesvc.config import Settings, add_flag, parse_duration, parse_listen, parse_size
+from cachesvc.config import (
+    Settings,
+    add_flag,
+    check_dir,
+    parse_count,
+    parse_duration,
+    parse_listen,
+    parse_log_level,
+    parse_origin,
+    parse_seconds,
+    parse_size,
+)
+from cachesvc.egress import parse_rate
+from cachesvc.errors import ConfigError
+from cachesvc.fanout import DEFAULT_FANOUT
+from cachesvc.membership import parse_base_url, peer_list
 
 DEFAULT_AGENT = "127.0.0.1:8700"
 DEFAULT_PEER = "127.0.0.1:8701"
@@ -39,36 +54,53 @@ def _service_flags(p: argparse.ArgumentParser, listen: str, cache: str) -> None:
         type=parse_size,
         default="10GiB",
     )
-    add_flag(p, "--origin", "s3://BUCKET[/PREFIX] or file:///DIR", required=True)
+    add_flag(p, "--origin", "s3://BUCKET[/PREFIX] or file:///DIR", type=parse_origin, required=True)
     add_flag(p, "--s3-endpoint", "custom S3 endpoint (MinIO), addressed path-style")
-    add_flag(p, "--origin-timeout", "seconds for each origin call", type=float, default="30")
-    add_flag(p, "--max-fetches", "upstream fetches running at once", type=int, default="64")
+    add_flag(
+        p, "--origin-timeout", "seconds for each origin call", type=parse_seconds, default="30"
+    )
+    add_flag(p, "--max-fetches", "upstream fetches running at once", type=parse_count, default="64")
     add_flag(
         p,
         "--max-queued",
         "fetches waiting for a slot before 503 overloaded",
-        type=int,
+        type=parse_count,
         default="256",
     )
     add_flag(
         p,
         "--shutdown-grace",
         "seconds to finish in-flight transfers on SIGTERM",
-        type=float,
+        type=parse_seconds,
         default=str(GRACE),
     )
     add_flag(
         p,
         "--dns-interval",
         "seconds between lookups of a dns+http:// peers name",
-        type=float,
+        type=parse_seconds,
         default="10",
+    )
+    add_flag(
+        p,
+        "--egress-limit",
+        "most body bytes per second this process sends, sendfile included (e.g. 100MiB)",
+        type=parse_rate,
+        default="unlimited",
+    )
+    add_flag(
+        p,
+        "--fanout",
+        "most other hosts this host feeds one package to at once; 0 = only the ring "
+        "owner serves agents (no agent-to-agent transfers)",
+        type=parse_count,
+        default=str(DEFAULT_FANOUT),
     )
     add_flag(p, "--scrub-interval", "a full re-hash of the store every DURATION (2s, 6h, 1d)",
              type=parse_duration, default="1d")  # fmt: skip
     add_flag(p, "--scrub-rate", "most bytes per second the scrub reads, e.g. 64MiB",
              type=parse_size, default="64MiB")  # fmt: skip
-    add_flag(p, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
+    add_flag(p, "--log-level", "DEBUG, INFO, WARNING, ERROR", type=parse_log_level, default="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_agent(sub)
+    _add_peer(sub)
+
+    from cachesvc import commands
+
+    commands.add_client_commands(sub)
+    return parser
+
+
+def _add_agent(sub: Any) -> None:
     agent = sub.add_parser(
         "agent",
         help="run the node agent (L1)",
@@ -89,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "else from the L2 owner on the ring, else from the origin.",
     )
     _service_flags(agent, DEFAULT_AGENT, "/var/cache/cachesvc/agent")
-    add_flag(agent, "--peers", "L2 peers: http://HOST:PORT,... or dns+http://NAME:PORT", default="")
+    add_flag(
+        agent,
+        "--peers",
+        "L2 peers: http://HOST:PORT,... or dns+http://NAME:PORT",
+        type=peer_list,
+        default="",
+    )
     add_flag(agent, "--code-dir", "where packages are unpacked", type=Path)
     add_flag(
         agent,
@@ -105,12 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default="4GiB",
     )
-    add_flag(agent, "--max-files", "most files in one package", type=int, default="100000")
+    add_flag(agent, "--max-files", "most files in one package", type=parse_count, default="100000")
     add_flag(
-        agent, "--peer-connect-timeout", "seconds to connect to a peer", type=float, default="1"
+        agent,
+        "--peer-connect-timeout",
+        "seconds to connect to a peer",
+        type=parse_seconds,
+        default="1",
+    )
+    add_flag(
+        agent,
+        "--advertise",
+        "this agent's URL for other hosts, for fan-out, http://HOST:PORT (default: from "
+        "--listen, unless it is a wildcard address)",
+        type=parse_base_url,
     )
     agent.set_defaults(run=_run_agent)
 
+
+def _add_peer(sub: Any) -> None:
     peer = sub.add_parser(
         "peer",
         help="run an L2 cache peer",
@@ -118,22 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
         "from the origin. --peers gives the ring (who owns what, for warm).",
     )
     _service_flags(peer, DEFAULT_PEER, "/var/cache/cachesvc/peer")
-    add_flag(peer, "--peers", "the L2 ring including this peer (for warm ownership)", default="")
-    add_flag(peer, "--advertise", "this peer's own URL on the ring (default: from --listen)")
+    add_flag(
+        peer,
+        "--peers",
+        "the L2 ring including this peer (for warm ownership)",
+        type=peer_list,
+        default="",
+    )
+    add_flag(
+        peer,
+        "--advertise",
+        "this peer's own URL on the ring, http://HOST:PORT (default: from --listen)",
+        type=parse_base_url,
+    )
     peer.set_defaults(run=_run_peer)
-
-    from cachesvc import commands
-
-    commands.add_client_commands(sub)
-    return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The service's settings, after checking its directories (see :func:`check_dir`)."""
+    settings = Settings.from_args(args)
+    check_dir("--cache-dir", settings.cache_dir)
+    if settings.code_dir is not None:
+        check_dir("--code-dir", settings.code_dir)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return Settings.from_args(args)
+    return settings
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -163,10 +235,15 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. A :class:`ConfigError` (a bad flag or ``CACHESVC_*``
+    value, an unusable directory, a failed start-up) is one line on stderr and
+    exit status 2, never a traceback or a usage dump."""
     try:
+        args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
+    except ConfigError as exc:
+        print(f"cachesvc: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -17,9 +17,10 @@ from typing import Any
 
 import aiohttp
 
-from cachesvc.config import add_flag
+from cachesvc.config import add_flag, check_dir, parse_port
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError
+from cachesvc.membership import parse_base_url, peer_list
 
 
 def add_client_commands(sub: Any) -> None:
@@ -62,36 +63,63 @@ def add_client_commands(sub: Any) -> None:
     pub.add_argument(
         "--warm", action="store_true", help="warm it into its L2 owners (--peers) before traffic"
     )
-    add_flag(pub, "--peers", "L2 peers for --warm: http://HOST:PORT,... or dns+http://NAME:PORT")
+    add_flag(
+        pub,
+        "--peers",
+        "L2 peers for --warm: http://HOST:PORT,... or dns+http://NAME:PORT",
+        type=peer_list,
+    )
     pub.set_defaults(run=_run_publish)
 
+    _add_fetch(sub)
+    _add_up(sub)
+
+    from cachesvc.warm_cli import add_command as add_warm_command
+
+    add_warm_command(sub)
+
+
+def _add_fetch(sub: Any) -> None:
     fetch = sub.add_parser(
         "fetch",
         help="download a package through an agent",
-        description="GET /pkg/DIGEST from an agent, check its sha256, write it out.",
+        description="GET /pkg/DIGEST from an agent, check its sha256, write it out: "
+        "the stored bytes as published (e.g. app.zip.zst), or with --archive the "
+        "archive inside them, compression layers peeled (e.g. app.zip).",
     )
     fetch.add_argument("digest", help="sha256:<hex> or <hex>")
-    add_flag(fetch, "--agent", "agent base URL", default="http://127.0.0.1:8700")
+    add_flag(
+        fetch,
+        "--agent",
+        "agent base URL, http://HOST:PORT",
+        type=parse_base_url,
+        default="http://127.0.0.1:8700",
+    )
     fetch.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    fetch.add_argument(
+    what = fetch.add_mutually_exclusive_group()
+    what.add_argument(
+        "--archive",
+        action="store_true",
+        help="write the inner zip or tar, compression layers peeled by the agent "
+        "(GET /pkg/DIGEST/archive), instead of the stored bytes",
+    )
+    what.add_argument(
         "--unpack", action="store_true", help="ask the agent to unpack it and print where"
     )
     fetch.set_defaults(run=_run_fetch)
 
+
+def _add_up(sub: Any) -> None:
     up = sub.add_parser(
         "up",
         help="run a whole stack on this machine (origin, 3 peers, 1 agent)",
         description="A file:// origin, three L2 peers and one agent on loopback, with a "
         "sample package published; prints curl lines. Ctrl-C stops it.",
     )
-    up.add_argument("--dir", type=Path, help="where origin and caches live (default: a temp dir)")
-    up.add_argument("--agent-port", type=int, default=8700)
-    up.add_argument("--peer-port", type=int, default=8701, help="first of three peer ports")
+    add_flag(up, "--dir", "where origin and caches live (default: a temp dir)", type=Path)
+    add_flag(up, "--agent-port", "the agent's port", type=parse_port, default="8700")
+    add_flag(up, "--peer-port", "first of three peer ports", type=parse_port, default="8701")
     up.set_defaults(run=_run_up)
-
-    from cachesvc.warm_cli import add_command as add_warm_command
-
-    add_warm_command(sub)
 
 
 def _fail(message: str) -> int:
@@ -175,25 +203,69 @@ def _run_fetch(args: argparse.Namespace) -> int:
 
 
 async def _fetch(args: argparse.Namespace, digest: Digest) -> int:
-    base = args.agent.rstrip("/")
     timeout = aiohttp.ClientTimeout(sock_connect=5, sock_read=60)
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
         if args.unpack:
-            async with session.post(f"{base}/pkg/{digest}/unpack") as resp:
+            async with session.post(f"{args.agent}/pkg/{digest}/unpack") as resp:
                 body = await resp.json()
                 print(json.dumps(body, indent=1))
                 return 0 if resp.status == 200 else _fail(f"unpack answered {resp.status}")
-        async with session.get(f"{base}/pkg/{digest}") as resp:
+        if args.archive:
+            return await _fetch_archive(session, args.agent, digest, args.output)
+        async with session.get(f"{args.agent}/pkg/{digest}") as resp:
             if resp.status != 200:
                 return _fail(f"{resp.status} {await resp.text()}")
             tier = resp.headers.get("X-Cache-Tier", "?")
-            size = await _save(resp, digest, args.output)
-    print(f"{digest} {size} bytes from {tier}", file=sys.stderr)
+            size = await _save(resp, args.output, digest)
+    layers = await _layers_of(args.output)
+    print(f"{digest}: wrote the stored package, {size} bytes from {tier}, "
+          f"to {_name(args.output)} ({layers})", file=sys.stderr)  # fmt: skip
     return 0
 
 
-async def _save(resp: aiohttp.ClientResponse, digest: Digest, output: Path | None) -> int:
-    """Stream to the file (or stdout), checking sha256; a wrong body is removed."""
+async def _fetch_archive(
+    session: aiohttp.ClientSession, agent: str, digest: Digest, output: Path | None
+) -> int:
+    """``GET /pkg/{digest}/archive``: the inner zip or tar, layers peeled by the
+    agent (which verified the package first; the inner bytes have no digest of
+    their own to check here, but a short body is never kept)."""
+    async with session.get(f"{agent}/pkg/{digest}/archive") as resp:
+        if resp.status != 200:
+            return _fail(f"{resp.status} {await resp.text()}")
+        layers = resp.headers.get("X-Package-Layers", "?").split(",")
+        size = await _save(resp, output, None)
+    peeled = ",".join(layers[:-1]) or "none"
+    print(f"{digest}: wrote the inner {layers[-1]} archive, {size} bytes, to {_name(output)} "
+          f"(layers {','.join(layers)}; peeled {peeled})", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _name(output: Path | None) -> str:
+    return str(output) if output is not None else "stdout"
+
+
+async def _layers_of(output: Path | None) -> str:
+    """The stored package's layers, outermost first, read from the written file
+    (only the first KiB of each layer are decoded)."""
+    if output is None:
+        return "layers not read from stdout; --archive peels them"
+    from cachesvc.codec import Limits, detect_layers
+
+    try:
+        layers = await asyncio.to_thread(detect_layers, output, Limits(max_package_size=1 << 62))
+    except CachesvcError as exc:
+        return f"layers unknown: {exc}"
+    hint = "; --archive writes the inner archive" if len(layers) > 1 else ""
+    return f"layers {','.join(layers)}{hint}"
+
+
+async def _save(resp: aiohttp.ClientResponse, output: Path | None, digest: Digest | None) -> int:
+    """Stream the body to ``output`` (or stdout) and return its size.
+
+    A file is written as a hidden ``.part`` beside it and renamed only when the
+    body is complete and, with ``digest``, hashes to it; on any failure (a wrong
+    body, a short one the agent aborted) the part file is removed.
+    """
     h = hashlib.sha256()
     size = 0
     tmp = output.with_name(f".{output.name}.part") if output else None
@@ -203,14 +275,15 @@ async def _save(resp: aiohttp.ClientResponse, digest: Digest, output: Path | Non
             h.update(chunk)
             size += len(chunk)
             out.write(chunk)
-    finally:
+        if digest is not None and h.hexdigest() != digest.hex:
+            raise CachesvcError(f"body hashes to sha256:{h.hexdigest()[:12]}, not {digest.short}")
+    except BaseException:
         if tmp:
             out.close()
-    if h.hexdigest() != digest.hex:
-        if tmp:
             tmp.unlink(missing_ok=True)
-        raise CachesvcError(f"body hashes to sha256:{h.hexdigest()[:12]}, not {digest.short}")
+        raise
     if tmp and output:
+        out.close()
         tmp.replace(output)
     return size
 
@@ -218,4 +291,6 @@ async def _save(resp: aiohttp.ClientResponse, digest: Digest, output: Path | Non
 def _run_up(args: argparse.Namespace) -> int:
     from cachesvc.up import run_up
 
+    if args.dir is not None:
+        check_dir("--dir", args.dir)
     return run_up(args.dir, args.agent_port, args.peer_port)

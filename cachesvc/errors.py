@@ -4,10 +4,13 @@
 
     CachesvcError                      (500 internal)
     ├── InvalidRequest                 400 invalid_request
-    │   └── InvalidDigest              400 invalid_digest
+    │   ├── InvalidDigest              400 invalid_digest
+    │   └── MethodNotAllowed           405 invalid_request (with Allow)
     ├── Unauthorized                   401 unauthorized
     ├── NotFound                       404 not_found
     │   └── UnknownTenant              404 unknown_tenant
+    ├── NotHere                        404 not_here (fan-out: this host neither holds nor fills it)
+    ├── LoopRefused                    409 loop (fan-out: the requester feeds this host)
     ├── TooLarge                       413 too_large
     ├── RangeNotSatisfiable            416 range_not_satisfiable
     ├── UnsafeArchive                  422 unsafe_archive
@@ -16,6 +19,7 @@
     │   ├── DigestMismatch             502 digest_mismatch
     │   └── PeerFailed                 502 upstream_error (one peer; the walk moves on)
     ├── Overloaded                     503 overloaded
+    ├── FanoutBusy                     503 fanout_busy (fan-out: this host feeds K hosts already)
     └── UpstreamTimeout                504 upstream_timeout
 
     ConfigError                        not a request error: a service cannot start
@@ -44,6 +48,17 @@ class InvalidDigest(InvalidRequest):
     code = "invalid_digest"
 
 
+class MethodNotAllowed(InvalidRequest):
+    """The path names a resource that does not take this method (RFC 9110 §15.5.6:
+    a 405 carries ``Allow``)."""
+
+    status = 405
+
+    def __init__(self, method: str, allowed: list[str]) -> None:
+        super().__init__(f"method {method} not allowed; use {', '.join(allowed)}")
+        self.headers = {"Allow": ", ".join(allowed)}
+
+
 class Unauthorized(CachesvcError):
     status = 401
     code = "unauthorized"
@@ -56,6 +71,22 @@ class NotFound(CachesvcError):
 
 class UnknownTenant(NotFound):
     code = "unknown_tenant"
+
+
+class NotHere(CachesvcError):
+    """Asked by another host for a package this host neither holds nor is
+    filling. Not authoritative, unlike :class:`NotFound`: ask elsewhere."""
+
+    status = 404
+    code = "not_here"
+
+
+class LoopRefused(CachesvcError):
+    """The requesting host is one this host is itself fetching the package
+    through: serving it would make each wait for the other."""
+
+    status = 409
+    code = "loop"
 
 
 class TooLarge(CachesvcError):
@@ -102,6 +133,13 @@ class Overloaded(CachesvcError):
     def __init__(self, detail: str, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class FanoutBusy(CachesvcError):
+    """This host already feeds ``--fanout`` hosts this package; ask elsewhere."""
+
+    status = 503
+    code = "fanout_busy"
 
 
 class UpstreamTimeout(CachesvcError):

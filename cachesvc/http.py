@@ -3,16 +3,21 @@
 * :func:`route_digest`: the route parameter becomes a :class:`Digest` here.
 * :func:`error_middleware`: contract errors (and aiohttp's own 404/405/...)
   become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500.
+* :func:`refuse_unrouted`: the answer of a catch-all route: 405 with ``Allow``
+  when another route takes the path with other methods, else 400
+  ``invalid_digest``.
 * :func:`serve_package`: the package response, written once for ``/pkg`` and
   ``/blob``: strong ``"sha256:<hex>"`` ETag and 304 (RFC 9110 §13.1.2), a
   single byte range → 206/416 (§14), HEAD without a body download, and the body
-  by ``sendfile`` from the open store file, or streamed from a running flight.
+  as the spans of the :class:`~cachesvc.package.Package` that
+  :meth:`Tiers.open` yields: ``sendfile`` for file spans, writes for bytes.
+  This module never steps the flight protocol: it writes what it is given.
 
 Why not ``web.FileResponse``: it sets its own mtime-size ETag and re-opens the
 path on every request (2.5x the per-request cost here, and an eviction between
 lookup and open becomes a 404). After ``prepare()`` a failure can only abort:
 the transport is closed so the client sees a short body, never a complete one.
-The last byte of every body from a flight is held back until the digest checks.
+The package's spans hold back the last byte of every body until the digest checks.
 """
 
 from __future__ import annotations
@@ -24,15 +29,23 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from contextlib import aclosing
+from typing import Any, NoReturn
 
 from aiohttp import web
 
 from cachesvc.digest import Digest
-from cachesvc.errors import CachesvcError, InvalidDigest, Overloaded, RangeNotSatisfiable
-from cachesvc.flight import Flight
+from cachesvc.egress import TokenBucket
+from cachesvc.errors import (
+    CachesvcError,
+    InvalidDigest,
+    MethodNotAllowed,
+    Overloaded,
+    RangeNotSatisfiable,
+)
 from cachesvc.metrics import Metrics
-from cachesvc.store import Blob, Store
+from cachesvc.package import Package, Span, span_len
+from cachesvc.peer_client import FORWARDED
 from cachesvc.tiers import Tiers
 
 log = logging.getLogger(__name__)
@@ -71,6 +84,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status >= 500:
             log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc)
         return json_error(exc.status, exc.code, str(exc), **exc.headers)
+    except web.HTTPMethodNotAllowed as exc:  # no catch-all route under this path
+        allowed = MethodNotAllowed(exc.method, sorted(exc.allowed_methods))
+        return json_error(allowed.status, allowed.code, str(allowed), **allowed.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -81,6 +97,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
+async def refuse_unrouted(request: web.Request, usage: str) -> NoReturn:
+    """The answer of a catch-all route (``/pkg/{rest:.*}``): the path does not
+    name a resource with this method. When other routes take this path with other
+    methods (``DELETE /pkg/{digest}``, ``GET /pkg/{digest}/unpack``), that is a
+    405 with ``Allow``; otherwise the path is a malformed digest, a 400.
+
+    Why ask the router: aiohttp answers 405 itself only when no route matches
+    the path at all, and a catch-all always matches; listing each route's
+    methods here again would drift from the routes.
+    """
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise MethodNotAllowed(request.method, sorted(allowed))
+    raise InvalidDigest(f"{request.path!r} does not name a digest: {usage}")
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -162,7 +197,9 @@ def _start(
     return resp, start, end
 
 
-async def serve_package(request: web.Request, tiers: Tiers, digest: Digest) -> web.StreamResponse:
+async def serve_package(
+    request: web.Request, tiers: Tiers, egress: TokenBucket, digest: Digest
+) -> web.StreamResponse:
     """GET/HEAD of a package from this service's tiers."""
     if _not_modified(request, digest):
         # A precondition applies only where the answer would be 2xx (RFC 9110
@@ -175,106 +212,59 @@ async def serve_package(request: web.Request, tiers: Tiers, digest: Digest) -> w
         resp = web.StreamResponse(headers=_headers(digest, tier))
         resp.content_length = size
         return resp
-    source = await tiers.get(digest)
-    if isinstance(source, Blob):
-        return await _serve_blob(request, tiers, source)
-    return await _serve_flight(request, tiers, source)
+    async with tiers.open(digest) as package:
+        return await send_package(request, tiers.metrics, egress, package)
 
 
-async def _serve_blob(request: web.Request, tiers: Tiers, blob: Blob) -> web.StreamResponse:
-    try:
-        resp, start, end = _start(request, blob.digest, blob.size, tiers.local_tier)
-        tiers.metrics.requests.labels(tiers.local_tier).inc()
-        await resp.prepare(request)
-        try:
-            await _sendfile(request, resp, blob.file, start, end - start)
-        except OSError as exc:
-            log.warning("GET %s: aborting the response: %s", blob.digest.short, exc)
-            abort_stream(request)
-            return resp
-        tiers.metrics.bytes_served.labels(tiers.local_tier).inc(end - start)
-        await resp.write_eof()
-        return resp
-    finally:
-        Store.release(blob)
-
-
-async def _serve_flight(request: web.Request, tiers: Tiers, flight: Flight) -> web.StreamResponse:
-    key = flight.follow()
-    try:
-        await asyncio.shield(flight.started)
-        assert flight.size is not None
-        tier = tiers.tier_of(flight)
-        resp, start, end = _start(request, flight.digest, flight.size, tier)
-        tiers.metrics.requests.labels(tier).inc()
-        if start == end:  # an empty package: headers alone would complete it
-            await flight.verdict()
-        await resp.prepare(request)
-        try:
-            await _follow(request, resp, flight, key, start, end)
-            await flight.verdict()  # also for empty bodies and ranges
-        except (CachesvcError, OSError) as exc:
-            log.warning("GET %s: aborting the response: %s", flight.digest.short, exc)
-            abort_stream(request)
-            return resp
-        tiers.metrics.bytes_served.labels(tier).inc(end - start)
-        await resp.write_eof()
-        return resp
-    finally:
-        await flight.leave(key)
-
-
-async def _follow(
-    request: web.Request, resp: web.StreamResponse, flight: Flight, key: int, start: int, end: int
-) -> None:
-    """Send ``[start, end)`` as it arrives; the last byte waits for the verdict.
-
-    The follower's position starts at ``start``, and while it waits for the
-    verdict it takes its held-back byte out of the relay window and counts as
-    done, so in relay mode a ranged or waiting follower never stalls the fill.
-    """
-    assert flight.size is not None
-    pos = start
-    flight.advance(key, pos)
-    while pos < end:
-        ready = await flight.available(pos)
-        if ready >= end and not flight.done.done():
-            if pos < end - 1:
-                pos = await _send_span(request, resp, flight, pos, end - 1)
-                flight.advance(key, pos)
-                continue
-            held = flight.read_span(pos, end)  # the last byte, kept while we wait
-            flight.advance(key, flight.size)
-            await flight.verdict()
-            await _send(request, resp, flight, pos, held)
-            return
-        pos = await _send_span(request, resp, flight, pos, min(ready, end))
-        flight.advance(key, pos)
-
-
-async def _send_span(
-    request: web.Request, resp: web.StreamResponse, flight: Flight, pos: int, limit: int
-) -> int:
-    """Send what is readable of ``[pos, limit)`` in one step; returns the new position."""
-    return await _send(request, resp, flight, pos, flight.read_span(pos, limit))
-
-
-async def _send(
+async def send_package(
     request: web.Request,
-    resp: web.StreamResponse,
-    flight: Flight,
-    pos: int,
-    span: tuple[str, int | bytes],
-) -> int:
-    kind, what = span
-    if kind == "file":
-        assert isinstance(what, int) and flight.ingest is not None
-        assert flight.ingest.file is not None
-        await _sendfile(request, resp, flight.ingest.file, pos, what)
-        return pos + what
-    assert isinstance(what, bytes)
-    await resp.write(what)
-    return pos + len(what)
+    metrics: Metrics,
+    egress: TokenBucket,
+    package: Package,
+    headers: dict[str, str] | None = None,
+) -> web.StreamResponse:
+    """The package's bytes for this request's range, paced by ``egress``.
+
+    Headers go out once the first span is ready (a failure before it is a
+    JSON error; an empty body waits for the verdict), then every span; after
+    ``prepare()`` a failure aborts the connection. Bytes to another cachesvc
+    host (a forwarded request) count as upload."""
+    resp, start, end = _start(request, package.digest, package.size, package.tier)
+    resp.headers.update(headers or {})
+    metrics.requests.labels(package.tier).inc()
+    upload = metrics.upload_bytes if FORWARDED in request.headers else None
+    async with aclosing(package.spans(start, end)) as spans:
+        span = await anext(spans, None)
+        await resp.prepare(request)
+        try:
+            while span is not None:
+                await _write_span(request, resp, egress, span)
+                if upload is not None:
+                    upload.inc(span_len(span))
+                span = await anext(spans, None)
+        except (CachesvcError, OSError) as exc:
+            log.warning("GET %s: aborting the response: %s", package.digest.short, exc)
+            abort_stream(request)
+            return resp
+    metrics.bytes_served.labels(package.tier).inc(end - start)
+    await resp.write_eof()
+    return resp
+
+
+async def _write_span(
+    request: web.Request, resp: web.StreamResponse, egress: TokenBucket, span: Span
+) -> None:
+    """One span out: ``sendfile`` for file spans, in egress-sized slices when limited."""
+    if isinstance(span, bytes):
+        await egress.take(len(span))
+        await resp.write(span)
+    elif egress.unlimited:
+        await _sendfile(request, resp, span.file, span.offset, span.count)
+    else:
+        offset = span.offset
+        async for part in egress.paced(span.count):
+            await _sendfile(request, resp, span.file, offset, part)
+            offset += part
 
 
 async def _sendfile(

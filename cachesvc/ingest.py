@@ -2,9 +2,9 @@
 
 :class:`Ingest` hashes bytes as they are written to ``tmp/`` and, at the end,
 checks size and sha256 before :class:`cachesvc.store.Store` may commit them.
-:func:`matches` is the only place in cachesvc where a computed sha256 is
+:func:`compare` is the only place in cachesvc where a computed sha256 is
 compared with the expected one: ingests, start-up adoption and re-hashes of
-stored blobs (:meth:`cachesvc.store.Store.judge`) all ask it. There is no
+stored blobs (:class:`cachesvc.recheck.Recheck`) all ask it. There is no
 switch to skip it.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import hmac
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,12 +27,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 1 << 20  # bytes gathered before one thread hop writes + hashes them
+MIN_BATCH = 256 << 10  # bytes gathered before a thread hop hashes + writes them, if idle
+WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is written
 
 
-def matches(sha256: hashlib._Hash, digest: Digest) -> bool:
-    """Whether the bytes fed to ``sha256`` are the ones ``digest`` names."""
-    return hmac.compare_digest(sha256.hexdigest(), digest.hex)
+def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
+    """The one comparison of computed and expected sha256 in cachesvc.
+    Raises :class:`DigestMismatch` (``what``: ingest, recheck, adopt, ...)."""
+    actual = hashed.hexdigest()
+    if actual != digest.hex:
+        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")
 
 
 class Ingest:
@@ -60,40 +64,64 @@ class Ingest:
         self.committed = False
         self._reservation = size if fd >= 0 else 0
         self._writing: asyncio.Future[None] | None = None
+        self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_len = 0
 
     async def write(self, chunk: bytes) -> None:
-        """Append bytes; they are hashed and written in batches off the loop."""
+        """Append bytes; they are hashed and written in batches off the loop.
+
+        One batch is hashed and written in a thread while the next one is
+        gathered (at most one in flight: memory stays bounded), so receiving,
+        hashing and writing overlap. Batches are small while the writer is idle
+        (bytes reach the disk, and followers, soon) and grow while it is busy
+        (fewer thread hops)."""
         if self.received + len(chunk) > self.size:
             raise UpstreamError(f"ingest {self.digest.short}: upstream sent over {self.size} bytes")
         self.received += len(chunk)
         self._pending.append(chunk)
         self._pending_len += len(chunk)
-        if self._pending_len >= WRITE_BATCH:
-            await self.drain()
+        idle = self._writing is None or self._writing.done()
+        if self._pending_len >= WRITE_BATCH or (idle and self._pending_len >= MIN_BATCH):
+            await self._flush()
 
     async def drain(self) -> None:
-        """Hash and write what is pending; afterwards ``on_disk`` covers it."""
+        """Hash and write everything pending; afterwards ``on_disk`` covers it."""
+        await self._flush()
+        await self._wait_writing()
+
+    async def _flush(self) -> None:
+        """Start hashing and writing what is pending, once the batch before it is done."""
+        await self._wait_writing()
         if not self._pending:
             return
         batch, self._pending, self._pending_len = self._pending, [], 0
         self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
-        await asyncio.shield(self._writing)
+        self._writing.add_done_callback(self._written)
+
+    def _written(self, _future: asyncio.Future[None]) -> None:
+        if self.on_written is not None:
+            self.on_written()
+
+    async def _wait_writing(self) -> None:
+        if self._writing is not None and not self._writing.done():
+            await asyncio.shield(self._writing)
+        elif self._writing is not None:
+            self._writing.result()  # a failed write raises here
 
     def _write_batch(self, batch: list[bytes]) -> None:
         for chunk in batch:
             self._hash.update(chunk)
         if self.spilled:
             return
-        data = b"".join(batch) if len(batch) > 1 else batch[0]
         try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(self.fd, view, self.on_disk)
-                self.on_disk += n
-                view = view[n:]
+            for chunk in batch:
+                view = memoryview(chunk)
+                while view:  # pwrite may write less than asked
+                    n = os.pwrite(self.fd, view, self.on_disk)
+                    self.on_disk += n
+                    view = view[n:]
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -106,17 +134,13 @@ class Ingest:
         await self.persist()
 
     async def verify(self) -> None:
-        """Check size and sha256 of everything written.
-
-        Raises :class:`DigestMismatch`, or :class:`UpstreamError`
-        for a short body.
+        """Check size and sha256 of everything written (:func:`compare`).
+        Raises :class:`DigestMismatch`, or :class:`UpstreamError` for a short body.
         """
         await self.drain()
         if self.received != self.size:
             raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
-        if not matches(self._hash, self.digest):
-            actual = self._hash.hexdigest()[:12]
-            raise DigestMismatch(f"ingest {self.digest.short}: bytes hash to sha256:{actual}")
+        compare(self.digest, self._hash, "ingest")
         self.verified = True
 
     async def persist(self) -> None:

@@ -2,7 +2,7 @@
 
 Each app gets its own registry (several services can share one process: tests,
 ``cachesvc up``). Labels are bounded: ``tier`` (L1, L2, ORIGIN), ``upstream``
-(peer, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
+(peer, agent, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
 ``route`` (a fixed set), ``signal`` (warm, calls, publish), ``found_by``
 (startup, scrub, serve). Digests, peers and
 tenants never become labels (they go in log lines), except the per-tenant warm
@@ -31,6 +31,17 @@ class Metrics:
         )
         self.bytes_served = Counter(
             "cachesvc_bytes_served", "Body bytes sent, by tier", ["tier"], registry=r
+        )
+        self.upload_bytes = Counter(
+            "cachesvc_upload_bytes",
+            "Body bytes sent to other cachesvc hosts (peer to agent, agent to agent), "
+            "apart from bytes served to local clients",
+            registry=r,
+        )
+        self.fanout_redirects = Counter(
+            "cachesvc_fanout_redirects",
+            "Requests the tracker sent to another host holding or filling the package",
+            registry=r,
         )
         self.upstream_fetches = Counter(
             "cachesvc_upstream_fetches",

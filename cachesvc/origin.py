@@ -36,11 +36,13 @@ CHUNK = 1 << 20
 
 @dataclass
 class Body:
-    """An open upstream body: ``size`` of the whole package, bytes from ``offset``."""
+    """An open upstream body: ``size`` of the whole package, bytes from ``offset``;
+    ``via``: the agents these bytes come through, nearest first (fan-out)."""
 
     size: int
     offset: int
     chunks: AsyncIterator[bytes]
+    via: tuple[str, ...] = ()
 
 
 class Origin(Protocol):

@@ -5,6 +5,10 @@ peer, so requests marked ``X-Cachesvc-Forwarded`` by agents cannot loop even
 while nodes disagree about the ring. ``--peers`` gives it the ring, used to
 decide which digests it owns (warm). When ``CACHESVC_PEER_TOKEN`` is set,
 every ``/blob`` request must carry it.
+
+Fan-out: for the digests it owns, a peer is the tracker (:mod:`cachesvc.tracker`):
+an agent that speaks fan-out may be answered ``307`` naming another agent that
+holds or is filling the package (:mod:`cachesvc.fanout`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from cachesvc.config import Settings
-from cachesvc.errors import InvalidDigest
-from cachesvc.http import route_digest, serve_package, timed
+from cachesvc.fanout import parent_for, redirect
+from cachesvc.http import refuse_unrouted, route_digest, serve_package, timed
 from cachesvc.service import CORE, SETTINGS, make_base_app, require_token
 from cachesvc.warm_api import add_routes as add_warm_routes
 
@@ -28,11 +32,19 @@ def make_app(settings: Settings) -> web.Application:
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
+    """The package, or (fan-out) a 307 naming the agent to fetch it from."""
     require_token(request, request.app[SETTINGS].peer_token, "/blob")
     digest = route_digest(request)
-    return await serve_package(request, request.app[CORE].tiers, digest)
+    core = request.app[CORE]
+    parent = parent_for(request, core.tracker, digest)
+    if parent is not None:
+        core.metrics.fanout_redirects.inc()
+        return redirect(parent, digest)
+    return await serve_package(request, core.tiers, core.egress, digest)
 
 
 async def bad_blob_path(request: web.Request) -> web.StreamResponse:
+    """Token first (an unauthenticated client learns nothing of the routes), then
+    405 for a method ``/blob/{digest}`` does not take, 400 for a malformed digest."""
     require_token(request, request.app[SETTINGS].peer_token, "/blob")
-    raise InvalidDigest(f"{request.path!r} does not name a digest: /blob/sha256:<64 hex>")
+    await refuse_unrouted(request, "/blob/sha256:<64 hex>")

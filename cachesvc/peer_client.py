@@ -12,7 +12,8 @@ timer), and an idle-read timeout. Every failure but an authoritative 404 is a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -22,7 +23,18 @@ from cachesvc.errors import NotFound, PeerFailed
 from cachesvc.origin import Body
 
 FORWARDED = "X-Cachesvc-Forwarded"
-CHUNK = 256 * 1024
+PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)
+VIA = "X-Cachesvc-Via"  # on an agent's answer: itself, then the agents its bytes come through
+READ_BUFSIZE = 4 << 20  # aiohttp's read buffer (default 64 KiB pauses the socket often)
+REASON_MAX = 512
+
+
+class Redirect(Exception):
+    """The owner peer answered "fetch it from this host instead" (fan-out)."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(host)
+        self.host = host
 
 
 class PeerClient:
@@ -48,6 +60,7 @@ class PeerClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=10),
                 auto_decompress=False,
+                read_bufsize=READ_BUFSIZE,
             )
         return self._session
 
@@ -58,22 +71,48 @@ class PeerClient:
         return aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
 
     @asynccontextmanager
-    async def open(self, peer: str, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
-        """GET the blob from ``peer`` starting at ``offset``."""
-        headers = dict(self._headers)
+    async def open(
+        self, peer: str, digest: Digest, offset: int = 0, extra: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Body]:
+        """GET the blob from the L2 ``peer`` starting at ``offset``. A 404 is
+        authoritative (:class:`NotFound`); a fan-out redirect raises
+        :class:`Redirect` naming the host to fetch from instead."""
+        url = f"{peer}/blob/{digest.hex}"
+        async with self._open(url, f"GET {peer}/blob/{digest.short}", offset, extra, True) as body:
+            yield body
+
+    @asynccontextmanager
+    async def open_host(
+        self, host: str, digest: Digest, offset: int = 0, extra: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Body]:
+        """GET the package from another agent (fan-out). Every failure, a 404
+        included, is a :class:`PeerFailed`: only the owner's answer is final."""
+        url = f"{host}/pkg/{digest.hex}"
+        async with self._open(url, f"GET {host}/pkg/{digest.short}", offset, extra, False) as body:
+            yield body
+
+    @asynccontextmanager
+    async def _open(
+        self, url: str, what: str, offset: int, extra: Mapping[str, str] | None, final_404: bool
+    ) -> AsyncIterator[Body]:
+        headers = {**self._headers, **(extra or {})}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        what = f"GET {peer}/blob/{digest.short}"
         try:
             async with asyncio.timeout(self._header_timeout):
                 resp = await self._client().get(
-                    f"{peer}/blob/{digest.hex}", headers=headers, timeout=self._timeout()
+                    url, headers=headers, timeout=self._timeout(), allow_redirects=False
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise PeerFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
         try:
-            size = _check(resp, what, offset)
-            yield Body(size, offset, _chunks(resp, what, self._read_timeout))
+            if resp.status == 307 and PARENT in resp.headers:
+                raise Redirect(resp.headers[PARENT])
+            if resp.status == 404 and not final_404:
+                raise PeerFailed(f"{what}: {await _reason(resp)}")
+            size = await _check(resp, what, offset)
+            via = tuple(h for h in resp.headers.get(VIA, "").split(",") if h)
+            yield Body(size, offset, _chunks(resp, what, self._read_timeout), via)
         finally:
             resp.release()
 
@@ -86,8 +125,10 @@ class PeerClient:
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise PeerFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
-        resp.release()
-        return _check(resp, what, 0)
+        try:
+            return await _check(resp, what, 0)
+        finally:
+            resp.release()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -95,13 +136,13 @@ class PeerClient:
             self._session = None
 
 
-def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
+async def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
     """Status → size of the whole package, or the error to raise."""
     if resp.status == 404:
         raise NotFound(f"{what}: the peer and the origin do not have it")
     expected = 206 if offset else 200
     if resp.status != expected:
-        raise PeerFailed(f"{what}: answered {resp.status}")
+        raise PeerFailed(f"{what}: {await _reason(resp)}")
     if offset:
         content_range = resp.headers.get("Content-Range", "")
         total = content_range.rsplit("/", 1)[-1]
@@ -113,12 +154,26 @@ def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
     return resp.content_length
 
 
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    """``answered 502 upstream_error: <detail>``: the status and, when the
+    body is the contract's JSON error, its code and detail (bounded)."""
+    text = f"answered {resp.status}"
+    if resp.method == "HEAD":
+        return text
+    try:
+        async with asyncio.timeout(2):
+            body = json.loads(await resp.content.read(REASON_MAX))
+        return f"{text} {body['error']}: {str(body['detail'])[:REASON_MAX]}"
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError):
+        return text
+
+
 async def _chunks(resp: aiohttp.ClientResponse, what: str, idle: float) -> AsyncIterator[bytes]:
     """The body in chunks; a peer silent for ``idle`` seconds mid-body has failed."""
     try:
         while True:
             async with asyncio.timeout(idle):
-                chunk = await resp.content.read(CHUNK)
+                chunk, _ = await resp.content.readchunk()  # as received: no join, no copy
             if not chunk:
                 return
             yield chunk

@@ -43,10 +43,10 @@ from pathlib import Path
 
 from cachesvc.blob import file_sha256
 from cachesvc.digest import Digest
-from cachesvc.errors import ConfigError
+from cachesvc.errors import ConfigError, DigestMismatch
 from cachesvc.fsutil import remove_tree
 from cachesvc.index import HEX, Entry, Index
-from cachesvc.ingest import matches
+from cachesvc.ingest import compare
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +155,13 @@ def adopt_orphans(blobs: Path, scan: Scan, fix: bool, now: float) -> set[str]:
     for name in scan.orphans:
         try:
             sha256, size = file_sha256(blobs / name)
-        except OSError as exc:
-            why = f"cannot read it: {exc}"
+            compare(Digest(name), sha256, "adopt")
+        except (OSError, DigestMismatch) as exc:
+            log.error("store: removing %s: %s", blobs / name, exc)
         else:
-            if matches(sha256, Digest(name)):
-                adopted.add(name)
-                scan.rows[name] = Entry(size, now)
-                continue
-            why = f"its bytes hash to sha256:{sha256.hexdigest()[:12]}"
-        log.error("store: removing %s: %s", blobs / name, why)
+            adopted.add(name)
+            scan.rows[name] = Entry(size, now)
+            continue
         scan.report["corrupt_removed"] += 1
         if fix:
             remove_tree(blobs / name)

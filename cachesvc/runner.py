@@ -16,16 +16,54 @@ from typing import Any
 
 from aiohttp import web
 
+from cachesvc.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
+class ListenError(Exception):
+    """A service could not bind its address (in use, not ours, unknown host)."""
+
+
 async def start_app(app: web.Application, host: str, port: int, grace: float) -> web.AppRunner:
+    """Start ``app`` (its cleanup contexts: store, origin, ...) and bind it.
+
+    Raises :class:`ConfigError` when start-up fails on a directory or another
+    start-up check (the message names the path, not the address), and
+    :class:`ListenError` only when the bind itself fails. Either way whatever
+    had started is cleaned up first.
+    """
     # aiohttp reads a timeout of 0 as "wait forever": a grace of 0 means "don't wait".
     runner = web.AppRunner(app, shutdown_timeout=max(grace, 0.001), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await runner.setup()
+    except (ConfigError, OSError) as exc:
+        await _cleanup_quietly(runner)
+        raise _start_error(exc) from exc
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:
+        await _cleanup_quietly(runner)
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return runner
+
+
+def _start_error(exc: ConfigError | OSError) -> ConfigError:
+    """One line naming the path: an OSError of start-up is about a directory or
+    file (the store's, the code dir's, a lock), never about the listen address."""
+    if isinstance(exc, ConfigError):
+        return exc
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return ConfigError(f"cannot start: {where}{exc.strerror or exc}")
+
+
+async def _cleanup_quietly(runner: web.AppRunner) -> None:
+    """Close what a failed start opened; its own errors only go to the log, so
+    the start-up error stays the one line the operator sees."""
+    try:
+        await runner.cleanup()
+    except Exception:
+        log.exception("cleaning up after a failed start")
 
 
 async def run_until_signal(
@@ -33,6 +71,8 @@ async def run_until_signal(
     grace: float,
     banner: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> int:
+    """Serve ``apps`` until SIGINT/SIGTERM. Returns 1 when an address cannot be
+    bound; raises :class:`ConfigError` when a service cannot start."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -42,8 +82,8 @@ async def run_until_signal(
         for app, (host, port) in apps:
             try:
                 runners.append(await start_app(app, host, port, grace))
-            except OSError as exc:
-                log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+            except ListenError as exc:
+                log.error("%s", exc)
                 return 1
             log.info("listening on %s:%d", host, port)
         if banner is not None:

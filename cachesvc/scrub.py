@@ -16,9 +16,10 @@ Guarantees:
   does not touch their recency; an evicted file stays readable through it,
   and a verdict on an entry evicted or committed afresh meanwhile is ignored
   by the store. Reads never follow a link.
-* **Off the event loop**: hashing runs in a thread, one block per hop; when
-  the scrubber is cancelled, the block in its thread finishes before the
-  lease is released, so the descriptor is never closed under a read.
+* **Off the event loop**: hashing is a :class:`~cachesvc.recheck.Recheck`
+  (the same re-hash a first serve does), one block per thread hop; when the
+  scrubber is cancelled, the block in its thread finishes before the lease is
+  released, so the descriptor is never closed under a read.
 * A mismatch, a short file or a read error drops the entry
   (:meth:`cachesvc.store.Store.drop_corrupt`, counted as found by ``scrub``);
   the next request refetches it. A match marks it verified.
@@ -29,18 +30,15 @@ Clock and sleep are injected: tests never wait for real intervals.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from cachesvc.blob import Blob
 from cachesvc.digest import Digest
-from cachesvc.errors import ConfigError
+from cachesvc.errors import ConfigError, DigestMismatch
 from cachesvc.metrics import Metrics
+from cachesvc.recheck import Recheck
 from cachesvc.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,8 +47,6 @@ BLOCK = 1 << 20  # bytes per thread hop (and the most the rate can burst)
 MIN_BLOCK = 4096
 DEFAULT_INTERVAL = 86400.0
 DEFAULT_RATE = 64 << 20
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,33 +129,26 @@ class Scrubber:
         blob = await self._store.lease(digest, touch=False)
         if blob is None:
             return None, 0
+        recheck = self._store.recheck(blob, found_by="scrub")
         try:
-            sha256 = hashlib.sha256()
-            read = await self._hash(blob, sha256)
-            if read == blob.size:
-                return await self._store.judge(blob, sha256, "scrub"), read
-            reason = f"its file ends at byte {read} of {blob.size}"
-        except OSError as exc:
-            read, reason = 0, f"cannot read it: {exc}"
+            await self._hash(recheck)
+            await recheck.verify()  # drops the entry and raises when the bytes are wrong
+            await recheck.persist()
+            return True, recheck.on_disk
+        except DigestMismatch:
+            return False, recheck.on_disk
         finally:
-            self._store.release(blob)
-        dropped = await self._store.drop_corrupt(digest, reason, found_by="scrub", lease=blob)
-        return (False if dropped else None), read
+            await recheck.close()
 
-    async def _hash(self, blob: Blob, sha256: hashlib._Hash) -> int:
-        """Feed the blob's bytes to ``sha256`` at the paced rate; bytes read."""
-        offset = 0
-        fd = blob.file.fileno()
-        while offset < blob.size:
-            want = min(self._block, blob.size - offset)
-            await self._pace.take(want)
-            got = await _finish_in_thread(_hash_block, sha256, fd, offset, want)
+    async def _hash(self, recheck: Recheck) -> None:
+        """Feed every block to the recheck, at the paced rate."""
+        more = True
+        while more:
+            before = recheck.on_disk
+            await self._pace.take(min(self._block, recheck.size - before))
+            more = await recheck.step(self._block)
             if self._metrics is not None:
-                self._metrics.scrub_bytes.inc(got)
-            if got < want:
-                return offset + got
-            offset += got
-        return offset
+                self._metrics.scrub_bytes.inc(recheck.on_disk - before)
 
     def _count_pass(self, report: PassReport) -> None:
         if self._metrics is not None:
@@ -186,20 +175,3 @@ class _Pace:
             await self._sleep(self._free_at - now)
             now = max(self._clock(), self._free_at)
         self._free_at = now + nbytes / self._rate
-
-
-def _hash_block(sha256: hashlib._Hash, fd: int, offset: int, size: int) -> int:
-    data = os.pread(fd, size, offset)
-    sha256.update(data)
-    return len(data)
-
-
-async def _finish_in_thread(fn: Callable[..., T], *args: object) -> T:
-    """``fn(*args)`` in a thread; if we are cancelled meanwhile, the thread's
-    call still finishes before the cancellation goes on."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise

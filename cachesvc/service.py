@@ -21,7 +21,9 @@ from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
+from cachesvc.egress import TokenBucket
 from cachesvc.errors import ConfigError, Unauthorized
+from cachesvc.fanout import Avoided, FanoutSource, Feeds
 from cachesvc.flight import Flights
 from cachesvc.http import METRICS, error_middleware, json_error
 from cachesvc.membership import Membership
@@ -32,6 +34,7 @@ from cachesvc.ring import Ring
 from cachesvc.scrub import Scrubber
 from cachesvc.store import Store
 from cachesvc.tiers import OriginSource, PeerSource, Source, Tiers
+from cachesvc.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class Core:
     store: Store
     flights: Flights
     tiers: Tiers
+    egress: TokenBucket
+    tracker: Tracker  # fan-out trees of the digests this peer owns (peers)
+    feeds: Feeds  # hosts this host feeds now, per digest (agents)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -103,9 +109,15 @@ async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> C
     store.on_evict.append(lambda _d, _s: metrics.evictions.inc())
     metrics.bind_store(lambda: _usage(store))
     flights = Flights(store, settings.max_fetches, settings.max_queued)
-    sources = _sources_for(local_tier, ring, peer_client, origin)
+    sources = _sources_for(settings, local_tier, ring, peer_client, origin)
     tiers = Tiers(store, flights, sources, metrics, local_tier)
-    core = Core(settings, metrics, origin, ring, membership, peer_client, store, flights, tiers)
+    me = settings.self_url or settings.listen_url
+    core = Core(
+        settings, metrics, origin, ring, membership, peer_client, store, flights, tiers,
+        egress=TokenBucket(settings.egress_limit),
+        tracker=Tracker(me, settings.fanout),
+        feeds=Feeds(settings.fanout),
+    )  # fmt: skip
     core.tasks.append(asyncio.get_running_loop().create_task(_flush_forever(store)))
     core.tasks.append(asyncio.get_running_loop().create_task(scrubber.run()))
     log.info(
@@ -140,16 +152,22 @@ def _usage(store: Store) -> tuple[int, int, int]:
 
 
 def _sources_for(
-    local_tier: str, ring: Ring, client: PeerClient, origin: Origin
+    settings: Settings, local_tier: str, ring: Ring, client: PeerClient, origin: Origin
 ) -> Callable[[Digest], Sequence[Source]]:
     origin_source = OriginSource(origin)
     if local_tier != "L1":
         return lambda _digest: (origin_source,)
+    avoided = Avoided()
+    me = settings.self_url
 
     def walk(digest: Digest) -> list[Source]:
         # Peers marked down are skipped: after them only the origin would be
-        # asked anyway, and its answer is authoritative.
-        peers: list[Source] = [PeerSource(client, ring, url) for url in ring.up_owners(digest)]
+        # asked anyway, and its answer is authoritative. The owner is asked
+        # as the digest's fan-out tracker: it may name another agent to use.
+        owners = ring.up_owners(digest)
+        peers: list[Source] = [PeerSource(client, ring, url) for url in owners[1:]]
+        if owners:
+            peers.insert(0, FanoutSource(client, ring, owners[0], me, settings.fanout, avoided))
         return [*peers, origin_source]
 
     return walk

@@ -11,8 +11,8 @@ Layout under the store's root::
 Guarantees:
 
 * **Only verified bytes are ever committed.** :meth:`Ingest.verify` checks
-  them, and :meth:`Store.judge` judges bytes read back from disk, both with
-  :func:`cachesvc.ingest.matches`, the one comparison of computed and
+  them, and :class:`Recheck` bytes read back from disk, both with
+  :func:`cachesvc.ingest.compare`, the one comparison of computed and
   expected digests; there is no switch to skip it. Commit is temp file -> fsync ->
   chmod 0444 -> rename -> fsync(dir) -> index, so a crash at any moment
   (kill -9 included) leaves either nothing or a complete verified blob.
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -56,11 +55,15 @@ from cachesvc.blob import Blob, open_file
 from cachesvc.digest import Digest
 from cachesvc.dirlock import DirLock
 from cachesvc.index import Entry, Index
-from cachesvc.ingest import Ingest, matches
+from cachesvc.ingest import MIN_BATCH, WRITE_BATCH, Ingest, compare
+from cachesvc.recheck import Recheck
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Blob", "Entry", "Ingest", "Store", "StoreFull", "Usage"]
+__all__ = [
+    "MIN_BATCH", "WRITE_BATCH", "Blob", "Entry", "Ingest", "Recheck", "Store", "StoreFull",
+    "Usage", "compare",
+]  # fmt: skip
 
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
@@ -242,6 +245,7 @@ class Store:
                 return None
         elif touch:
             self._open.move_to_end(digest.hex)
+        blob.verified = digest.hex in self._verified
         blob.acquire()
         return blob
 
@@ -268,7 +272,7 @@ class Store:
         while len(self._open) >= MAX_OPEN_BLOBS:
             _, old = self._open.popitem(last=False)
             old.retire()
-        blob = Blob(digest, size, file, digest.hex in self._verified, generation)
+        blob = Blob(digest, size, file, generation)
         self._open[digest.hex] = blob
         if not hot:  # first to be closed: a scrub must not push hot handles out
             self._open.move_to_end(digest.hex, last=False)
@@ -279,12 +283,10 @@ class Store:
     def mark_verified(self, digest: Digest, lease: Blob | None = None) -> None:
         """Record that this process hashed the entry's bytes and they matched.
         With ``lease``, only if the entry is still the file that lease reads."""
-        if digest.hex not in self._lru or not self._current(digest, lease):
-            return
-        self._verified.add(digest.hex)
-        for blob in (self._open.get(digest.hex), lease):  # a handle in _open is always current
-            if blob is not None:
-                blob.verified = True
+        if digest.hex in self._lru and self._current(digest, lease):
+            self._verified.add(digest.hex)
+            if lease is not None:
+                lease.verified = True
 
     async def drop_corrupt(
         self, digest: Digest, reason: str, *, found_by: str = "serve", lease: Blob | None = None
@@ -302,16 +304,10 @@ class Store:
         self._on_corrupt(found_by)
         return True
 
-    async def judge(self, lease: Blob, sha256: hashlib._Hash, found_by: str) -> bool:
-        """Judge a complete re-hash of a leased entry's bytes: mark it verified
-        if they match its digest (:func:`cachesvc.ingest.matches`), drop it as
-        corrupt if not. True on a match."""
-        if matches(sha256, lease.digest):
-            self.mark_verified(lease.digest, lease)
-            return True
-        reason = f"its bytes hash to sha256:{sha256.hexdigest()[:12]}"
-        await self.drop_corrupt(lease.digest, reason, found_by=found_by, lease=lease)
-        return False
+    def recheck(self, lease: Blob, found_by: str = "serve") -> Recheck:
+        """Re-hash a leased entry in place (see :mod:`cachesvc.recheck`); the
+        recheck takes over the lease and releases it on close."""
+        return Recheck(self, lease, found_by)
 
     def _current(self, digest: Digest, lease: Blob | None) -> bool:
         return lease is None or self._generation.get(digest.hex) == lease.generation

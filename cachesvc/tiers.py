@@ -31,7 +31,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from cachesvc.errors import (
     CachesvcError,
     DigestMismatch,
     NotFound,
+    NotHere,
     Overloaded,
     UpstreamError,
     UpstreamTimeout,
@@ -47,9 +49,10 @@ from cachesvc.errors import (
 from cachesvc.flight import Flight, Flights
 from cachesvc.metrics import Metrics
 from cachesvc.origin import Origin
+from cachesvc.package import BlobPackage, Package
 from cachesvc.peer_client import PeerClient
 from cachesvc.ring import Ring
-from cachesvc.store import Blob, Store
+from cachesvc.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,34 @@ NEGATIVE_MAX = 10_000
 class Source(Protocol):
     """One upstream, as the walk sees it."""
 
-    name: str
-    tier: str  # what X-Cache-Tier says when this source served the bytes
-    upstream: str  # metric label: "peer" or "origin"
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tier(self) -> str:
+        """What X-Cache-Tier says when this source served the bytes."""
+        ...
+
+    @property
+    def upstream(self) -> str:
+        """Metric label of who sends the bytes now: "peer", "agent" or "origin"."""
+        ...
 
     def open(self, digest: Digest, offset: int) -> Any: ...
 
     async def head(self, digest: Digest) -> int: ...
 
-    def failed(self) -> None: ...
+    def retry(self, exc: CachesvcError) -> bool:
+        """Whether to ask this source again, resuming, after ``exc`` mid-body."""
+        ...
+
+    def failed(self) -> None:
+        """It failed (down, error, broke off): skip it for a while."""
+        ...
+
+    def refused(self) -> None:
+        """Bytes it delivered did not match the digest."""
+        ...
 
     def succeeded(self) -> None: ...
 
@@ -87,7 +109,13 @@ class PeerSource:
     async def head(self, digest: Digest) -> int:
         return await self.client.head(self.name, digest)
 
+    def retry(self, exc: CachesvcError) -> bool:
+        return False
+
     def failed(self) -> None:
+        self.ring.mark_down(self.name)
+
+    def refused(self) -> None:
         self.ring.mark_down(self.name)
 
     def succeeded(self) -> None:
@@ -107,7 +135,13 @@ class OriginSource:
     async def head(self, digest: Digest) -> int:
         return await self.origin.head(digest)
 
+    def retry(self, exc: CachesvcError) -> bool:
+        return False
+
     def failed(self) -> None:
+        return None
+
+    def refused(self) -> None:
         return None
 
     def succeeded(self) -> None:
@@ -160,43 +194,71 @@ class Tiers:
         self.local_tier = local_tier
         self.negative = negative or NegativeCache()
 
-    async def get(self, digest: Digest) -> Blob | Flight:
-        """Steps 1-4: an open blob to serve, or a flight to follow (already
-        registered: the caller must :meth:`Flight.follow` it right away)."""
+    @asynccontextmanager
+    async def open(
+        self, digest: Digest, local_only: bool = False, start_timeout: float | None = None
+    ) -> AsyncIterator[Package]:
+        """Steps 1-4: the package to read, valid inside the ``async with``.
+
+        Raises :class:`NotFound` (negative cache, or every source said so),
+        :class:`Overloaded`, or the failure of a fetch that never started.
+        ``local_only`` (another host asks, fan-out): only what is here or being
+        filled here, else :class:`NotHere`, and a fill that has not started
+        within ``start_timeout`` is :class:`UpstreamTimeout`. On exit the lease
+        or the follower is released.
+        """
         blob = await self.store.lease(digest)
-        if blob is not None:
-            return blob
-        if digest in self.negative:
-            self.metrics.negative_hits.inc()
-            raise NotFound(f"{digest} is not in the origin (negative cache)")
+        if blob is not None and blob.verified:
+            try:
+                yield BlobPackage(blob, self.local_tier)
+            finally:
+                self.store.release(blob)
+            return
+        if blob is not None:  # not hashed since this process started: recheck it
+            self.store.release(blob)
+        follower = self._join(digest, blob is not None, local_only).follow()
+        try:
+            try:
+                async with asyncio.timeout(start_timeout):
+                    await follower.started()
+            except TimeoutError as exc:
+                what = f"{digest.short}: its fill did not start within {start_timeout}s"
+                raise UpstreamTimeout(what) from exc
+            follower.tier = self._tier_of(follower.flight)
+            yield follower
+        finally:
+            await follower.leave()
+
+    def _join(self, digest: Digest, recheck: bool, local_only: bool = False) -> Flight:
+        """The running flight for ``digest``, or a new one (no await: the caller
+        follows it at once)."""
         flight = self.flights.get(digest)
         if flight is not None:
             if not flight.local:
                 self.metrics.coalesced.inc()
             return flight
+        if recheck:
+            return self.flights.start(digest, self._recheck, local=True)
+        if local_only:
+            raise NotHere(f"{digest.short} is neither here nor being fetched here")
+        if digest in self.negative:
+            self.metrics.negative_hits.inc()
+            raise NotFound(f"{digest} is not in the origin (negative cache)")
         return self.flights.start(digest, self._fill)
 
-    def tier_of(self, flight: Flight) -> str:
-        """What X-Cache-Tier says for a request following ``flight``."""
+    def _tier_of(self, flight: Flight) -> str:
+        """X-Cache-Tier for a request following ``flight`` (once it started):
+        this service's own tier once the bytes are verified and being kept."""
         assert flight.tier is not None
         return self.local_tier if flight.local else flight.tier
 
     async def fetch(self, digest: Digest) -> tuple[int, str]:
-        """Make sure the package is here (or at least verified once): for warm and
-        unpack. Returns (size, tier the bytes came from)."""
-        source = await self.get(digest)
-        if isinstance(source, Blob):
-            self.store.release(source)
-            return source.size, self.local_tier
-        key = source.follow()
-        was_local = source.local  # joined after the verdict: as good as a hit
-        try:
-            await source.verdict()
-            await asyncio.shield(source.ended)  # kept in the store, when it can be
-            assert source.size is not None and source.tier is not None
-            return source.size, self.local_tier if was_local else source.tier
-        finally:
-            await source.leave(key)
+        """Make sure the package is here and verified (kept, when the store can
+        keep it): for warm, prefetch and unpack. Returns (size, tier the bytes
+        came from; this service's own tier if they were already here)."""
+        async with self.open(digest) as package:
+            await package.complete()
+            return package.size, package.tier
 
     async def head(self, digest: Digest) -> tuple[int, str]:
         """Size and tier without downloading the body."""
@@ -205,7 +267,7 @@ class Tiers:
             return size, self.local_tier
         flight = self.flights.get(digest)
         if flight is not None and flight.size is not None and flight.tier is not None:
-            return flight.size, self.tier_of(flight)
+            return flight.size, self._tier_of(flight)
         if digest in self.negative:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         last: CachesvcError = UpstreamError(f"HEAD {digest.short}: no upstream configured")
@@ -229,7 +291,7 @@ class Tiers:
             last: CachesvcError = UpstreamError(f"fetch {digest.short}: no upstream configured")
             for source in self._sources(digest):
                 try:
-                    await self._pull(flight, source)
+                    await self._pull_from(flight, source)
                 except NotFound:
                     self._count(source, "not_found")
                     self.negative.add(digest)
@@ -238,7 +300,6 @@ class Tiers:
                     self._refused(flight, source, exc)
                     raise
                 except (UpstreamError, UpstreamTimeout) as exc:
-                    self._count(source, "timeout" if isinstance(exc, UpstreamTimeout) else "error")
                     log.warning("fetch %s via %s failed: %s", digest.short, source.name, exc)
                     source.failed()
                     last = exc
@@ -251,9 +312,45 @@ class Tiers:
         finally:
             self.metrics.inflight.dec()
 
+    async def _recheck(self, flight: Flight) -> None:
+        """A local entry not hashed since start: serve it while hashing it; if
+        it rotted, the store drops it, followers abort, and a refill starts."""
+        blob = await self.store.lease(flight.digest)
+        if blob is None:  # evicted meanwhile: fetch it like any miss
+            await self._fill(flight)
+            return
+        recheck = self.store.recheck(blob)
+        flight.begin_recheck(recheck, self.local_tier)
+        try:
+            while True:
+                more = await recheck.step()
+                flight.grew()
+                if not more:
+                    break
+            await flight.finish()
+        except DigestMismatch:
+            self.metrics.digest_mismatch.inc()
+            asyncio.get_running_loop().call_soon(self._refill, flight.digest)
+            raise
+
+    async def _pull_from(self, flight: Flight, source: Source) -> None:
+        """:meth:`_pull`, again while the source asks to be retried (a fan-out
+        parent failed: the owner names another). Counts every attempt."""
+        while True:
+            try:
+                await self._pull(flight, source)
+                return
+            except DigestMismatch:
+                raise
+            except (UpstreamError, UpstreamTimeout) as exc:
+                self._count(source, "timeout" if isinstance(exc, UpstreamTimeout) else "error")
+                if not source.retry(exc):
+                    raise
+
     async def _pull(self, flight: Flight, source: Source) -> None:
         """Stream one source into the flight, resuming at ``flight.received``."""
         async with source.open(flight.digest, flight.received) as body:
+            flight.via = body.via
             if flight.ingest is None:
                 await flight.begin(body.size, source.tier)
             elif body.size != flight.size:
@@ -266,8 +363,8 @@ class Tiers:
         self._count(source, "mismatch")
         self.metrics.digest_mismatch.inc()
         log.error("fetch %s via %s refused: %s", flight.digest.short, source.name, exc)
-        source.failed()
-        if source.upstream == "peer":  # the origin may still have the right bytes
+        source.refused()
+        if source.upstream != "origin":  # the origin may still have the right bytes
             asyncio.get_running_loop().call_soon(self._refill, flight.digest)
 
     def _refill(self, digest: Digest) -> None:

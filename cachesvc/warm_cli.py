@@ -29,7 +29,7 @@ import aiohttp
 from cachesvc.config import add_flag, env_name, env_value, operator_token
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError
-from cachesvc.membership import parse_peers, resolve_all
+from cachesvc.membership import parse_peers, peer_list, resolve_all
 
 POLL_EVERY = 0.25
 LINE_EVERY = 2.0
@@ -76,7 +76,12 @@ def add_command(sub: Any) -> None:
         metavar="URL",
         help=f"an agent to warm (repeatable, or comma-separated) [env {env_name('--agent')}]",
     )
-    add_flag(warm, "--peers", "warm the L2 tier: http://HOST:PORT,... or dns+http://NAME:PORT")
+    add_flag(
+        warm,
+        "--peers",
+        "warm the L2 tier: http://HOST:PORT,... or dns+http://NAME:PORT",
+        type=peer_list,
+    )
     warm.add_argument("--digest", action="append", default=[], help="a digest (repeatable)")
     warm.add_argument("--pin", action="store_true", help="pin what is warmed (within pin-share)")
     add_flag(warm, "--timeout", "seconds to wait for every target", type=float, default="600")

@@ -4,6 +4,10 @@ Starts a local stack (moto + counting proxy, 3 peers, 2 agents, nginx), seeds
 it, runs each scenario with locust against the origin, nginx and cachesvc, and
 writes ``loadtest/out/<run>/report.md`` with CSVs and one plot per scenario.
 Exits 1 when any request failed.
+
+``python -m loadtest fanout [--n 4,8,16,24] [--k 0,2] [--size 16MiB]
+[--egress-limit 40MiB] [--out DIR]`` is issue 11's fan-out emulation: see
+:mod:`loadtest.fanout`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from loadtest import fanout
 from loadtest.run import TARGET_ORDER, run
 from loadtest.scenarios import scenarios
 
@@ -34,11 +39,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(TARGET_ORDER),
         help="comma-separated, of origin,nginx,cachesvc",
     )
+    fanout.add_parser(sub)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.command == "fanout":
+        return fanout.main(args)
     chosen = args.scenario or ["all"]
     names = list(scenarios()) if "all" in chosen else list(dict.fromkeys(chosen))
     targets = tuple(t for t in TARGET_ORDER if t in args.targets.split(","))

@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ AWS_ENV = {
 }
 BUCKET = "loadtest-pkgs"
 CACHE_SIZE = "20GiB"
+Extra = Callable[[str, str], Sequence[str]]  # (role, url) → more flags for that process
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class LocalStack:
     proxy: S3Proxy
     agents: list[str]
     peers: list[str]
-    nginx_url: str
+    nginx_url: str  # "" when started without nginx
     token: str
     children: list[Child] = field(default_factory=list)
+    caches: Path | None = None  # each process's store is <caches>/<role>-<index>
 
     @property
     def origin_url(self) -> str:
@@ -80,15 +82,24 @@ async def start_moto(logs: Path) -> tuple[Child, str]:
 
 
 async def start_tier(
-    role: str, index: int, ring: list[str], proxy_url: str, caches: Path, logs: Path, token: str
+    role: str,
+    index: int,
+    ring: list[str],
+    proxy_url: str,
+    caches: Path,
+    logs: Path,
+    token: str,
+    extra: Extra | None = None,
 ) -> Child:
-    """One ``cachesvc peer`` or ``cachesvc agent`` on the port its URL names."""
+    """One ``cachesvc peer`` or ``cachesvc agent`` on the port its URL names;
+    ``extra(role, url)`` gives more flags (``python -m loadtest fanout``)."""
     url = ring[index] if role == "peer" else f"http://127.0.0.1:{free_port()}"
     argv = [venv_tool("cachesvc"), role, "--listen", url.removeprefix("http://")]
     argv += ["--cache-dir", str(caches / f"{role}-{index}"), "--cache-size", CACHE_SIZE]
     argv += ["--origin", f"s3://{BUCKET}", "--s3-endpoint", proxy_url, "--peers", ",".join(ring)]
     argv += ["--shutdown-grace", "2", "--log-level", "WARNING"]
     argv += ["--advertise", url] if role == "peer" else []
+    argv += extra(role, url) if extra is not None else []
     env = {**AWS_ENV, "CACHESVC_TOKEN": token}
     child = await spawn(f"{role}-{index}", argv, logs / f"{role}-{index}.log", env=env)
     await wait_ready(child, url + "/readyz")
@@ -97,8 +108,11 @@ async def start_tier(
 
 
 @asynccontextmanager
-async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncIterator[LocalStack]:
-    """Start everything, yield it, stop everything (also on errors)."""
+async def local_stack(
+    logs: Path, peers: int = 3, agents: int = 2, nginx: bool = True, extra: Extra | None = None
+) -> AsyncIterator[LocalStack]:
+    """Start everything, yield it, stop everything (also on errors). ``extra``
+    adds flags per process (see :func:`start_tier`)."""
     logs.mkdir(parents=True, exist_ok=True)
     for name, value in AWS_ENV.items():  # this process seeds moto too
         os.environ.setdefault(name, value)
@@ -112,12 +126,13 @@ async def local_stack(logs: Path, peers: int = 3, agents: int = 2) -> AsyncItera
         stack.push_async_callback(proxy.stop)
         ring = [f"http://127.0.0.1:{free_port()}" for _ in range(peers)]
         which = [("peer", i) for i in range(peers)] + [("agent", i) for i in range(agents)]
-        tiers = await _start_all(stack, which, ring, proxy, caches, logs, token)
-        nginx, nginx_url = await start_nginx(caches / "nginx", proxy.url)
-        stack.push_async_callback(nginx.stop)
-        yield LocalStack(
-            moto_url, proxy, [c.name for c in tiers[peers:]], ring, nginx_url, token, tiers
-        )
+        tiers = await _start_all(stack, which, ring, proxy, caches, logs, token, extra)
+        nginx_url = ""
+        if nginx:
+            server, nginx_url = await start_nginx(caches / "nginx", proxy.url)
+            stack.push_async_callback(server.stop)
+        agent_urls = [c.name for c in tiers[peers:]]
+        yield LocalStack(moto_url, proxy, agent_urls, ring, nginx_url, token, tiers, caches)
 
 
 async def _start_all(
@@ -128,9 +143,10 @@ async def _start_all(
     caches: Path,
     logs: Path,
     token: str,
+    extra: Extra | None = None,
 ) -> list[Child]:
     results = await asyncio.gather(
-        *(start_tier(role, i, ring, proxy.url, caches, logs, token) for role, i in which),
+        *(start_tier(role, i, ring, proxy.url, caches, logs, token, extra) for role, i in which),
         return_exceptions=True,
     )
     children = [r for r in results if isinstance(r, Child)]

@@ -2,7 +2,8 @@
 
 The same :func:`make_app` serves the CLI (``cachesvc agent``), ``cachesvc up``
 and the tests. Reads walk L1 → the ring's owners → the origin
-(:mod:`cachesvc.tiers`); this module only wires routes.
+(:mod:`cachesvc.tiers`); this module only wires routes. With fan-out, it
+also feeds other agents what it holds or is filling (:func:`feed_host`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from cachesvc.config import Settings
-from cachesvc.errors import InvalidDigest
-from cachesvc.http import route_digest, serve_package, timed
-from cachesvc.service import CORE, make_base_app
+from cachesvc.digest import Digest
+from cachesvc.errors import NotHere
+from cachesvc.fanout import check_requester
+from cachesvc.http import refuse_unrouted, route_digest, send_package, serve_package, timed
+from cachesvc.peer_client import FORWARDED, VIA
+from cachesvc.service import CORE, Core, make_base_app, require_token
 from cachesvc.warm_api import add_routes as add_warm_routes
 from node_agent.packages import add_routes as add_package_routes
+
+FEED_START_WAIT = 5.0  # seconds another host waits for this host's own fill to start
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -28,8 +34,30 @@ def make_app(settings: Settings) -> web.Application:
 
 async def get_package(request: web.Request) -> web.StreamResponse:
     digest = route_digest(request)
-    return await serve_package(request, request.app[CORE].tiers, digest)
+    core = request.app[CORE]
+    if FORWARDED in request.headers:
+        return await feed_host(request, core, digest)
+    return await serve_package(request, core.tiers, core.egress, digest)
+
+
+async def feed_host(request: web.Request, core: Core, digest: Digest) -> web.StreamResponse:
+    """Another agent asks (fan-out): only what is here or being filled here,
+    at most ``--fanout`` hosts at once, never a host upstream of this one; the
+    answer names the agents these bytes come through (``X-Cachesvc-Via``)."""
+    require_token(request, core.settings.peer_token, "/pkg from another host")
+    me = core.settings.self_url
+    if core.settings.fanout <= 0 or me is None:
+        raise NotHere("this agent does not feed other hosts (--fanout 0 or no --advertise)")
+    if request.method == "HEAD":
+        raise NotHere("HEAD is for the owner peer")
+    with core.feeds.slot(digest):
+        opened = core.tiers.open(digest, local_only=True, start_timeout=FEED_START_WAIT)
+        async with opened as package:
+            check_requester(request, package.via, me)
+            via = {VIA: ",".join((me, *package.via))}
+            return await send_package(request, core.metrics, core.egress, package, via)
 
 
 async def bad_pkg_path(request: web.Request) -> web.StreamResponse:
-    raise InvalidDigest(f"{request.path!r} does not name a digest: /pkg/sha256:<64 hex>")
+    """405 for a method the path's routes do not take; 400 for a malformed digest."""
+    await refuse_unrouted(request, "/pkg/sha256:<64 hex>")

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,7 @@ class Stack:
         name = kw.pop("name", f"agent-{len(self.agents)}")
         peer_list = ",".join(self.peers if peers is None else peers)
         kw.setdefault("code_dir", self.root / f"{name}-code")
+        kw.setdefault("advertise", url)  # reachable by other agents: fan-out on
         settings = self.settings(name, port, peers=peer_list, **kw)
         await self._start(url, make_app(settings), port)
         self.agents.append(url)
@@ -159,14 +161,28 @@ class Stack:
         runner = self._runners.pop(url)
         await runner.cleanup()
 
-    async def restart(self, url: str) -> None:
-        """Stop, then start the same app settings again on the same port."""
+    async def kill(self, url: str) -> None:
+        """Like a crash: every open connection is cut at once (no graceful
+        drain), then the server is gone."""
+        runner = self._runners.pop(url)
+        server = runner.server
+        if server is not None:
+            for handler in list(server.connections):
+                if handler.transport is not None:
+                    handler.transport.abort()
+        await runner.cleanup()
+
+    async def restart(self, url: str, meanwhile: Callable[[Settings], None] | None = None) -> None:
+        """Stop, then start the same app settings again on the same port;
+        ``meanwhile(settings)`` runs while it is stopped (e.g. to damage its disk)."""
         from cachesvc.peer import make_app as make_peer
         from cachesvc.service import SETTINGS
         from node_agent.app import make_app as make_agent
 
         settings = self.apps[url][SETTINGS]
         await self.stop(url)
+        if meanwhile is not None:
+            meanwhile(settings)
         factory = make_agent if url in self.agents else make_peer
         await self._start(url, factory(settings), settings.listen[1])
 

@@ -9,33 +9,36 @@ from pathlib import Path
 import pytest
 
 from cachesvc.errors import DigestMismatch, Overloaded, UpstreamError
-from cachesvc.flight import Flight, Flights
+from cachesvc.flight import Flight, Flights, Follower
+from cachesvc.package import FileSpan, Span
 from cachesvc.store import Store
 from tests.servers import digest_of, payload
 
 CHUNK = 64 * 1024
 
 
-async def read_all(flight: Flight) -> bytes:
-    """Follow a flight to the end the way the HTTP layer does."""
-    key = flight.follow()
+def span_bytes(span: Span) -> bytes:
+    if isinstance(span, FileSpan):
+        return os.pread(span.file.fileno(), span.count, span.offset)
+    return span
+
+
+async def read_follower(follower: Follower, pause: float | None = None) -> bytes:
+    """Read a follower to the end the way the HTTP layer does."""
     try:
-        await flight.started
-        assert flight.size is not None and flight.ingest is not None
+        await follower.started()
         out = bytearray()
-        while len(out) < flight.size:
-            ready = await flight.available(len(out))
-            kind, span = flight.read_span(len(out), ready)
-            if kind == "file":
-                assert isinstance(span, int)
-                out += os.pread(flight.ingest.fd, span, len(out))
-            else:
-                out += span  # type: ignore[operator]
-            flight.advance(key, len(out))
-        await flight.verdict()
+        async for span in follower.spans(0, follower.size):
+            out += span_bytes(span)
+            if pause is not None:
+                await asyncio.sleep(pause)
         return bytes(out)
     finally:
-        await flight.leave(key)
+        await follower.leave()
+
+
+async def read_all(flight: Flight) -> bytes:
+    return await read_follower(flight.follow())
 
 
 def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None, claim=None):
@@ -137,22 +140,18 @@ async def test_relay_mode_bounds_memory_when_the_store_cannot_keep_it(tmp_path: 
 
     async def slow_reader() -> bytes:
         nonlocal peak
-        key = flight.follow()
+        follower = flight.follow()
         try:
-            await flight.started
+            await follower.started()
             out = bytearray()
-            while len(out) < len(data):
-                ready = await flight.available(len(out))
-                kind, span = flight.read_span(len(out), ready)
-                assert kind == "mem"
-                out += span  # type: ignore[operator]
+            async for span in follower.spans(0, len(data)):
+                assert isinstance(span, bytes)  # relay mode: from memory
+                out += span
                 peak = max(peak, flight._tail_bytes())
-                flight.advance(key, len(out))
                 await asyncio.sleep(0)
-            await flight.verdict()
             return bytes(out)
         finally:
-            await flight.leave(key)
+            await follower.leave()
 
     assert await slow_reader() == data
     assert peak <= 8 * 2**20 + CHUNK and digest_of(data) not in store
@@ -188,9 +187,67 @@ async def test_a_stuck_follower_in_relay_mode_is_dropped_not_waited_for_forever(
     stuck = flight.follow()  # registered, never reads
     fill = filler(data, [])
     await asyncio.wait_for(fill(flight), timeout=10)
-    assert flight.done.done() and flight._followers == {}
+    assert flight.done.done() and flight._followers == set()
     with pytest.raises(UpstreamError, match="trimmed"):
         flight.read_span(0, 10)
-    await flight.leave(stuck)
+    await stuck.leave()
+    await flights.close()
+    await store.close()
+
+
+async def test_two_relay_followers_one_leaves_the_other_is_served_in_full(
+    tmp_path: Path,
+) -> None:
+    """Followers are objects: one leaving takes only its own position with it
+    (keyed by ``id(object())``, two followers could share a key, and one
+    leave() erased the other's position, so trimming dropped bytes it needed)."""
+    store = await Store.open(tmp_path, 2**20)  # smaller than the package: relay mode
+    flights = Flights(store)
+    data = payload(24 * 2**20)
+    flight = flights.start(digest_of(data), filler(data, []))
+    quitter, stayer = flight.follow(), flight.follow()
+    assert quitter is not stayer
+
+    async def read_some_then_leave() -> None:
+        await quitter.started()
+        async for _ in quitter.spans(0, len(data)):
+            break
+        await quitter.leave()
+
+    slow = asyncio.ensure_future(read_follower(stayer, pause=0.002))
+    await read_some_then_leave()
+    assert await asyncio.wait_for(slow, timeout=60) == data
+    await flights.close()
+    await store.close()
+
+
+async def test_a_follower_gets_a_range_and_the_last_byte_only_after_the_verdict(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path, 100 * 2**20)
+    flights = Flights(store)
+    data = payload(2 * 2**20)
+    gate = asyncio.Event()
+
+    async def fill(flight: Flight) -> None:
+        await flight.begin(len(data), "ORIGIN")
+        await flight.feed(data)
+        await gate.wait()  # every byte is in; the verdict waits
+        await flight.finish()
+
+    follower = flights.start(digest_of(data), fill).follow()
+    await follower.started()
+    spans = follower.spans(100, len(data))
+    got = bytearray()
+    while len(got) < len(data) - 101:
+        got += span_bytes(await anext(spans))
+    last = asyncio.ensure_future(anext(spans))
+    await asyncio.sleep(0.05)
+    assert not last.done()  # held back: no verdict yet
+    gate.set()
+    got += span_bytes(await last)
+    assert bytes(got) == data[100:]
+    await spans.aclose()
+    await follower.leave()
     await flights.close()
     await store.close()

@@ -207,8 +207,19 @@ def test_durations_parse(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "0s", "1w", "-1s", "s", "1 day", "1e3s"])
 def test_bad_durations_say_what_is_accepted(text: str) -> None:
-    with pytest.raises(ValueError, match="is not a duration .examples: 2s, 90m, 6h, 1d"):
+    with pytest.raises(ValueError, match="not a duration; use e.g. 2s, 90m, 6h or 1d"):
         parse_duration(text)
+
+
+def test_the_scrub_flags_parse_and_a_bad_one_is_one_line_naming_it() -> None:
+    from cachesvc.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["agent", "--origin", "file:///x", "--scrub-interval", "6h", "--scrub-rate", "8MiB"]
+    )
+    assert (args.scrub_interval, args.scrub_rate) == (21600.0, 8 * MiB)
+    with pytest.raises(ConfigError, match=r"^--scrub-interval '1w' .*: not a duration; use"):
+        build_parser().parse_args(["agent", "--origin", "file:///x", "--scrub-interval", "1w"])
 
 
 async def test_a_failing_pass_is_logged_and_the_next_one_runs(tmp_path: Path) -> None:

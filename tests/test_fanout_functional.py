@@ -1,0 +1,318 @@
+"""Fan-out end to end: agents that hold or fill a package feed other agents,
+chosen by the owner peer's tracker. Real peers and agents on loopback over a
+real S3 server (moto, behind a counting proxy); misbehaving agents are real
+servers that lie or die."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from cachesvc.digest import Digest
+from cachesvc.fanout import ADVERTISE, FANOUT
+from cachesvc.peer_client import FORWARDED
+from cachesvc.ring import Ring
+from cachesvc.service import CORE
+from tests.conftest import OriginFixture
+from tests.servers import Stack, free_port, metric, payload, start_server
+
+MiB = 1 << 20
+TOKEN = "operator-s3cret"
+
+
+async def fetch(url: str, attempts: int = 1) -> tuple[int, bytes | None]:
+    """GET a package; a body cut short is None. Retries as a runtime would."""
+    for attempt in range(attempts):
+        async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url) as r:
+            try:
+                body: bytes | None = await r.read()
+            except aiohttp.ClientPayloadError:
+                body = None
+        if r.status == 200 and body is not None:
+            return r.status, body
+        if attempt + 1 < attempts:
+            await asyncio.sleep(0.2)
+    return r.status, body
+
+
+async def metrics_of(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        return await r.text()
+
+
+async def uploads(urls: list[str]) -> dict[str, float]:
+    return {u: metric(await metrics_of(u), "cachesvc_upload_bytes_total") for u in urls}
+
+
+async def from_agents(urls: list[str]) -> float:
+    """Fetches the agents made from other agents (ok or not)."""
+    total = 0.0
+    for url in urls:
+        total += metric(await metrics_of(url), "cachesvc_upstream_fetches_total", upstream="agent")
+    return total
+
+
+def owner_of(peers: list[str], digest: Digest) -> str:
+    owner = Ring(peers).owner(digest)
+    assert owner is not None
+    return owner
+
+
+async def storm(agents: list[str], digest: Digest, attempts: int = 1) -> list[tuple[int, Any]]:
+    return await asyncio.gather(*(fetch(f"{a}/pkg/{digest}", attempts) for a in agents))
+
+
+async def test_eight_agents_with_fanout_2_cost_one_origin_get_and_feed_each_other(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(3, fanout=2, egress_limit=16 * MiB)
+    agents = [await stack.start_agent(fanout=2, egress_limit=16 * MiB) for _ in range(8)]
+    data = payload(4 * MiB, seed=81)
+    digest = await s3_origin.put(data)
+    results = await storm(agents, digest)
+    assert all(r == (200, data) for r in results)
+    assert s3_origin.origin_gets(digest) == 1
+    assert await from_agents(agents) >= 1  # some agent was served by another agent
+    up = await uploads([owner_of(stack.peers, digest)])
+    assert max(up.values()) <= 2 * len(data) + 1  # the owner fed at most K agents
+
+
+async def test_fanout_0_is_the_owner_only_design(stack: Stack, s3_origin: OriginFixture) -> None:
+    await stack.start_peers(3, fanout=0)
+    agents = [await stack.start_agent(fanout=0) for _ in range(6)]
+    data = payload(2 * MiB, seed=82)
+    digest = await s3_origin.put(data)
+    assert all(r == (200, data) for r in await storm(agents, digest))
+    assert s3_origin.origin_gets(digest) == 1
+    assert await from_agents(agents) == 0
+    owner = owner_of(stack.peers, digest)
+    assert (await uploads([owner]))[owner] == 6 * len(data)
+    assert sum((await uploads(agents)).values()) == 0
+
+
+async def test_agents_that_cannot_be_parents_are_still_children(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """Agents with --fanout 0 are fed by others but feed no one."""
+    await stack.start_peers(1, fanout=1)
+    parent = await stack.start_agent(fanout=2)
+    children = [await stack.start_agent(fanout=0) for _ in range(3)]
+    data = payload(MiB, seed=83)
+    digest = await s3_origin.put(data)
+    assert (await fetch(f"{parent}/pkg/{digest}")) == (200, data)
+    assert all(r == (200, data) for r in await storm(children, digest))
+    assert sum((await uploads(children)).values()) == 0
+    assert (await uploads([parent]))[parent] >= len(data)
+
+
+# -- a lying agent ------------------------------------------------------------------
+
+
+class LyingAgent:
+    """A real server that joins a digest's tree like an agent, then serves
+    wrong bytes (right length) to every agent sent to it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(b ^ 0x5A for b in data[:64]) + data[64:]
+        self.requests = 0
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/pkg/{digest}", self._serve)
+        self.runner, self.url = await start_server(app, free_port())
+
+    async def join(self, owner: str, digest: Digest) -> None:
+        headers = {FORWARDED: "1", ADVERTISE: self.url, FANOUT: "2"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{owner}/blob/{digest}", headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        start = int(request.headers.get("Range", "bytes=0-")[6:].split("-")[0] or 0)
+        resp = web.StreamResponse(status=206 if start else 200)
+        resp.content_length = len(self.data) - start
+        if start:
+            resp.headers["Content-Range"] = f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"
+        await resp.prepare(request)
+        await resp.write(self.data[start:])
+        return resp
+
+
+async def test_a_lying_agent_is_refused_avoided_and_everyone_is_still_served_right(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(1, fanout=1)
+    data = payload(2 * MiB, seed=84)
+    digest = await s3_origin.put(data)
+    liar = LyingAgent(data)
+    await liar.start()
+    try:
+        await liar.join(stack.peers[0], digest)  # the owner's one slot: the liar
+        agents = [await stack.start_agent(fanout=2) for _ in range(4)]
+        results = await storm(agents, digest, attempts=4)
+        assert all(r == (200, data) for r in results)
+        assert liar.requests >= 1  # it was asked, and refused
+        asked = liar.requests
+        more = [await stack.start_agent(fanout=2) for _ in range(2)]
+        assert all(r == (200, data) for r in await storm(more, digest))
+        assert liar.requests == asked  # avoided: the tracker dropped it
+        mismatches = [metric(await metrics_of(a), "cachesvc_digest_mismatch_total") for a in agents]
+        assert sum(mismatches) >= 1
+        assert s3_origin.origin_gets(digest) == 1
+        for agent in agents + more:  # every agent kept it (kept means verified)
+            core = stack.apps[agent][CORE]
+            await core.flights.wait_idle()
+            assert digest in core.store
+    finally:
+        await liar.runner.cleanup()
+
+
+# -- parents that die or evict mid-stream ------------------------------------------
+
+
+async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(1, fanout=1)
+    parent = await stack.start_agent(fanout=1, egress_limit=4 * MiB)
+    child = await stack.start_agent(fanout=1)
+    data = payload(6 * MiB, seed=85)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{parent}/pkg/{digest}") == (200, data)  # parent holds it
+    child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
+    core = stack.apps[child][CORE]
+    for _ in range(200):  # until the child's fill from the parent is under way
+        flight = core.flights.get(digest)
+        if flight is not None and flight.received > MiB:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the child never started fetching from the parent")
+    assert flight.via == (parent,)
+    await stack.kill(parent)
+    assert await asyncio.wait_for(child_get, 30) == (200, data)
+    assert s3_origin.origin_gets(digest) == 1
+    text = await metrics_of(child)
+    assert metric(text, "cachesvc_upstream_fetches_total", upstream="agent", outcome="error") >= 1
+
+
+async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(1, fanout=1)
+    parent = await stack.start_agent(fanout=1, egress_limit=4 * MiB)
+    child = await stack.start_agent(fanout=1)
+    data = payload(6 * MiB, seed=86)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{parent}/pkg/{digest}") == (200, data)
+    child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
+    for _ in range(200):
+        flight = stack.apps[child][CORE].flights.get(digest)
+        if flight is not None and flight.received > MiB:
+            break
+        await asyncio.sleep(0.01)
+    assert await stack.apps[parent][CORE].store.evict(digest)
+    assert await asyncio.wait_for(child_get, 30) == (200, data)
+    assert s3_origin.origin_gets(digest) == 1
+    # and the next agent is not sent to a parent that no longer has it for good
+    late = await stack.start_agent(fanout=1)
+    assert await fetch(f"{late}/pkg/{digest}", attempts=2) == (200, data)
+
+
+# -- loops ----------------------------------------------------------------------------
+
+
+async def test_a_host_refuses_to_feed_a_host_it_fetches_through(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """A from B from A: B is filling via A, so A's request to B is refused
+    (two owners that disagree about the ring could otherwise pair them)."""
+    await stack.start_peers(1, fanout=1)
+    a = await stack.start_agent(fanout=1, egress_limit=2 * MiB)
+    b = await stack.start_agent(fanout=1)
+    data = payload(4 * MiB, seed=87)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{a}/pkg/{digest}") == (200, data)
+    b_get = asyncio.ensure_future(fetch(f"{b}/pkg/{digest}"))
+    for _ in range(200):
+        flight = stack.apps[b][CORE].flights.get(digest)
+        if flight is not None and flight.via == (a,):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("b never fetched via a")
+    headers = {FORWARDED: "1", ADVERTISE: a, FANOUT: "1"}
+    async with aiohttp.ClientSession() as s, s.get(f"{b}/pkg/{digest}", headers=headers) as r:
+        assert r.status == 409
+        assert (await r.json())["error"] == "loop"
+    assert await asyncio.wait_for(b_get, 30) == (200, data)
+
+
+async def test_a_host_asked_for_what_it_neither_holds_nor_fills_says_not_here(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(1)
+    agent = await stack.start_agent()
+    digest = await s3_origin.put(payload(MiB, seed=88))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{agent}/pkg/{digest}", headers={FORWARDED: "1"}) as r:
+            assert (r.status, (await r.json())["error"]) == (404, "not_here")
+    assert s3_origin.origin_gets(digest) == 0  # a host's request never starts a fill
+
+
+@pytest.mark.parametrize("limit", [1])
+async def test_a_host_feeds_at_most_fanout_hosts_at_once(
+    stack: Stack, s3_origin: OriginFixture, limit: int
+) -> None:
+    await stack.start_peers(1)
+    agent = await stack.start_agent(fanout=limit, egress_limit=MiB)
+    data = payload(2 * MiB, seed=89)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{agent}/pkg/{digest}") == (200, data)
+    headers = {FORWARDED: "1"}
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        first = await s.get(f"{agent}/pkg/{digest}", headers=headers)
+        second = await s.get(f"{agent}/pkg/{digest}", headers=headers)
+        assert (first.status, second.status) == (200, 503)
+        assert (await second.json())["error"] == "fanout_busy"
+        first.close()
+
+
+# -- warm -------------------------------------------------------------------------------
+
+
+async def test_warming_a_tenant_into_eight_agents_costs_the_owner_at_most_k_packages(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    await stack.start_peers(1, fanout=2, egress_limit=32 * MiB)
+    agents = [await stack.start_agent(fanout=2, token=TOKEN) for _ in range(8)]
+    data = payload(3 * MiB, seed=90)
+    digest = await s3_origin.put(data, "acme", "resize", "1")
+
+    async def warm(agent: str) -> dict[str, Any]:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(headers=auth) as s:
+            async with s.post(f"{agent}/warm", json={"tenant": "acme"}) as r:
+                job = (await r.json())["job"]
+            for _ in range(400):
+                async with s.get(f"{agent}/warm/{job}") as r:
+                    state: dict[str, Any] = await r.json()
+                if state["state"] != "running":
+                    return state
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"warm on {agent} still running")
+
+    states = await asyncio.gather(*(warm(a) for a in agents))
+    assert all(s["state"] == "done" and s["failed"] == 0 for s in states)
+    owner = stack.peers[0]
+    assert (await uploads([owner]))[owner] <= 2 * len(data)
+    assert s3_origin.origin_gets(digest) == 1
+    for agent in agents:
+        assert digest in stack.apps[agent][CORE].store
