@@ -54,8 +54,8 @@ class DirLock:
     def acquire(cls, directory: Path, what: str) -> DirLock:
         """Create ``directory`` if needed and lock it. ``what`` names it in
         errors ("cache dir", "code dir"). Raises :class:`ConfigError` when
-        another owner holds it or the directory cannot be made. Blocking
-        (mkdir, open): call from a thread."""
+        another owner holds it, OSError (naming the path) when it cannot be
+        made. Blocking (mkdir, open): call from a thread."""
         _make_dir(directory, what)
         fd = _open_lock_file(directory / LOCK_NAME, what)
         try:
@@ -79,12 +79,11 @@ class DirLock:
 
 
 def _make_dir(directory: Path, what: str) -> None:
+    """Raises OSError naming the path (the runner prints it as one line)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{what} {directory}: cannot create it: {exc.strerror}") from exc
-    if not directory.is_dir():
-        raise ConfigError(f"{what} {directory}: not a directory")
+    except FileExistsError:  # exist_ok covers directories only
+        raise ConfigError(f"{what} {directory}: not a directory") from None
 
 
 def _open_lock_file(path: Path, what: str) -> int:
