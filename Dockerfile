@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # cachesvc image: `cachesvc agent ...` (node agent, L1) or `cachesvc peer ...`
-# (L2 peer). Build from the repository root:  docker build -t cachesvc:dev .
+# (L2 peer). Build from the repository root, tagged with the version in
+# pyproject.toml (the tag the compose file and deploy/k8s use):
+#   docker build -t cachesvc:0.1.0 .
 
 # --- build: install the package and its dependencies into a venv -------------
 FROM python:3.11-slim AS build
@@ -17,6 +19,8 @@ RUN /opt/venv/bin/pip install .
 
 # --- runtime: the venv, a non-root user, no compilers ------------------------
 FROM python:3.11-slim
+LABEL org.opencontainers.image.title="cachesvc" \
+      org.opencontainers.image.version="0.1.0"
 ARG UID=10001
 # The cache and code directories exist and belong to the service user so that
 # fresh Docker volumes mounted there inherit the ownership. (Kubernetes

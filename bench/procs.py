@@ -8,7 +8,6 @@ nginx (graceful), SIGTERM for everything else, then SIGKILL after a grace.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,21 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def ensure_tools(tools: dict[str, str]) -> None:
-    """Install the Debian packages of missing commands (``{command: package}``)."""
-    missing = sorted({pkg for cmd, pkg in tools.items() if shutil.which(cmd) is None})
-    if not missing:
-        return
-    print(f"installing {' '.join(missing)} (apt-get)", flush=True)
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-qq"]
-    subprocess.run([*apt, "update"], check=True, timeout=600)
-    subprocess.run([*apt, "install", "-y", *missing], check=True, timeout=900)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 30.0, ok: tuple[int, ...] = (200,)) -> None:

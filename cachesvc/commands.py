@@ -36,10 +36,17 @@ def add_client_commands(sub: Any) -> None:
     add_flag(pub, "--version", "version name")
     add_flag(pub, "--origin", "s3://BUCKET[/PREFIX] or file:///DIR", required=True)
     add_flag(pub, "--s3-endpoint", "custom S3 endpoint (MinIO), addressed path-style")
-    pub.add_argument(
+    add_flag(
+        pub,
         "--compress",
+        "add a compression layer before upload, kept only when it makes the package smaller",
         choices=["zstd", "gzip", "xz", "bzip2", "lz4"],
-        help="add a compression layer before upload",
+    )
+    add_flag(
+        pub,
+        "--compress-level",
+        "level of the --compress layer; defaults zstd 19, gzip 9, xz 6, bzip2 9, lz4 9",
+        type=int,
     )
     pub.add_argument(
         "--repack",
@@ -141,6 +148,7 @@ async def _publish(args: argparse.Namespace) -> int:
     from cachesvc.publish import publish_blob, reference_key, write_reference
 
     layers = [Digest.parse(d) for d in args.layer]
+    _check_compress_flags(args)
     named = args.tenant and args.function and args.version
     key = reference_key(args.tenant, args.function, args.version) if named else None
     origin = make_origin(args.origin, args.s3_endpoint)
@@ -180,16 +188,23 @@ def _transform(args: argparse.Namespace, tmp: Path) -> Path:
               f"tar.zst {report.tar_zstd_size} B: {choice}", file=sys.stderr)  # fmt: skip
         path = out if report.kept else path
     if args.compress:
-        from cachesvc.repack import compress
+        from cachesvc.repack import add_layer
 
         out = tmp / f"layer.{args.compress}"
-        compress(path, out, args.compress)
-        print(
-            f"compressed {path.stat().st_size} -> {out.stat().st_size} bytes ({args.compress})",
-            file=sys.stderr,
-        )
-        path = out
+        layer = add_layer(path, out, args.compress, args.compress_level)
+        print(layer.describe(), file=sys.stderr)
+        path = out if layer.kept else path
     return path
+
+
+def _check_compress_flags(args: argparse.Namespace) -> None:
+    """Before any work: a level needs a codec, and must be one the codec takes."""
+    from cachesvc.repack import check_level
+
+    if args.compress_level is not None and not args.compress:
+        raise ValueError("--compress-level needs --compress")
+    if args.compress:
+        check_level(args.compress, args.compress_level)
 
 
 def _run_fetch(args: argparse.Namespace) -> int:

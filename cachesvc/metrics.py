@@ -32,6 +32,12 @@ class Metrics:
         self.bytes_served = Counter(
             "cachesvc_bytes_served", "Body bytes sent, by tier", ["tier"], registry=r
         )
+        self.fast_hits = Counter(
+            "cachesvc_fast_hits",
+            "L1 hits answered on the fast path, without the web framework "
+            "(also counted in cachesvc_requests_total)",
+            registry=r,
+        )
         self.upload_bytes = Counter(
             "cachesvc_upload_bytes",
             "Body bytes sent to other cachesvc hosts (peer to agent, agent to agent), "

@@ -11,8 +11,13 @@ One protocol, :class:`Origin`, with two implementations over the same layout
 
 Every call has a timeout, and every botocore/OS failure is mapped in one place
 (:func:`_mapped`) to :class:`NotFound`, :class:`UpstreamTimeout` or
-:class:`UpstreamError`. The origin neither verifies nor caches nor retries
-beyond botocore's small bounded retry.
+:class:`UpstreamError`, whose text says what we asked and what the store said
+(its own error code, e.g. ``SignatureDoesNotMatch``, and what to check when
+it refused our credentials). The origin neither verifies nor caches nor
+retries beyond botocore's small bounded retry.
+
+``probe()`` answers whether the origin accepts us at all (readiness asks it;
+:mod:`cachesvc.readiness` caches the answer).
 """
 
 from __future__ import annotations
@@ -45,8 +50,26 @@ class Body:
     via: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One check of the origin. ``refused``: it answered and said no (credentials,
+    permissions, no such bucket or directory), as opposed to not answering."""
+
+    ok: bool
+    refused: bool = False
+    reason: str = ""  # "" when ok; else "origin <url>: <what it said>"
+
+
+PROBE_OK = Probe(True)
+
+
 class Origin(Protocol):
     url: str
+
+    async def start(self) -> None: ...
+
+    async def probe(self) -> Probe:
+        """Whether the origin answers and accepts us; never raises."""
 
     def open(self, digest: Digest, offset: int = 0) -> Any:
         """Async context manager yielding a :class:`Body`; :class:`NotFound` if absent."""
@@ -80,6 +103,40 @@ def make_origin(url: str, s3_endpoint: str | None = None, timeout: float = 30.0)
     raise ValueError(f"--origin {url!r}: expected s3://BUCKET[/PREFIX] or file:///DIR")
 
 
+# Error codes with which an S3 store refuses who we are or what we may do.
+CREDENTIAL_CODES = frozenset(
+    ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken",
+     "InvalidToken", "TokenRefreshRequired", "NoCredentialsError", "PartialCredentialsError")
+)  # fmt: skip
+CREDENTIAL_HINT = (
+    "check the origin credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+    "AWS_SESSION_TOKEN or the AWS config files) and what they may do on the bucket"
+)
+
+
+def describe(exc: BaseException) -> tuple[str, bool]:
+    """What the origin said, for people, and whether it was a refusal (it answered
+    4xx, or we had no credentials to send) rather than no answer or a 5xx.
+
+    botocore's ``ClientError`` text ("An error occurred (X) when calling the Y
+    operation: ...") is rebuilt as ``X: message`` with a hint on refusals of
+    our credentials. A HEAD answer has no body, so its 403 has no code: say so.
+    """
+    response: dict[str, Any] = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", "")) or type(exc).__name__
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    message = str(response.get("Error", {}).get("Message", "")) if response else str(exc)
+    if isinstance(exc, TimeoutError):
+        return "no answer in time", False
+    if code == "403" and status == 403:
+        code, message = "403 Forbidden", "a HEAD answer carries no error code"
+    text = f"{code}: {message}" if message and message != code else code
+    credentials = code in CREDENTIAL_CODES or status == 403
+    if credentials:
+        text += f" ({CREDENTIAL_HINT})"
+    return text, credentials or 400 <= status < 500
+
+
 @contextmanager
 def _mapped(what: str) -> Iterator[None]:
     """Map botocore and OS failures to contract errors, with what we were doing."""
@@ -98,7 +155,8 @@ def _mapped(what: str) -> Iterator[None]:
             raise NotFound(f"{what}: not in the origin") from exc
         if "Timeout" in name:
             raise UpstreamTimeout(f"{what}: origin timed out ({name})") from exc
-        raise UpstreamError(f"{what}: origin failed: {name}: {exc}") from exc
+        text, refused = describe(exc)
+        raise UpstreamError(f"{what}: origin {'refused' if refused else 'failed'}: {text}") from exc
 
 
 class S3Origin:
@@ -139,6 +197,22 @@ class S3Origin:
             await self.start()
         return self._client
 
+    async def probe(self) -> Probe:
+        """One ListObjectsV2 of at most one key under the prefix: the endpoint
+        answers, accepts our signature, and the bucket exists. Never raises.
+
+        Not HeadBucket: a HEAD answer has no body, so its 403 could not say
+        SignatureDoesNotMatch from AccessDenied. Listing needs the List
+        permission, which the services need anyway (warm lists references)."""
+        try:
+            client = await self._ready()
+            async with asyncio.timeout(self.timeout):
+                await client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except Exception as exc:
+            text, refused = describe(exc)
+            return Probe(False, refused, f"origin {self.url}: {text}")
+        return PROBE_OK
+
     @asynccontextmanager
     async def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
         client = await self._ready()
@@ -161,12 +235,25 @@ class S3Origin:
 
     async def head(self, digest: Digest) -> int:
         client = await self._ready()
+        key = self.prefix + blob_key(digest)
         with _mapped(f"HEAD {self.url}/{blob_key(digest)}"):
             async with asyncio.timeout(self.timeout):
-                resp = await client.head_object(
-                    Bucket=self.bucket, Key=self.prefix + blob_key(digest)
-                )
+                try:
+                    resp = await client.head_object(Bucket=self.bucket, Key=key)
+                except Exception as exc:
+                    await self._explain_refusal(exc, key)
+                    raise
             return int(resp["ContentLength"])
+
+    async def _explain_refusal(self, exc: Exception, key: str) -> None:
+        """A HEAD refused with a bare 403 (no body, so no error code): ask for the
+        first byte once, and raise *that* answer's error, which names the cause
+        (SignatureDoesNotMatch, AccessDenied...). Costs a request only on refusal."""
+        response: dict[str, Any] = getattr(exc, "response", None) or {}
+        if response.get("Error", {}).get("Code") != "403":
+            return
+        resp = await self._client.get_object(Bucket=self.bucket, Key=key, Range="bytes=0-0")
+        resp["Body"].close()  # allowed after all: let the HEAD's own error stand
 
     async def read_text(self, key: str) -> str:
         client = await self._ready()
@@ -216,10 +303,21 @@ class FileOrigin:
         self.url = f"file://{root}"
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        """Nothing to open. The directory is not created here: a service pointed
+        at a mistyped path must say so (:meth:`probe`), not serve an empty origin.
+        Writers (``publish``) create what they write."""
+        return None
 
     async def close(self) -> None:
         return None
+
+    async def probe(self) -> Probe:
+        """The directory exists and can be listed. Never raises."""
+        try:
+            await asyncio.to_thread(_list_one, self.root)
+        except OSError as exc:
+            return Probe(False, True, f"origin {self.url}: cannot list {self.root}: {exc.strerror}")
+        return PROBE_OK
 
     @asynccontextmanager
     async def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
@@ -276,6 +374,11 @@ class FileOrigin:
                     while block := f.read(CHUNK):
                         out.write(block)
         os.replace(tmp, target)
+
+
+def _list_one(root: Path) -> None:
+    with os.scandir(root) as entries:
+        next(entries, None)
 
 
 def read_reference(text: str, key: str) -> dict[str, Any]:

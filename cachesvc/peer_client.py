@@ -7,6 +7,11 @@ origin), so ring disagreements cannot loop. Timeouts: a short connect timeout
 origin fetch (so a slow-but-alive owner is waited for, never bypassed on a
 timer), and an idle-read timeout. Every failure but an authoritative 404 is a
 :class:`PeerFailed`; the bytes are not trusted here (the flight verifies them).
+
+A peer's error answer carries its reason (the contract's ``{"error",
+"detail"}``): the :class:`PeerFailed` text quotes it, bounded in length and
+made one printable line, so the agent's log says *why* a peer answered 502
+(e.g. its origin refused the credentials), not only that it did.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ FORWARDED = "X-Cachesvc-Forwarded"
 PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)
 VIA = "X-Cachesvc-Via"  # on an agent's answer: itself, then the agents its bytes come through
 READ_BUFSIZE = 4 << 20  # aiohttp's read buffer (default 64 KiB pauses the socket often)
-REASON_MAX = 512
+REASON_BODY_MAX = 64 * 1024  # bytes of an error answer read, at most (JSON cut short is text)
+REASON_MAX = 500  # characters of it quoted in the PeerFailed text, at most
+REASON_READ_TIMEOUT = 2.0  # seconds to read it: a peer that stalls here has failed anyway
 
 
 class Redirect(Exception):
@@ -155,17 +162,44 @@ async def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
 
 
 async def _reason(resp: aiohttp.ClientResponse) -> str:
-    """``answered 502 upstream_error: <detail>``: the status and, when the
-    body is the contract's JSON error, its code and detail (bounded)."""
+    """``answered 502 upstream_error: <detail>``: the status and what the body
+    says — the contract's JSON error as ``<error>: <detail>``, any other body
+    (a proxy's error page) as text.
+
+    Bounded: at most :data:`REASON_BODY_MAX` bytes read within
+    :data:`REASON_READ_TIMEOUT`, at most :data:`REASON_MAX` characters kept,
+    one line of printable characters (a peer's text goes into our log lines).
+    """
     text = f"answered {resp.status}"
     if resp.method == "HEAD":
         return text
+    said = _one_line(await _read_bounded(resp))
+    if len(said) > REASON_MAX:
+        said = said[: REASON_MAX - 1] + "…"
+    return f"{text} {said}" if said else text
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse) -> str:
+    raw = b""
     try:
-        async with asyncio.timeout(2):
-            body = json.loads(await resp.content.read(REASON_MAX))
-        return f"{text} {body['error']}: {str(body['detail'])[:REASON_MAX]}"
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError):
-        return text
+        async with asyncio.timeout(REASON_READ_TIMEOUT):
+            # read(n) returns what has arrived, up to n: loop to the end or the bound
+            while len(raw) < REASON_BODY_MAX:
+                chunk = await resp.content.read(REASON_BODY_MAX - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        pass  # quote what did arrive
+    try:
+        body = json.loads(raw)
+        return f"{body['error']}: {body.get('detail', '')}"
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return raw.decode("utf-8", "replace")
+
+
+def _one_line(text: str) -> str:
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 async def _chunks(resp: aiohttp.ClientResponse, what: str, idle: float) -> AsyncIterator[bytes]:

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from cachesvc.errors import ConfigError
+from cachesvc.fastpath import HIT_PATH, HitFactory, HitServer
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,45 @@ async def start_app(app: web.Application, host: str, port: int, grace: float) ->
     except (ConfigError, OSError) as exc:
         await _cleanup_quietly(runner)
         raise _start_error(exc) from exc
+    offer = app.get(HIT_PATH)
+    hits = offer() if offer is not None else None
+    site = (
+        web.TCPSite(runner, host, port, reuse_address=True)
+        if hits is None
+        else FastSite(runner, hits, host, port, grace)
+    )
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await site.start()
     except OSError as exc:
         await _cleanup_quietly(runner)
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return runner
+
+
+class FastSite(web.TCPSite):
+    """A TCP site whose connections start on the L1-hit fast path
+    (:mod:`cachesvc.fastpath`) and are handed to aiohttp for anything else."""
+
+    def __init__(
+        self, runner: web.AppRunner, hits: HitFactory, host: str, port: int, grace: float
+    ) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self._hits = hits
+        self._grace = grace
+        self.hit_server: HitServer | None = None
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        assert self._runner.server is not None
+        self.hit_server = self._hits(self._runner.server)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.hit_server, self._host, self._port, reuse_address=True
+        )
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.hit_server is not None:
+            await self.hit_server.close(self._grace)
 
 
 def _start_error(exc: ConfigError | OSError) -> ConfigError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from cachesvc.membership import Membership
 from cachesvc.metrics import Metrics
 from cachesvc.origin import Origin, make_origin
 from cachesvc.peer_client import PeerClient
+from cachesvc.readiness import OriginCheck, Readiness
 from cachesvc.ring import Ring
 from cachesvc.scrub import Scrubber
 from cachesvc.store import Store
@@ -62,6 +62,7 @@ class Core:
 
 CORE = web.AppKey("core", Core)
 SETTINGS = web.AppKey("settings", Settings)
+READINESS = web.AppKey("readiness", Readiness)
 
 
 def make_base_app(
@@ -80,9 +81,11 @@ def make_base_app(
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         core = await _open_core(settings, app[METRICS], local_tier)
         app[CORE] = core
+        app[READINESS] = Readiness(core.store.root / "tmp", OriginCheck(core.origin))
         if on_core is not None:
             on_core(core)
         yield
+        await app[READINESS].close()
         await _close_core(core)
 
     app.cleanup_ctx.append(lifetime)
@@ -95,7 +98,7 @@ def make_base_app(
 
 async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> Core:
     origin = make_origin(settings.origin, settings.s3_endpoint, settings.origin_timeout)
-    await origin.start()  # type: ignore[attr-defined]
+    await origin.start()
     ring = Ring()
     membership = Membership(ring, settings.peers, settings.dns_interval)
     await membership.start()
@@ -210,22 +213,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the store is open and its directory takes a write."""
-    core = request.app.get(CORE)
-    if core is None:
+    """Ready when the store takes a write and the origin does not refuse us
+    (:mod:`cachesvc.readiness` says why, and what an unreachable origin does)."""
+    readiness = request.app.get(READINESS)
+    if readiness is None:
         return json_error(503, "not_ready", "store not open yet")
-    probe = core.store.root / "tmp" / ".readyz"
-    try:
-        await asyncio.to_thread(_write_probe, probe)
-    except OSError as exc:
-        return json_error(503, "not_ready", f"store not writable: {exc}")
-    return web.json_response({"status": "ready", "peers": len(core.ring.nodes)})
-
-
-def _write_probe(path: os.PathLike[str]) -> None:
-    with open(path, "wb") as f:
-        f.write(b"ok")
-    os.unlink(path)
+    status, body = await readiness.report()
+    if status == 200:
+        body["peers"] = len(request.app[CORE].ring.nodes)
+    return web.json_response(body, status=status)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

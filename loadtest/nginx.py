@@ -6,18 +6,21 @@ one process too. ``proxy_cache_lock on`` makes concurrent misses for one URL
 wait for a single upstream fill (the lock timeout and age are raised to 120 s
 so a slow 50 MB fill is not duplicated after the 5 s default). It caches 200s
 for a day, keyed by URI, and reports HIT/MISS in ``X-Cache-Status``.
+
+Where nginx is not on PATH and cannot be installed (not root, no apt-get),
+:func:`nginx_binary` says so with :class:`~loadtest.tools.ToolUnavailable`, and
+the load test runs without this baseline.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 from loadtest.procs import Child, free_port, spawn, wait_ready
+from loadtest.tools import require
 
 CONF = """\
 {user}worker_processes 1;
@@ -54,15 +57,10 @@ http {{
 
 
 def nginx_binary() -> str:
-    """The nginx binary; installs the Debian package when it is missing and we may."""
-    path = os.environ.get("PATH", "") + ":/usr/sbin"
-    if shutil.which("nginx", path=path) is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        for args in (["update", "-qq"], ["install", "-y", "-qq", "nginx"]):
-            subprocess.run(["apt-get", *args], check=False, capture_output=True, timeout=600)
-    found = shutil.which("nginx", path=path)
-    if found is None:
-        raise RuntimeError("start nginx: not installed (apt-get install -y nginx)")
-    return found
+    """The nginx on PATH, installing the Debian package first when it is missing
+    and we may. Raises :class:`~loadtest.tools.ToolUnavailable` saying why not
+    (not root, no apt-get, apt-get failed): callers leave the baseline out."""
+    return require({"nginx": "nginx"})["nginx"]
 
 
 def write_conf(prefix: Path, port: int, upstream: str) -> Path:

@@ -100,9 +100,11 @@ class S3Proxy:
             return await self._relay(request, up, is_blob_get)
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        headers["Host"] = self.upstream.split("//", 1)[1]
-        return headers
+        """The client's headers as they came, ``Host`` included: it is a signed
+        header of SigV4, and a store that checks signatures (SeaweedFS) refuses
+        a request whose Host was rewritten to its own address. (moto ignores
+        signatures and takes any Host for path-style requests.)"""
+        return dict(request.headers)
 
     async def _relay(
         self, request: web.Request, up: aiohttp.ClientResponse, is_blob_get: bool

@@ -1,5 +1,10 @@
-"""The Markdown report of a run: per scenario, a table comparing cachesvc with
-the two baselines (origin directly, nginx), and a latency-over-time plot.
+"""The Markdown report of a run, written to be read without its author: per
+scenario, the settings actually used, a table comparing cachesvc with the two
+baselines (origin directly, nginx), the same fetches split by where they were
+served from (hits and misses apart), a line per target on why its figures look
+the way they do (:mod:`loadtest.explain`), and a latency-over-time plot
+(:mod:`loadtest.plot`). A quick run says so in the title, in every scenario's
+settings and in every table row.
 
 Latencies are to the last byte, from the per-fetch samples the locustfile
 writes (exact percentiles, not locust's rounded buckets). Warm-up requests
@@ -17,18 +22,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from loadtest.explain import why
+from loadtest.plot import Fetch, Panel, plot, tier_class
 
 if TYPE_CHECKING:
     from loadtest.run import TargetRun
     from loadtest.scenarios import Scenario
 
 MiB = 1 << 20
+KiB = 1 << 10
 WARM_NAMES = ("warm-up", "warm status")
+ORIGIN_KINDS = {
+    "moto": "moto (an S3 mock: any credentials, objects in memory)",
+    "seaweedfs": "SeaweedFS (a real S3 store: signatures checked, objects on disk)",
+}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How the run was set up, for the report's settings."""
+
+    quick: bool
+    origin_kind: str  # a key of ORIGIN_KINDS
+    targets: dict[str, tuple[tuple[str, ...], str]]  # name → (base URLs, path template)
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,7 @@ class Figures:
     tiers: str
     warm_s: float | None
     notes: tuple[str, ...]
+    by_tier: tuple[tuple[str, int, float, float], ...] = ()  # (tier, fetches, p50, p99)
 
 
 def read_samples(path: Path) -> list[dict[str, str]]:
@@ -90,6 +113,18 @@ def figures(run: TargetRun) -> Figures:
         ),
         warm_s=sum(float(r["latency_ms"]) for r in warm) / 1000 if warm else None,
         notes=notes,
+        by_tier=split_by_tier(traffic),
+    )
+
+
+def split_by_tier(traffic: list[dict[str, str]]) -> tuple[tuple[str, int, float, float], ...]:
+    """Fetches, p50 and p99 per tier that served them, most fetches first."""
+    groups: dict[str, list[float]] = {}
+    for r in traffic:
+        groups.setdefault(r["tier"] or "direct", []).append(float(r["latency_ms"]))
+    return tuple(
+        (tier, len(ms), float(np.percentile(ms, 50)), float(np.percentile(ms, 99)))
+        for tier, ms in sorted(groups.items(), key=lambda kv: -len(kv[1]))
     )
 
 
@@ -99,12 +134,12 @@ def ratio(value: float, base: float) -> str:
 
 TABLE_HEAD = (
     "| target | fetches | p50 ms | p99 ms | max ms | p50 ÷ origin | p99 ÷ origin "
-    "| origin GETs | distinct pkgs | origin GETs / pkg | origin MiB | errors | served by |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    "| origin GETs | distinct pkgs | origin GETs / pkg | origin MiB | errors | served by | run |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
 )
 
 
-def table(rows: list[Figures]) -> str:
+def table(rows: list[Figures], mode: str) -> str:
     base = next((f for f in rows if f.target == "origin"), None)
     out = TABLE_HEAD
     for f in rows:
@@ -114,45 +149,78 @@ def table(rows: list[Figures]) -> str:
         out += (
             f"| {f.target} | {f.fetches} | {f.p50:.1f} | {f.p99:.1f} | {f.worst:.1f} | {r50} "
             f"| {r99} | {f.origin_gets} | {f.distinct} | {per_pkg} "
-            f"| {f.origin_bytes / MiB:.1f} | {f.errors} | {f.tiers or '–'} |\n"
+            f"| {f.origin_bytes / MiB:.1f} | {f.errors} | {f.tiers or '–'} | {mode} |\n"
         )
     return out
 
 
-def plot(path: Path, title: str, runs: list[TargetRun]) -> None:
-    """Latency to last byte of every fetch over time, one panel per target."""
-    fig, axes = plt.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)
-    fig.set_size_inches(9, 2.2 * len(runs) + 0.8)
-    for ax, run in zip(axes[:, 0], runs, strict=True):
-        rows = [r for r in read_samples(run.samples) if r["name"] not in WARM_NAMES]
-        if rows:
-            t0 = min(float(r["start"]) for r in read_samples(run.samples))
-            xs = [float(r["start"]) + float(r["latency_ms"]) / 1000 - t0 for r in rows]
-            ys = [max(float(r["latency_ms"]), 0.1) for r in rows]
-            ax.scatter(xs, ys, s=6, alpha=0.6)
-        ax.set_yscale("log")
-        ax.set_ylabel(f"{run.target}\nms")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[-1, 0].set_xlabel("seconds since the target's run started (at the fetch's last byte)")
-    fig.suptitle(f"{title}: latency to last byte per fetch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def tier_table(rows: list[Figures]) -> str:
+    """The same fetches split by where they were served from: hits and misses apart."""
+    out = "| target | served by | what that is | fetches | p50 ms | p99 ms |\n"
+    out += "|---|---|---|---:|---:|---:|\n"
+    for f in rows:
+        for tier, n, p50, p99 in f.by_tier:
+            what = tier_class(tier)[0]
+            out += f"| {f.target} | {tier} | {what} | {n} | {p50:.1f} | {p99:.1f} |\n"
+    return out
+
+
+def size_text(n: float) -> str:
+    return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / KiB:.0f} KiB"
+
+
+def settings(sc: Scenario, info: RunInfo) -> str:
+    """The settings this scenario actually ran with, as a two-column table."""
+    low, high = min(sc.sizes), max(sc.sizes)
+    sizes = f"{len(sc.sizes)} of {size_text(low)}"
+    if low != high:
+        sizes = f"{len(sc.sizes)}, {size_text(low)} to {size_text(high)}"
+    targets = "<br>".join(
+        f"{name}: {', '.join(hosts)} `{path}`" for name, (hosts, path) in info.targets.items()
+    )
+    quick = " (small packages, seconds-long runs: not for figures)" if info.quick else ""
+    rows = [
+        ("run", f"{info.mode}{quick}"),
+        ("packages", f"{sizes} (random bytes, incompressible)"),
+        ("users and shape", sc.shape()),
+        ("planned duration", f"{sc.run_s:g} s, then running fetches may finish"),
+        ("locust", f"`{sc.user} {' '.join(sc.args)}`"),
+        ("targets", targets),
+        ("origin", f"{ORIGIN_KINDS[info.origin_kind]}, behind the counting proxy"),
+    ]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def panels(runs: list[TargetRun]) -> list[Panel]:
+    """Each target's traffic fetches, timed from its own first request."""
+    out = []
+    for run in runs:
+        rows = read_samples(run.samples)
+        t0 = min((float(r["start"]) for r in rows), default=0.0)
+        fetches = [
+            Fetch(
+                float(r["start"]) + float(r["latency_ms"]) / 1000 - t0,
+                max(float(r["latency_ms"]), 0.1),
+                r["tier"],
+            )
+            for r in rows
+            if r["name"] not in WARM_NAMES
+        ]
+        out.append(Panel(run.target, fetches))
+    return out
 
 
 def scenario_section(
-    sc: Scenario, runs: list[TargetRun], run_dir: Path
+    sc: Scenario, runs: list[TargetRun], run_dir: Path, info: RunInfo
 ) -> tuple[str, list[Figures]]:
     """The Markdown of one scenario and its figures per target."""
     rows = [figures(r) for r in runs]
-    png = run_dir / sc.name / "latency.png"
-    plot(png, sc.name, runs)
-    sizes = f"{len(sc.sizes)} package(s), {min(sc.sizes) / MiB:.2f}–{max(sc.sizes) / MiB:.2f} MiB"
-    text = f"## {sc.name}\n\n{sc.models}\n\n`{sc.user}` `{' '.join(sc.args)}`; {sizes}.\n\n"
-    text += table(rows) + "\n"
+    title = f"{sc.name}{' (QUICK run)' if info.quick else ''}: latency to last byte per fetch"
+    plot(run_dir / sc.name / "latency.png", f"{title}, {info.origin_kind} origin", panels(runs))
+    text = f"## {sc.name}\n\n{sc.models}\n\n" + settings(sc, info) + "\n"
+    text += table(rows, info.mode) + "\n" + tier_table(rows) + "\n"
+    text += "".join(f"- {line}\n" for line in why(sc.name, rows))
     for f in rows:
-        if f.warm_s is not None:
-            text += f"- {f.target}: warm-up took {f.warm_s:.2f} s before the traffic.\n"
         for note in f.notes:
             text += f"- **{f.target}: {note}**\n"
     csvs = ", ".join(f"[{r.target}]({sc.name}/{r.csv_prefix.name}_stats.csv)" for r in runs)
@@ -160,15 +228,17 @@ def scenario_section(
     return text, rows
 
 
-HEADER = """# cachesvc load test: {name}
+HEADER = """# cachesvc load test: {name}{quick}
 
 {when}; {mode}; {cores} cores, everything on 127.0.0.1.
 
-Stack: moto (S3) ← a counting proxy (origin GETs and bytes below are its
+Stack: {origin} ← a counting proxy (origin GETs and bytes below are its
 counts) ← 3 `cachesvc peer` + 2 `cachesvc agent`; nginx {nginx} in front of the
 same proxy. Targets run one after another in the order origin, nginx, cachesvc;
 cachesvc users are spread over both agents. Latency is to the last byte of
-each fetch; ratios are target ÷ origin-direct (smaller is better).
+each fetch; ratios are target ÷ origin-direct (smaller is better). In the
+plots, colour says where each fetch was served from; the dashed and dotted
+lines are p50 and p99.
 
 """
 
@@ -177,19 +247,22 @@ def write_report(
     run_dir: Path,
     chosen: list[Scenario],
     results: list[TargetRun],
-    quick: bool,
+    info: RunInfo,
 ) -> Path:
     """Write ``report.md`` (and one PNG per scenario) into ``run_dir``; returns its path."""
     text = HEADER.format(
         name=run_dir.name,
+        quick=" (QUICK run: not for figures)" if info.quick else "",
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
-        mode="quick (small packages, seconds-long runs)" if quick else "full run",
+        mode="quick (small packages, seconds-long runs)" if info.quick else "full run",
         cores=os.cpu_count(),
+        origin=ORIGIN_KINDS[info.origin_kind],
         nginx="(worker_processes 1, proxy_cache_lock on, lock timeout 120 s)",
     )
     numbers: dict[str, dict[str, Any]] = {}
     for sc in chosen:
-        section, rows = scenario_section(sc, [r for r in results if r.scenario == sc.name], run_dir)
+        runs = [r for r in results if r.scenario == sc.name]
+        section, rows = scenario_section(sc, runs, run_dir, info)
         text += section
         numbers[sc.name] = {f.target: asdict(f) for f in rows}
     total = sum(t["errors"] for by_target in numbers.values() for t in by_target.values())

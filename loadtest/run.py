@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.report import write_report
+from loadtest.report import RunInfo, write_report
 from loadtest.scenarios import STOP_TIMEOUT_S, Scenario, scenarios
 from loadtest.seed import seed
 from loadtest.stack import BUCKET, LocalStack, Target, local_stack
@@ -84,15 +84,20 @@ async def run_target(
 
 
 async def run(
-    names: list[str], quick: bool, run_dir: Path, targets: tuple[str, ...] = TARGET_ORDER
+    names: list[str],
+    quick: bool,
+    run_dir: Path,
+    targets: tuple[str, ...] = TARGET_ORDER,
+    origin: str = "moto",
 ) -> Path:
-    """Run ``names`` against ``targets``; returns the path of report.md."""
+    """Run ``names`` against ``targets`` over the S3 store ``origin`` (moto or
+    seaweedfs); returns the path of report.md."""
     chosen = [scenarios(quick)[n] for n in names]
     run_dir.mkdir(parents=True, exist_ok=True)
     results: list[TargetRun] = []
-    async with local_stack(run_dir / "logs") as stack:
+    async with local_stack(run_dir / "logs", nginx="nginx" in targets, origin=origin) as stack:
         plan = {sc.name: sc.sizes for sc in chosen}
-        manifest_data = await seed(BUCKET, stack.moto_url, plan, run_dir)
+        manifest_data = await seed(BUCKET, stack.store_url, plan, run_dir)
         manifest = run_dir / "packages.json"
         manifest.write_text(json.dumps(manifest_data, indent=1))
         for sc in chosen:
@@ -101,4 +106,6 @@ async def run(
             for name in targets:
                 print(f"loadtest: {sc.name} against {name}", file=sys.stderr, flush=True)
                 results.append(await run_target(stack, sc, stack.targets()[name], manifest, out))
-    return write_report(run_dir, chosen, results, quick)
+        shown = {t.name: (t.hosts, t.path_template) for t in stack.targets().values()}
+        info = RunInfo(quick, origin, {name: shown[name] for name in targets})
+    return write_report(run_dir, chosen, results, info)

@@ -27,6 +27,19 @@ class Scenario:
     def limit_s(self) -> float:
         return self.run_s + STOP_TIMEOUT_S + 30
 
+    def shape(self) -> str:
+        """The load shape in words, from the locust arguments actually passed."""
+        opts = dict(zip(self.args[::2], self.args[1::2], strict=False))
+        shape = opts.get("--shape", "steady")
+        if shape == "waves":
+            peak = int(opts["--peak"])
+            levels = ", ".join(str(1 << i) for i in range(peak.bit_length()) if 1 << i <= peak)
+            return f"waves of {levels} users, {opts['--step']} s each"
+        if shape == "burst":
+            return (f"{opts['--base']} users, bursting to {opts['--peak']} for the middle 40 % "
+                    f"of each {opts['--step']} s cycle, {opts['--cycles']} cycle(s)")  # fmt: skip
+        return f"{opts['-u']} users (started at {opts['-r']}/s), steady for {opts['-t']} s"
+
 
 def log_spaced(n: int, low: int, high: int) -> tuple[int, ...]:
     """``n`` sizes from ``low`` to ``high``, evenly spaced on a log scale."""

@@ -1,10 +1,15 @@
 """The local stack a load-test run measures, all on 127.0.0.1.
 
-moto (S3, a child process) ← the counting :class:`S3Proxy` (in this process)
-← 3 ``cachesvc peer`` + 2 ``cachesvc agent`` child processes, and nginx (the
+An S3 store (a child process: moto, the default, or SeaweedFS with
+``origin="seaweedfs"``) ← the counting :class:`S3Proxy` (in this process) ← 3
+``cachesvc peer`` + 2 ``cachesvc agent`` child processes, and nginx (the
 caching baseline) ← also in front of the proxy. Every origin GET of every
 target passes the one proxy, so origin GETs and bytes are counted the same way
 for cachesvc and both baselines.
+
+moto is a mock (any credentials, objects in memory); SeaweedFS is a store
+(signatures checked, objects on disk), with anonymous reads allowed so the
+origin-direct and nginx baselines can GET without signing, as from moto.
 
 Caches live in a temporary directory removed at the end; logs go to the run's
 ``logs/`` directory.
@@ -27,6 +32,7 @@ import boto3
 from loadtest.nginx import start_nginx
 from loadtest.origin_proxy import S3Proxy
 from loadtest.procs import Child, free_port, spawn, venv_tool, wait_ready
+from loadtest.seaweedfs import SeaweedFS
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -36,6 +42,7 @@ AWS_ENV = {
 BUCKET = "loadtest-pkgs"
 CACHE_SIZE = "20GiB"
 Extra = Callable[[str, str], Sequence[str]]  # (role, url) → more flags for that process
+ORIGINS = ("moto", "seaweedfs")  # the S3 stores a run can put behind the proxy
 
 
 @dataclass(frozen=True)
@@ -49,14 +56,20 @@ class Target:
 
 @dataclass
 class LocalStack:
-    moto_url: str
+    store_url: str  # the S3 store itself (seeding goes here, uncounted)
     proxy: S3Proxy
     agents: list[str]
     peers: list[str]
-    nginx_url: str  # "" when started without nginx
+    nginx_url: str | None  # None: the run leaves the nginx baseline out
     token: str
     children: list[Child] = field(default_factory=list)
     caches: Path | None = None  # each process's store is <caches>/<role>-<index>
+    origin_kind: str = "moto"  # one of ORIGINS
+
+    @property
+    def moto_url(self) -> str:
+        """The store's URL under its name from before ``origin_kind`` existed."""
+        return self.store_url
 
     @property
     def origin_url(self) -> str:
@@ -64,11 +77,13 @@ class LocalStack:
 
     def targets(self) -> dict[str, Target]:
         blob = f"/{BUCKET}/blobs/sha256/{{hex}}"
-        return {
+        targets = {
             "origin": Target("origin", (self.proxy.url,), blob),
-            "nginx": Target("nginx", (self.nginx_url,), blob),
             "cachesvc": Target("cachesvc", tuple(self.agents), "/pkg/sha256:{hex}"),
         }
+        if self.nginx_url is not None:
+            targets["nginx"] = Target("nginx", (self.nginx_url,), blob)
+        return targets
 
 
 async def start_moto(logs: Path) -> tuple[Child, str]:
@@ -79,6 +94,20 @@ async def start_moto(logs: Path) -> tuple[Child, str]:
     await wait_ready(child, url + "/")
     await asyncio.to_thread(boto3.client("s3", endpoint_url=url).create_bucket, Bucket=BUCKET)
     return child, url
+
+
+async def start_store(kind: str, stack: AsyncExitStack, caches: Path, logs: Path) -> str:
+    """Start the S3 store ``kind`` with the bucket; its stop goes on ``stack``."""
+    if kind == "moto":
+        moto, url = await start_moto(logs)
+        stack.push_async_callback(moto.stop)
+        return url
+    store = SeaweedFS(caches / "seaweedfs", anonymous_read=True, log_file=logs / "seaweedfs.log")
+    stack.push_async_callback(asyncio.to_thread, store.stop, False)  # its data goes with caches
+    await asyncio.to_thread(store.start)
+    s3 = boto3.client("s3", endpoint_url=store.endpoint)
+    await asyncio.to_thread(s3.create_bucket, Bucket=BUCKET)
+    return store.endpoint
 
 
 async def start_tier(
@@ -109,10 +138,16 @@ async def start_tier(
 
 @asynccontextmanager
 async def local_stack(
-    logs: Path, peers: int = 3, agents: int = 2, nginx: bool = True, extra: Extra | None = None
+    logs: Path,
+    peers: int = 3,
+    agents: int = 2,
+    nginx: bool = True,
+    extra: Extra | None = None,
+    origin: str = "moto",
 ) -> AsyncIterator[LocalStack]:
-    """Start everything, yield it, stop everything (also on errors). ``extra``
-    adds flags per process (see :func:`start_tier`)."""
+    """Start everything (nginx only if ``nginx``), yield it, stop everything
+    (also on errors). ``extra`` adds flags per process (see :func:`start_tier`);
+    ``origin`` is the S3 store behind the proxy, one of :data:`ORIGINS`."""
     logs.mkdir(parents=True, exist_ok=True)
     for name, value in AWS_ENV.items():  # this process seeds moto too
         os.environ.setdefault(name, value)
@@ -120,19 +155,20 @@ async def local_stack(
     token = secrets.token_hex(16)
     async with AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, caches, True)
-        moto, moto_url = await start_moto(logs)
-        stack.push_async_callback(moto.stop)
-        proxy = await S3Proxy(moto_url).start()
+        store_url = await start_store(origin, stack, caches, logs)
+        proxy = await S3Proxy(store_url).start()
         stack.push_async_callback(proxy.stop)
         ring = [f"http://127.0.0.1:{free_port()}" for _ in range(peers)]
         which = [("peer", i) for i in range(peers)] + [("agent", i) for i in range(agents)]
         tiers = await _start_all(stack, which, ring, proxy, caches, logs, token, extra)
-        nginx_url = ""
+        nginx_url = None
         if nginx:
-            server, nginx_url = await start_nginx(caches / "nginx", proxy.url)
-            stack.push_async_callback(server.stop)
+            nginx_child, nginx_url = await start_nginx(caches / "nginx", proxy.url)
+            stack.push_async_callback(nginx_child.stop)
         agent_urls = [c.name for c in tiers[peers:]]
-        yield LocalStack(moto_url, proxy, agent_urls, ring, nginx_url, token, tiers, caches)
+        yield LocalStack(
+            store_url, proxy, agent_urls, ring, nginx_url, token, tiers, caches, origin
+        )
 
 
 async def _start_all(

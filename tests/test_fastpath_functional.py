@@ -1,0 +1,164 @@
+"""The L1-hit fast path: hot hits answered without the web framework, the same
+answer aiohttp gives, and every other request handed over on the same
+connection. Real agents on loopback, raw sockets where keep-alive and
+pipelining matter."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import aiohttp
+
+from cachesvc.digest import Digest
+from cachesvc.service import CORE
+from tests.conftest import OriginFixture
+from tests.servers import Stack, metric, payload
+
+MiB = 1 << 20
+
+
+async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+async def fast_hits(agent: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(f"{agent}/metrics") as r:
+        return metric(await r.text(), "cachesvc_fast_hits_total")
+
+
+async def hot(
+    stack: Stack, origin: OriginFixture, size: int, seed: int
+) -> tuple[str, Digest, bytes]:
+    """An agent with one package open in its store (two GETs: fill, then a lease)."""
+    agent = await stack.start_agent(peers=[])
+    data = payload(size, seed=seed)
+    digest = await origin.put(data)
+    assert (await get(f"{agent}/pkg/{digest}"))[2] == data
+    await stack.apps[agent][CORE].flights.wait_idle()  # kept: the next GET opens it
+    assert (await get(f"{agent}/pkg/{digest}"))[2] == data
+    return agent, digest, data
+
+
+async def test_a_hot_hit_is_answered_on_the_fast_path_like_aiohttp_would(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[])
+    data = payload(100_000, seed=1)
+    digest = await file_origin.put(data)
+    await get(f"{agent}/pkg/{digest}")  # fill (aiohttp)
+    await file_stack.apps[agent][CORE].flights.wait_idle()
+    _, slow, _ = await get(f"{agent}/pkg/{digest}")  # a lease opens it (aiohttp)
+    before = await fast_hits(agent)
+    status, fast, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, body) == (200, data)
+    assert await fast_hits(agent) == before + 1
+    for headers in (slow, fast):
+        headers.pop("Date")
+    assert fast == slow
+
+
+async def test_pipelined_hits_misses_and_garbage_on_one_connection_are_answered_in_order(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 50_000, seed=2)
+    other = payload(30_000, seed=3)
+    cold = await file_origin.put(other)
+    host, port = agent.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    req = "GET /pkg/{} HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(
+        (req.format(digest) + req.format(digest) + req.format(cold) + req.format(digest)).encode()
+    )
+    await writer.drain()
+    bodies = [await read_response(reader) for _ in range(4)]
+    assert [b[0] for b in bodies] == [200, 200, 200, 200]
+    assert [b[1] for b in bodies] == [data, data, other, data]
+    writer.write(b"GET /pkg/nope HTTP/1.1\r\nHost: x\r\n\r\n")  # handed over: aiohttp's 400
+    await writer.drain()
+    status, body = await read_response(reader)
+    assert status == 400 and b"invalid_digest" in body
+    writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(
+        int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length")
+    )
+    return status, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_ranges_conditionals_and_head_of_a_hot_entry_go_to_aiohttp(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 40_000, seed=4)
+    before = await fast_hits(agent)
+    status, headers, body = await get(f"{agent}/pkg/{digest}", Range="bytes=10-19")
+    assert (status, body, headers["Content-Range"]) == (
+        206,
+        data[10:20],
+        f"bytes 10-19/{len(data)}",
+    )
+    assert (await get(f"{agent}/pkg/{digest}", **{"If-None-Match": digest.etag}))[0] == 304
+    async with aiohttp.ClientSession() as s, s.head(f"{agent}/pkg/{digest}") as r:
+        assert (r.status, r.headers["Content-Length"]) == (200, str(len(data)))
+    assert (await get(f"{agent}/pkg/{digest}?x=1"))[2] == data
+    assert await fast_hits(agent) == before  # none of these took the fast path
+
+
+async def test_a_large_hot_entry_to_a_slow_reader_arrives_whole(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 24 * MiB, seed=5)
+    before = await fast_hits(agent)
+    host, port = agent.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
+    writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the socket buffer fills: the rest goes out in a task
+    status, body = await read_response(reader)
+    assert status == 200 and hashlib.sha256(body).hexdigest() == digest.hex
+    writer.close()
+    assert await fast_hits(agent) == before + 1
+
+
+async def test_an_evicted_entry_is_not_served_from_the_fast_path(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 20_000, seed=6)
+    store = file_stack.apps[agent][CORE].store
+    assert await store.evict(digest)
+    assert store.lease_hot(digest) is None
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["X-Cache-Tier"], body) == (200, "ORIGIN", data)
+
+
+async def test_with_an_egress_limit_the_fast_path_is_off(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[], egress_limit=64 * MiB)
+    data = payload(20_000, seed=7)
+    digest = await file_origin.put(data)
+    for _ in range(3):
+        assert (await get(f"{agent}/pkg/{digest}"))[2] == data
+    assert await fast_hits(agent) == 0
+
+
+async def test_stopping_lets_a_fast_response_in_flight_finish(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 24 * MiB, seed=8)
+    host, port = agent.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
+    writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    stopping = asyncio.ensure_future(file_stack.stop(agent))
+    status, body = await read_response(reader)
+    assert status == 200 and len(body) == len(data) and body == data
+    await asyncio.wait_for(stopping, 10)
+    writer.close()
