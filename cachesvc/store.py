@@ -259,7 +259,7 @@ class Store:
         self._touched.add(digest.hex)
         self._open.move_to_end(digest.hex)
         blob.verified = True
-        blob._acquire()
+        blob.acquire()
         return blob
 
     @staticmethod
