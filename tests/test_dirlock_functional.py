@@ -23,6 +23,7 @@ def second_agent(origin: str, cache: Path, code: Path) -> subprocess.CompletedPr
 
 
 async def test_a_second_agent_on_the_same_cache_dir_exits_naming_the_owner(tmp_path: Path) -> None:
+    (tmp_path / "origin").mkdir()
     origin = f"file://{tmp_path / 'origin'}"
     first = await AgentProcess(tmp_path / "first", origin, "").start()
     assert first.proc is not None

@@ -1,9 +1,11 @@
 """Rot under a running agent: the scrubber finds it within one interval, the
-entry is dropped, and the next GET is served the right bytes (refetched)."""
+entry is dropped, and the next GET is served the right bytes (refetched); a
+blob cut short is never opened for serving."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import aiohttp
 
@@ -66,3 +68,19 @@ async def test_a_byte_flipped_under_a_running_agent_is_found_and_refetched(
     assert not blob.exists()
     assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
     assert await get(f"{agent}/pkg/{digest}") == (200, "L1", data)
+
+
+async def test_a_blob_cut_short_while_closed_is_dropped_and_refetched(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    data = payload(4 * MiB, seed=6)
+    digest = await file_origin.put(data)
+    agent = await file_stack.start_agent(peers=[])
+    assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)  # served from the fill
+    await wait_for_commit(agent)
+    blob = file_stack.root / "agent-0" / "blobs" / "sha256" / digest.hex
+    blob.chmod(0o644)
+    os.truncate(blob, MiB)
+    assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
+    text = await metrics_of(agent)
+    assert metric(text, "cachesvc_corrupt_total", found_by="serve") == 1
