@@ -21,6 +21,7 @@ from cachesvc.config import (
     add_flag,
     check_dir,
     parse_count,
+    parse_duration,
     parse_listen,
     parse_log_level,
     parse_origin,
@@ -95,6 +96,10 @@ def _service_flags(p: argparse.ArgumentParser, listen: str, cache: str) -> None:
         type=parse_count,
         default=str(DEFAULT_FANOUT),
     )
+    add_flag(p, "--scrub-interval", "a full re-hash of the store every DURATION (2s, 6h, 1d)",
+             type=parse_duration, default="1d")  # fmt: skip
+    add_flag(p, "--scrub-rate", "most bytes per second the scrub reads, e.g. 64MiB",
+             type=parse_size, default="64MiB")  # fmt: skip
     add_flag(p, "--log-level", "DEBUG, INFO, WARNING, ERROR", type=parse_log_level, default="INFO")
 
 

@@ -54,6 +54,20 @@ def parse_size(text: str | int) -> int:
     return int(float(m[1]) * _UNITS[m[2].lower()])
 
 
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+
+
+def parse_duration(text: str | float) -> float:
+    """``"2s"``, ``"6h"``, ``"1d"``, ``"500ms"``, ``"90"`` (seconds) → seconds,
+    more than 0. Raises ValueError for anything else."""
+    if isinstance(text, int | float):
+        return float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*", text.lower())
+    if m is None or float(m[1]) <= 0:
+        raise ValueError("not a duration; use e.g. 2s, 90m, 6h or 1d")
+    return float(m[1]) * _SECONDS[m[2]]
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[v6]:PORT`` → (host, port); an empty host is 0.0.0.0 and
     port 0 asks the kernel for a free one."""
@@ -265,6 +279,8 @@ class Settings:
     pin_share: float = 0.5
     prefetch_calls: bool = True
     dns_interval: float = 10.0
+    scrub_interval: float = 86400.0
+    scrub_rate: int = 64 * 2**20
     advertise: str | None = None
     fanout: int = 2
     egress_limit: float | None = None

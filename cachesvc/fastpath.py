@@ -107,6 +107,7 @@ class HitServer:
         self.enabled = enabled
         self.on_served = on_served
         self.connections: set[HitProtocol] = set()
+        self.tasks: set[asyncio.Task[bool]] = set()  # corrupt entries being dropped
         self.closing = False
         self._date = (0, b"")
         self._requests = metrics.requests.labels("L1")
@@ -233,7 +234,11 @@ class HitProtocol(asyncio.Protocol):
         started = time.perf_counter()
         head = self.server.response_head(blob)
         if blob.size <= SMALL:  # head and body in one segment: one syscall, not two
-            self.transport.write(head + os.pread(blob.file.fileno(), blob.size, 0))
+            body = os.pread(blob.file.fileno(), blob.size, 0)
+            if len(body) != blob.size:
+                self._cut_short(blob, len(body))
+                return False
+            self.transport.write(head + body)
             self._done(blob, started)
             return True
         self.transport.write(head)
@@ -259,10 +264,26 @@ class HitProtocol(asyncio.Protocol):
             return
         finally:
             self.sending = None
+        if sent != blob.size:
+            self._cut_short(blob, sent)
+            return
         self._done(blob, started)
         if not self.transport.is_closing():
             self.transport.resume_reading()
             self._serve_heads()
+
+    def _cut_short(self, blob: Blob, got: int) -> None:
+        """The file held fewer bytes than its entry: abort (the client sees a
+        short body, never a complete one) and drop the entry as corrupt."""
+        assert self.transport is not None
+        self.transport.abort()
+        reason = f"its file ended at byte {got} of {blob.size}"
+        log.error("GET %s: aborting the response: %s", blob.digest.short, reason)
+        drop = self.server.store.drop_corrupt(blob.digest, reason, lease=blob)
+        task = asyncio.get_running_loop().create_task(drop)
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+        Store.release(blob)
 
     def _done(self, blob: Blob, started: float) -> None:
         Store.release(blob)

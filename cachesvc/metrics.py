@@ -3,7 +3,8 @@
 Each app gets its own registry (several services can share one process: tests,
 ``cachesvc up``). Labels are bounded: ``tier`` (L1, L2, ORIGIN), ``upstream``
 (peer, agent, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
-``route`` (a fixed set), ``signal`` (warm, calls, publish). Digests, peers and
+``route`` (a fixed set), ``signal`` (warm, calls, publish), ``found_by``
+(startup, scrub, serve). Digests, peers and
 tenants never become labels (they go in log lines), except the per-tenant warm
 counters, which are capped at :data:`MAX_TENANT_LABELS` distinct tenants
 (beyond that they count under ``tenant="_other"``).
@@ -119,6 +120,26 @@ class Metrics:
         )
         self.unpacks = Counter(
             "cachesvc_unpacks", "Package extractions, by outcome", ["outcome"], registry=r
+        )
+        self.corrupt = Counter(
+            "cachesvc_corrupt",
+            "Stored entries dropped because their bytes on disk were wrong or unreadable",
+            ["found_by"],
+            registry=r,
+        )
+        self.scrub_bytes = Counter(
+            "cachesvc_scrub_bytes", "Bytes re-hashed by the background scrubber", registry=r
+        )
+        self.scrub_passes = Counter(
+            "cachesvc_scrub_passes", "Full scrub passes over the store finished", registry=r
+        )
+        self.scrub_last_pass = Gauge(
+            "cachesvc_scrub_last_pass_timestamp_seconds",
+            "When the last full scrub pass finished (Unix time)",
+            registry=r,
+        )
+        self.scrub_pass_seconds = Gauge(
+            "cachesvc_scrub_last_pass_seconds", "How long the last full scrub pass took", registry=r
         )
         self._tenants: set[str] = set()
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.egress import TokenBucket
-from cachesvc.errors import Unauthorized
+from cachesvc.errors import ConfigError, Unauthorized
 from cachesvc.fanout import Avoided, FanoutSource, Feeds
 from cachesvc.flight import Flights
 from cachesvc.http import METRICS, error_middleware, json_error
@@ -31,6 +31,7 @@ from cachesvc.origin import Origin, make_origin
 from cachesvc.peer_client import PeerClient
 from cachesvc.readiness import OriginCheck, Readiness
 from cachesvc.ring import Ring
+from cachesvc.scrub import Scrubber
 from cachesvc.store import Store
 from cachesvc.tiers import OriginSource, PeerSource, Source, Tiers
 from cachesvc.tracker import Tracker
@@ -107,7 +108,7 @@ async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> C
         header_timeout=settings.origin_timeout + 10.0,
         read_timeout=settings.peer_read_timeout,
     )
-    store = await Store.open(settings.cache_dir, settings.cache_size)
+    store, scrubber = await _open_store(settings, metrics)
     store.on_evict.append(lambda _d, _s: metrics.evictions.inc())
     metrics.bind_store(lambda: _usage(store))
     flights = Flights(store, settings.max_fetches, settings.max_queued)
@@ -121,6 +122,7 @@ async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> C
         feeds=Feeds(settings.fanout),
     )  # fmt: skip
     core.tasks.append(asyncio.get_running_loop().create_task(_flush_forever(store)))
+    core.tasks.append(asyncio.get_running_loop().create_task(scrubber.run()))
     log.info(
         "%s ready: store %s (%d entries, %d bytes of %d), origin %s, peers %s",
         local_tier,
@@ -130,6 +132,21 @@ async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> C
         ring.nodes or "-",
     )
     return core
+
+
+async def _open_store(settings: Settings, metrics: Metrics) -> tuple[Store, Scrubber]:
+    """The store (locked, recovered) and its scrubber; closed again if the
+    scrubber's settings are refused, so the directory's lock is not kept."""
+    store = await Store.open(
+        settings.cache_dir,
+        settings.cache_size,
+        on_corrupt=lambda found_by: metrics.corrupt.labels(found_by).inc(),
+    )
+    try:
+        return store, Scrubber(store, settings.scrub_interval, settings.scrub_rate, metrics)
+    except ConfigError:
+        await store.close()
+        raise
 
 
 def _usage(store: Store) -> tuple[int, int, int]:

@@ -2,26 +2,35 @@
 
 Layout under the store's root::
 
-    blobs/sha256/<hex>    committed, verified packages (the only files served)
+    .lock                 the owner's flock and pid (cachesvc.dirlock)
+    blobs/sha256/<hex>    committed packages, read-only (0444): the only files served
     tmp/<hex>.<random>    ingests in progress; swept at every start
     index/                diskcache: hex -> Entry(size, last_access, pinned)
+    quarantine/           indexes found corrupt at start, kept for a post-mortem
 
 Guarantees:
 
-* **Only verified bytes are ever committed.** :meth:`Ingest.commit` is the one
-  place in cachesvc where a computed sha256 is compared with the expected one;
-  there is no switch to skip it. Commit is temp file -> verify -> rename ->
-  index, so a process crash at any moment (kill -9 included) leaves either
-  nothing or a complete verified blob (no fsync: after an OS crash, entries
-  are re-hashed before they are served again, see :class:`Recheck`);
-  :meth:`Store.open` sweeps temp files and re-verifies blobs that were
-  renamed but not yet indexed.
+* **Only verified bytes are ever committed.** :meth:`Ingest.verify` checks
+  them, and :class:`Recheck` bytes read back from disk, both with
+  :func:`cachesvc.ingest.compare`, the one comparison of computed and
+  expected digests; there is no switch to skip it. Commit is temp file ->
+  verify -> chmod 0444 -> rename -> index, so a process crash at any moment
+  (kill -9 included) leaves either nothing or a complete verified blob. No
+  fsync: after an OS crash a file may be short or garbage, and every entry is
+  re-hashed before it is served again (first serve, scrub), so it is dropped.
+* **The disk is not trusted.** :meth:`Store.open` never raises for anything
+  found on disk and never follows a link; :mod:`cachesvc.recovery` says what
+  start-up checks and what it leaves to the scrubber and the first serve. An
+  entry is ``verified`` once this process hashed its bytes (ingest, adoption
+  at start, scrub, first serve); wrong bytes are dropped by :meth:`drop_corrupt`.
+* **One owner.** The store holds an advisory lock on its directory from
+  open to close; a second store on it (any process) fails with
+  :class:`~cachesvc.errors.ConfigError` naming the pid that holds it.
 * **Size-capped, least-recently-used eviction.** Recency lives in memory (an
-  ``OrderedDict``, so a hit costs no disk write) and is flushed to the diskcache
-  index periodically and on close, so the order survives restarts. Eviction
+  ``OrderedDict``, so a hit costs no disk write) and is flushed to the index
+  periodically and on close, so the order survives restarts. Eviction
   removes one victim at a time down to a low-water mark; pinned entries are
-  skipped. diskcache's own culling is off (``cull_limit=0``): with large
-  entries it deletes the row just inserted (see shared/STACK.md).
+  skipped. diskcache's own culling is off (see :mod:`cachesvc.index`).
 * **Open handles outlive eviction.** A :class:`Blob` lease keeps its file open;
   an evicted file is unlinked, and its space is freed when the last lease ends.
 
@@ -33,30 +42,39 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
-import io
+import itertools
 import logging
 import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import diskcache
-
+from cachesvc import recovery
+from cachesvc.blob import Blob, open_file
 from cachesvc.digest import Digest
-from cachesvc.errors import DigestMismatch, UpstreamError
+from cachesvc.dirlock import DirLock
+from cachesvc.index import Entry, Index
+from cachesvc.ingest import MIN_BATCH, WRITE_BATCH, Ingest, compare
+from cachesvc.recheck import Recheck
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "MIN_BATCH", "WRITE_BATCH", "Blob", "Entry", "Ingest", "Recheck", "Store", "StoreFull",
+    "Usage", "compare",
+]  # fmt: skip
+
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
-FLUSH_INTERVAL = 30.0  # seconds between writes of access order to the index
-MIN_BATCH = 256 << 10  # bytes gathered before a thread hop hashes + writes them, if idle
-WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is written
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
+# Committed blobs are never written again. fs-verity (FS_IOC_ENABLE_VERITY) would
+# make the kernel refuse rotten reads, but ext4 here has it off (EOPNOTSUPP,
+# checked 2026-12-01): blobs are re-hashed by the scrubber and first serves instead.
+BLOB_MODE = 0o444
+
+CorruptHook = Callable[[str], None]  # called with found_by: "startup", "scrub", "serve"
 
 
 class StoreFull(Exception):
@@ -64,12 +82,6 @@ class StoreFull(Exception):
 
     Not a client error: the caller streams the bytes through without keeping them.
     """
-
-
-class Entry(NamedTuple):
-    size: int
-    last_access: float
-    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,122 +92,101 @@ class Usage:
     pinned_bytes: int
 
 
-class Blob:
-    """An open, verified package file, shared by every request that serves it.
-
-    Use :meth:`Store.lease`; the file object stays open while leased and is
-    closed when it is neither cached as hot nor leased.
-    """
-
-    __slots__ = ("digest", "size", "file", "verified", "_leases", "_retired")
-
-    def __init__(self, digest: Digest, size: int, file: io.FileIO) -> None:
-        self.digest = digest
-        self.size = size
-        self.file = file  # raw FileIO: fileno() for sendfile, pread via os
-        self.verified = False  # hashed by this process (set by the store at lease)
-        self._leases = 0
-        self._retired = False
-
-    def _acquire(self) -> None:
-        self._leases += 1
-
-    def _release(self) -> None:
-        self._leases -= 1
-        if self._retired and self._leases == 0:
-            self.file.close()
-
-    def _retire(self) -> None:
-        self._retired = True
-        if self._leases == 0:
-            self.file.close()
-
-
 class Store:
     """A size-capped content-addressed store. Create with :meth:`Store.open`."""
 
-    def __init__(self, root: Path, capacity: int, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        root: Path,
+        capacity: int,
+        index: Index,
+        lock: DirLock,
+        clock: Callable[[], float] = time.time,
+        on_corrupt: CorruptHook | None = None,
+    ) -> None:
         self.root = root
         self.capacity = capacity
         self._clock = clock
         self._blobs = root / "blobs" / "sha256"
         self._tmp = root / "tmp"
-        self._index = diskcache.Cache(
-            str(root / "index"), eviction_policy="none", cull_limit=0, size_limit=2**62
-        )
+        self._index = index
+        self._lock = lock
+        self._on_corrupt = on_corrupt or (lambda _found_by: None)
         self._lru: OrderedDict[str, int] = OrderedDict()  # hex -> size, oldest first
         self._pinned: set[str] = set()
-        self._verified: set[str] = set()  # hashed by this process since it started
+        self._verified: set[str] = set()
+        self._generation: dict[str, int] = {}
+        self._generations = itertools.count(1)
         self._touched: set[str] = set()
         self._open: OrderedDict[str, Blob] = OrderedDict()
         self._bytes = 0
         self._reserved = 0
         self.on_evict: list[Callable[[Digest, int], None]] = []
+        self.startup_report: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
     @classmethod
-    async def open(cls, root: Path, capacity: int, clock: Callable[[], float] = time.time) -> Store:
-        """Open (creating if needed) and recover the store: sweep temp files,
-        drop index rows without a file, re-verify files without an index row."""
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "tmp").mkdir(exist_ok=True)
-        store = await asyncio.to_thread(cls, root, capacity, clock)
-        report = await asyncio.to_thread(store.check, True)
-        if any(report.values()):
-            log.warning("store %s recovered: %s", root, report)
+    async def open(
+        cls,
+        root: Path,
+        capacity: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        on_corrupt: CorruptHook | None = None,
+    ) -> Store:
+        """Lock the directory (creating it if needed), recover it, and open it.
+
+        Never raises for what is found on disk (see :mod:`cachesvc.recovery`);
+        raises :class:`~cachesvc.errors.ConfigError` when another store owns
+        the directory or it cannot be created. ``on_corrupt(found_by)`` is
+        called once per entry found with wrong or unreadable bytes.
+        """
+        lock = await asyncio.to_thread(DirLock.acquire, root, "cache dir")
+        try:
+            replaced = await asyncio.to_thread(recovery.prepare_layout, root)
+            index, rows = await asyncio.to_thread(Index.open, root / "index", root / "quarantine")
+            store = cls(root, capacity, index, lock, clock, on_corrupt)
+            report = await asyncio.to_thread(store._check, rows, True)
+        except BaseException:
+            lock.release()
+            raise
+        store.startup_report = {**report, "layout_replaced": replaced}
+        if any(store.startup_report.values()):
+            log.warning("store %s recovered: %s", root, store.startup_report)
+        for _ in range(report["corrupt_removed"]):
+            store._on_corrupt("startup")
         await store.make_room(0)
         return store
 
     async def close(self) -> None:
+        """Flush, close every handle and the index, and release the directory."""
         await self.flush()
         for blob in self._open.values():
-            blob._retire()
+            blob.retire()
         self._open.clear()
         await asyncio.to_thread(self._index.close)
+        self._lock.release()
 
     def check(self, fix: bool = True) -> dict[str, int]:
-        """Reconcile disk and index; call from a thread. Returns counts of what
-        was wrong. With ``fix``, temp files are removed, rows without a file are
-        dropped and blobs without a row are re-hashed: adopted if they match
-        their name, deleted if not."""
-        report = {"temp_removed": 0, "rows_dropped": 0, "adopted": 0, "corrupt_removed": 0}
-        for tmp in self._tmp.iterdir():
-            report["temp_removed"] += 1
-            if fix:
-                tmp.unlink(missing_ok=True)
-        rows: dict[str, Entry] = {}
-        for key in list(self._index.iterkeys()):
-            entry = Entry(*self._index[key])
-            path = self._blobs / key
-            if not path.is_file() or path.stat().st_size != entry.size:
-                report["rows_dropped"] += 1
-                if fix:
-                    self._index.delete(key)
-                    path.unlink(missing_ok=True)
-                continue
-            rows[key] = entry
-        for path in self._blobs.iterdir():
-            if path.name in rows:
-                continue
-            if _file_sha256(path) == path.name:
-                report["adopted"] += 1
-                if fix:
-                    rows[path.name] = Entry(path.stat().st_size, self._clock())
-                    self._index[path.name] = tuple(rows[path.name])
-            else:
-                report["corrupt_removed"] += 1
-                if fix:
-                    path.unlink(missing_ok=True)
-        self._load(rows)
-        return report
+        """Reconcile disk and index (see :mod:`cachesvc.recovery`); call from a
+        thread, and only while no ingest runs (temp files are removed). Returns
+        counts of what was wrong; with ``fix``, it is set right."""
+        return self._check(self._index.rows(), fix)
 
-    def _load(self, rows: dict[str, Entry]) -> None:
+    def _check(self, rows: dict[str, Entry], fix: bool) -> dict[str, int]:
+        found = recovery.recover(self.root, self._index, rows, fix, self._clock())
+        if fix:
+            self._load(found.rows, found.verified)
+        return found.report
+
+    def _load(self, rows: dict[str, Entry], verified: set[str]) -> None:
         self._lru.clear()
         self._pinned.clear()
+        self._verified = (self._verified & rows.keys()) | verified
         for key, entry in sorted(rows.items(), key=lambda kv: kv[1].last_access):
             self._lru[key] = entry.size
+            self._generation.setdefault(key, next(self._generations))
             if entry.pinned:
                 self._pinned.add(key)
         self._bytes = sum(self._lru.values())
@@ -208,10 +199,9 @@ class Store:
 
     def _write_rows(self, keys: set[str]) -> None:
         now = self._clock()
-        with self._index.transact():
-            for key in keys:
-                if key in self._lru:
-                    self._index[key] = tuple(Entry(self._lru[key], now, key in self._pinned))
+        self._index.put_many(
+            {k: Entry(self._lru[k], now, k in self._pinned) for k in keys if k in self._lru}
+        )
 
     # -- reads -----------------------------------------------------------------
 
@@ -229,27 +219,36 @@ class Store:
         return Usage(len(self._lru), self._bytes, self.capacity, pinned)
 
     def digests(self) -> list[Digest]:
+        """Every entry, least recently used first."""
         return [Digest(h) for h in self._lru]
 
-    async def lease(self, digest: Digest) -> Blob | None:
-        """An open handle on a committed package, or None if it is not here.
+    def is_verified(self, digest: Digest) -> bool:
+        return digest.hex in self._verified
 
-        Marks the entry recently used. Release with :meth:`release`.
+    async def lease(self, digest: Digest, touch: bool = True) -> Blob | None:
+        """An open handle on a committed package, or None if it is not here (or
+        its file cannot be opened: the entry is then dropped as corrupt).
+
+        Marks the entry recently used unless ``touch`` is False: a background
+        read (the scrubber's) must not reorder eviction, keeps its handle
+        first in line to be closed, and counts a file that cannot be opened
+        as found by ``scrub``. Release with :meth:`release`.
         """
         size = self._lru.get(digest.hex)
         if size is None:
             return None
-        self._lru.move_to_end(digest.hex)
-        self._touched.add(digest.hex)
+        if touch:
+            self._lru.move_to_end(digest.hex)
+            self._touched.add(digest.hex)
         blob = self._open.get(digest.hex)
         if blob is None:
-            blob = await self._open_blob(digest, size)
+            blob = await self._open_blob(digest, size, touch)
             if blob is None:
                 return None
-        else:
+        elif touch:
             self._open.move_to_end(digest.hex)
         blob.verified = digest.hex in self._verified
-        blob._acquire()
+        blob.acquire()
         return blob
 
     def lease_hot(self, digest: Digest) -> Blob | None:
@@ -262,33 +261,71 @@ class Store:
         self._touched.add(digest.hex)
         self._open.move_to_end(digest.hex)
         blob.verified = True
-        blob._acquire()
+        blob.acquire()
         return blob
 
     @staticmethod
     def release(blob: Blob) -> None:
-        blob._release()
+        blob.release()
 
-    async def _open_blob(self, digest: Digest, size: int) -> Blob | None:
+    async def _open_blob(self, digest: Digest, size: int, hot: bool) -> Blob | None:
+        generation = self._generation.get(digest.hex, 0)
         try:
-            file = await asyncio.to_thread(open, self._blobs / digest.hex, "rb", buffering=0)
-        except FileNotFoundError:
-            log.error("store: %s indexed but its file is gone; dropping it", digest.short)
-            await self._drop(digest.hex)
+            file = await asyncio.to_thread(open_file, self._blobs / digest.hex, size)
+        except OSError as exc:
+            if self._generation.get(digest.hex) == generation:  # not replaced meanwhile
+                reason, found_by = f"cannot open its file: {exc}", "serve" if hot else "scrub"
+                await self.drop_corrupt(digest, reason, found_by=found_by)
             return None
-        if digest.hex not in self._lru:  # evicted while we opened it
+        if self._generation.get(digest.hex) != generation:  # evicted or replaced meanwhile
             file.close()
             return None
         blob = self._open.get(digest.hex)
         if blob is not None:  # another request opened it meanwhile
             file.close()
             return blob
-        blob = Blob(digest, size, file)
-        self._open[digest.hex] = blob
-        while len(self._open) > MAX_OPEN_BLOBS:
+        while len(self._open) >= MAX_OPEN_BLOBS:
             _, old = self._open.popitem(last=False)
-            old._retire()
+            old.retire()
+        blob = Blob(digest, size, file, generation)
+        self._open[digest.hex] = blob
+        if not hot:  # first to be closed: a scrub must not push hot handles out
+            self._open.move_to_end(digest.hex, last=False)
         return blob
+
+    # -- trust -------------------------------------------------------------------
+
+    def mark_verified(self, digest: Digest, lease: Blob | None = None) -> None:
+        """Record that this process hashed the entry's bytes and they matched.
+        With ``lease``, only if the entry is still the file that lease reads."""
+        if digest.hex in self._lru and self._current(digest, lease):
+            self._verified.add(digest.hex)
+            if lease is not None:
+                lease.verified = True
+
+    async def drop_corrupt(
+        self, digest: Digest, reason: str, *, found_by: str = "serve", lease: Blob | None = None
+    ) -> bool:
+        """Remove an entry whose bytes were found wrong (file and row), log one
+        line naming digest and reason, and count it (``found_by``: scrub,
+        serve). With ``lease``, only if the entry is still the file that lease
+        read (not a fresh copy committed meanwhile). Leases keep reading.
+        Returns True if something was dropped."""
+        if digest.hex not in self._lru or not self._current(digest, lease):
+            log.info("store: %s was found corrupt (%s) but is already gone", digest, reason)
+            return False
+        log.error("store: dropping %s: %s (found by %s)", digest, reason, found_by)
+        await self._drop(digest.hex)
+        self._on_corrupt(found_by)
+        return True
+
+    def recheck(self, lease: Blob, found_by: str = "serve") -> Recheck:
+        """Re-hash a leased entry in place (see :mod:`cachesvc.recheck`); the
+        recheck takes over the lease and releases it on close."""
+        return Recheck(self, lease, found_by)
+
+    def _current(self, digest: Digest, lease: Blob | None) -> bool:
+        return lease is None or self._generation.get(digest.hex) == lease.generation
 
     # -- writes ----------------------------------------------------------------
 
@@ -336,28 +373,15 @@ class Store:
         log.info("store: evicted %s (%d bytes)", digest.short, size)
         return True
 
-    def mark_verified(self, digest: Digest) -> None:
-        """The entry's file was hashed by this process and matched its name."""
-        if digest.hex in self._lru:
-            self._verified.add(digest.hex)
-
-    async def drop_corrupt(self, digest: Digest, reason: str) -> None:
-        """Remove an entry whose bytes on disk no longer match its digest."""
-        log.error("store: %s is corrupt on disk (%s); dropping it", digest.short, reason)
-        await self._drop(digest.hex)
-
-    def recheck(self, blob: Blob) -> Recheck:
-        """Re-hash a leased entry in place; see :class:`Recheck`."""
-        return Recheck(self, blob)
-
     async def _drop(self, key: str) -> None:
-        self._verified.discard(key)
         size = self._lru.pop(key, 0)
         self._bytes -= size
         self._pinned.discard(key)
+        self._verified.discard(key)
+        self._generation.pop(key, None)
         blob = self._open.pop(key, None)
         if blob is not None:
-            blob._retire()
+            blob.retire()
         await asyncio.to_thread(self._unlink, key)
 
     def _unlink(self, key: str) -> None:
@@ -373,6 +397,10 @@ class Store:
         self._lru[key] = ingest.size
         self._lru.move_to_end(key)
         self._verified.add(key)
+        self._generation[key] = next(self._generations)
+        stale = self._open.pop(key, None)  # a handle on a file this commit replaced
+        if stale is not None:
+            stale.retire()
 
     def _publish(self, ingest: Ingest, entry: Entry) -> None:
         # No fsync: it cost 1-12 ms per package here, on every miss, and bought
@@ -383,8 +411,9 @@ class Store:
         # is found and dropped, never served. A cache may lose entries; it may
         # not serve wrong bytes.
         assert ingest.path is not None
+        os.fchmod(ingest.fd, BLOB_MODE)  # before the rename: never a writable blob
         os.rename(ingest.path, self._blobs / ingest.digest.hex)
-        self._index[ingest.digest.hex] = tuple(entry)
+        self._index.put(ingest.digest.hex, entry)
 
     # -- pins ------------------------------------------------------------------
 
@@ -410,229 +439,3 @@ class Store:
 
     def is_pinned(self, digest: Digest) -> bool:
         return digest.hex in self._pinned
-
-
-class Ingest:
-    """One package being written: :meth:`write`, then :meth:`commit`, then :meth:`close`.
-
-    ``file`` is readable while writing: followers of a coalesced fetch read
-    ``[0, on_disk)`` from it, so it stays open until :meth:`close`, even after
-    commit renamed it. When the disk refuses a write (ENOSPC), or the store had
-    no room to begin with (:meth:`Store.begin_unstored`), the ingest keeps
-    hashing but stops writing: ``on_disk`` freezes, ``spilled`` is set, and
-    :meth:`commit` then only verifies.
-    """
-
-    def __init__(self, store: Store, digest: Digest, size: int, path: Path | None, fd: int):
-        self.store = store
-        self.digest = digest
-        self.size = size
-        self.path = path
-        self.fd = fd
-        self.file = open(fd, "rb", buffering=0, closefd=False) if fd >= 0 else None  # noqa: SIM115
-        self.received = 0
-        self.on_disk = 0
-        self.spilled = fd < 0
-        self.verified = False
-        self.committed = False
-        self._reservation = size if fd >= 0 else 0
-        self._writing: asyncio.Future[None] | None = None
-        self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
-        self._hash = hashlib.sha256()
-        self._pending: list[bytes] = []
-        self._pending_len = 0
-
-    async def write(self, chunk: bytes) -> None:
-        """Append bytes; they are hashed and written in batches off the loop.
-
-        One batch is hashed and written in a thread while the next one is
-        gathered (at most one in flight: memory stays bounded), so receiving,
-        hashing and writing overlap. Batches are small while the writer is idle
-        (bytes reach the disk, and followers, soon) and grow while it is busy
-        (fewer thread hops)."""
-        if self.received + len(chunk) > self.size:
-            raise UpstreamError(f"ingest {self.digest.short}: upstream sent over {self.size} bytes")
-        self.received += len(chunk)
-        self._pending.append(chunk)
-        self._pending_len += len(chunk)
-        idle = self._writing is None or self._writing.done()
-        if self._pending_len >= WRITE_BATCH or (idle and self._pending_len >= MIN_BATCH):
-            await self._flush()
-
-    async def drain(self) -> None:
-        """Hash and write everything pending; afterwards ``on_disk`` covers it."""
-        await self._flush()
-        await self._wait_writing()
-
-    async def _flush(self) -> None:
-        """Start hashing and writing what is pending, once the batch before it is done."""
-        await self._wait_writing()
-        if not self._pending:
-            return
-        batch, self._pending, self._pending_len = self._pending, [], 0
-        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
-        self._writing.add_done_callback(self._written)
-
-    def _written(self, _future: asyncio.Future[None]) -> None:
-        if self.on_written is not None:
-            self.on_written()
-
-    async def _wait_writing(self) -> None:
-        if self._writing is not None and not self._writing.done():
-            await asyncio.shield(self._writing)
-        elif self._writing is not None:
-            self._writing.result()  # a failed write raises here
-
-    def _write_batch(self, batch: list[bytes]) -> None:
-        for chunk in batch:
-            self._hash.update(chunk)
-        if self.spilled:
-            return
-        try:
-            for chunk in batch:
-                view = memoryview(chunk)
-                while view:  # pwrite may write less than asked
-                    n = os.pwrite(self.fd, view, self.on_disk)
-                    self.on_disk += n
-                    view = view[n:]
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            log.warning("store: disk full writing %s; passing it through", self.digest.short)
-            self.spilled = True
-
-    async def commit(self) -> None:
-        """:meth:`verify`, then :meth:`persist`."""
-        await self.verify()
-        await self.persist()
-
-    async def verify(self) -> None:
-        """Check size and sha256 of everything written (:func:`compare`).
-        Raises :class:`DigestMismatch`, or :class:`UpstreamError` for a short body.
-        """
-        await self.drain()
-        if self.received != self.size:
-            raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
-        compare(self.digest, self._hash, "ingest")
-        self.verified = True
-
-    async def persist(self) -> None:
-        """Make verified bytes visible (rename, index); a
-        spilled ingest keeps nothing."""
-        if not self.verified:
-            raise DigestMismatch(f"ingest {self.digest.short}: persist before verify")
-        if not self.spilled:
-            await self.store._commit(self)
-            self.committed = True
-            self._release_reservation()  # the bytes are counted as stored now
-
-    async def close(self) -> None:
-        """Release the reservation and the file; idempotent. An uncommitted
-        temp file is removed. Waits for a write still running in its thread,
-        so the fd is never closed (and reused) under it."""
-        if self.fd == -2:
-            return
-        fd, self.fd = self.fd, -2
-        self._release_reservation()
-        if self._writing is not None:
-            await asyncio.gather(self._writing, return_exceptions=True)
-        if fd >= 0:
-            await asyncio.to_thread(self._close, fd)
-
-    def _release_reservation(self) -> None:
-        self.store._reserved -= self._reservation
-        self._reservation = 0
-
-    def _close(self, fd: int) -> None:
-        assert self.file is not None and self.path is not None
-        self.file.close()
-        os.close(fd)
-        if not self.committed:
-            self.path.unlink(missing_ok=True)
-
-
-class Recheck:
-    """A committed entry re-hashed in place, for a flight that serves it while
-    hashing (its first serve since this process started).
-
-    Shaped like :class:`Ingest` for :class:`~cachesvc.flight.Flight`: ``file``,
-    ``on_disk`` (bytes hashed so far, readable by followers), ``received``,
-    :meth:`verify`, :meth:`persist`, :meth:`close`. Holds its own lease on the
-    blob, so eviction cannot pull the file away. A mismatch (rot, truncation)
-    drops the entry from the store.
-    """
-
-    spilled = False
-
-    def __init__(self, store: Store, blob: Blob) -> None:
-        self.store = store
-        self.blob = blob
-        self.digest = blob.digest
-        self.size = blob.size
-        self.file: io.FileIO | None = blob.file
-        self.on_disk = 0
-        self._hash = hashlib.sha256()
-        self._short = False
-
-    @property
-    def received(self) -> int:
-        return self.on_disk
-
-    async def step(self) -> bool:
-        """Hash the next block in a thread; False when every byte is hashed."""
-        want = min(RECHECK_BLOCK, self.size - self.on_disk)
-        if want <= 0 or self._short:
-            return False
-        try:
-            block = await asyncio.to_thread(os.pread, self.blob.file.fileno(), want, self.on_disk)
-        except OSError as exc:  # an unreadable block is rot too: verify() drops the entry
-            log.error("store: reading %s at %d: %s", self.digest.short, self.on_disk, exc)
-            block = b""
-        self._hash.update(block)
-        self.on_disk += len(block)
-        self._short = len(block) < want
-        return not self._short and self.on_disk < self.size
-
-    async def verify(self) -> None:
-        """Size and sha256 of the file as it is on disk; a mismatch drops the entry."""
-        try:
-            if self.on_disk != self.size:
-                raise DigestMismatch(
-                    f"recheck {self.digest.short}: file has {self.on_disk} of {self.size} bytes"
-                )
-            compare(self.digest, self._hash, "recheck")
-        except DigestMismatch as exc:
-            await self.store.drop_corrupt(self.digest, str(exc))
-            raise
-
-    async def persist(self) -> None:
-        self.store.mark_verified(self.digest)
-
-    async def close(self) -> None:
-        if self.file is not None:
-            self.file = None
-            Store.release(self.blob)
-
-
-RECHECK_BLOCK = 1 << 20
-
-
-def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
-    """The one comparison of computed and expected sha256 in cachesvc.
-    Raises :class:`DigestMismatch`."""
-    actual = hashed.hexdigest()
-    if actual != digest.hex:
-        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in _blocks(f):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _blocks(f: object, size: int = 1 << 20) -> Iterator[bytes]:
-    while block := f.read(size):  # type: ignore[attr-defined]
-        yield block

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from cachesvc.codec import Limits, archive_stream
 from cachesvc.digest import Digest
+from cachesvc.dirlock import DirLock
 from cachesvc.errors import CachesvcError, InvalidRequest, TooLarge
 from cachesvc.http import abort_stream, route_digest, timed
 from cachesvc.service import CORE, SETTINGS, Core
@@ -48,6 +49,8 @@ async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
     if settings.code_dir is None:
         yield
         return
+    # One owner, before the sweep: it removes what another agent is unpacking.
+    lock = await asyncio.to_thread(DirLock.acquire, settings.code_dir, "code dir")
     unpacker = Unpacker(settings.code_dir, limits_of(app))
     swept = await asyncio.to_thread(unpacker.sweep_temp)
     if swept:
@@ -64,6 +67,7 @@ async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
     yield
     await asyncio.gather(*tasks, return_exceptions=True)
     await unpacker.aclose()
+    lock.release()
 
 
 async def local_package(core: Core, digest: Digest, limit: int) -> Blob:

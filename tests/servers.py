@@ -132,8 +132,8 @@ class Stack:
         ports = [free_port() for _ in range(n)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for i, port in enumerate(ports):
-            settings = self.settings(
-                f"peer-{len(self.peers)}", port, peers=",".join(urls), advertise=urls[i], **kw
+            settings = self.settings(  # one cache dir each (they all shared peer-0 before)
+                f"peer-{len(self.peers) + i}", port, peers=",".join(urls), advertise=urls[i], **kw
             )
             await self._start(urls[i], make_app(settings), port)
         self.peers += urls
@@ -213,10 +213,11 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def store_files(root: Path) -> list[str]:
-    """Every file under a store root except the index (for 'nothing partial' checks)."""
+    """Every file under a store root except the index and the owner's lock
+    (for 'nothing partial' checks)."""
     out = []
     for dirpath, _dirs, files in os.walk(root):
         if "index" in Path(dirpath).parts:
             continue
         out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files]
-    return sorted(out)
+    return sorted(f for f in out if f != ".lock")

@@ -111,10 +111,13 @@ async def test_416_names_the_size(file_stack: Stack, file_origin: OriginFixture)
 async def test_a_blob_that_shrank_on_disk_aborts_the_response(
     file_stack: Stack, file_origin: OriginFixture
 ) -> None:
+    # A blob that shrank while closed is dropped at open and refetched
+    # (tests/test_scrub_functional.py); here its file is open (hot) when it shrinks.
     digest = await file_origin.put(os.urandom(4 * MiB))
     agent = await file_stack.start_agent(peers=[], name="a")
     assert (await get(f"{agent}/pkg/{digest}"))[0] == 200
     await asyncio.sleep(0.3)  # committed
+    assert (await get(f"{agent}/pkg/{digest}"))[1]["x-cache-tier"] == "L1"  # its file is open now
     os.truncate(file_stack.root / "a" / "blobs" / "sha256" / digest.hex, MiB)
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(get(f"{agent}/pkg/{digest}"), timeout=10)

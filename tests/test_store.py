@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from cachesvc.digest import Digest
-from cachesvc.errors import DigestMismatch, UpstreamError
+from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
 from cachesvc.store import Store, StoreFull
 from tests.servers import digest_of, payload, store_files
 
 KiB = 1024
+
+
+def writable(path: Path) -> Path:
+    """Blobs are read-only (0444); root ignores that, but a test must not rely on it."""
+    path.chmod(0o644)
+    return path
 
 
 async def put(store: Store, data: bytes, digest: Digest | None = None) -> None:
@@ -119,12 +126,7 @@ async def test_evicted_file_keeps_reading_through_an_open_lease(tmp_path: Path) 
 
 async def test_restart_keeps_entries_and_their_recency(tmp_path: Path) -> None:
     store = await Store.open(tmp_path, 10 * 2**20)
-    a, b = payload(KiB, seed=1), payload(KiB, seed=2)
-    await put(store, a)
-    await put(store, b)
-    lease = await store.lease(digest_of(a))
-    assert lease is not None
-    store.release(lease)
+    a, b = await put_two_then_lease_the_first(store)
     await store.close()
     again = await Store.open(tmp_path, 10 * 2**20)
     assert again.digests() == [digest_of(b), digest_of(a)]  # a was used last
@@ -139,7 +141,7 @@ async def test_mayhem_check_repairs_what_a_crash_or_a_disk_can_leave(tmp_path: P
     await store.close()
     blobs = tmp_path / "blobs" / "sha256"
     (blobs / digest_of(gone).hex).unlink()  # row without a file
-    (blobs / digest_of(bad).hex).write_bytes(b"short")  # size differs from the row
+    writable(blobs / digest_of(bad).hex).write_bytes(b"short")  # size differs from the row
     orphan = payload(KiB, seed=7)  # renamed but never indexed (kill -9 between)
     (blobs / digest_of(orphan).hex).write_bytes(orphan)
     (blobs / digest_of(b"liar").hex).write_bytes(b"not liar")  # orphan with wrong bytes
@@ -147,9 +149,11 @@ async def test_mayhem_check_repairs_what_a_crash_or_a_disk_can_leave(tmp_path: P
 
     store = await Store.open(tmp_path, 10 * 2**20)
     assert sorted(store.digests(), key=str) == sorted([digest_of(good), digest_of(orphan)], key=str)
-    assert store.check(fix=True) == dict.fromkeys(
-        ("temp_removed", "rows_dropped", "adopted", "corrupt_removed"), 0
-    )
+    assert store.startup_report == {
+        "temp_removed": 1, "rows_dropped": 2, "adopted": 1, "corrupt_removed": 2,
+        "junk_removed": 0, "layout_replaced": 0,
+    }  # fmt: skip
+    assert not any(store.check(fix=True).values())
     assert sorted(store_files(tmp_path)) == sorted(
         f"blobs/sha256/{digest_of(x).hex}" for x in (good, orphan)
     )
@@ -198,3 +202,125 @@ async def test_a_committed_entry_still_streaming_is_counted_once(tmp_path: Path)
     for ingest in (ingest_c, ingest_b):
         await ingest.close()
     await store.close()
+
+
+async def test_committed_blobs_are_read_only(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(KiB)
+    await put(store, data)
+    assert stat.S_IMODE(os.stat(store.path_of(digest_of(data))).st_mode) == 0o444
+    await store.close()
+
+
+async def test_entries_are_verified_only_once_this_process_hashed_them(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    indexed, orphan = payload(KiB, seed=1), payload(KiB, seed=2)
+    await put(store, indexed)
+    assert store.is_verified(digest_of(indexed))  # ingested here
+    await store.close()
+    (tmp_path / "blobs" / "sha256" / digest_of(orphan).hex).write_bytes(orphan)
+
+    store = await Store.open(tmp_path, 10 * 2**20)
+    assert not store.is_verified(digest_of(indexed))  # its row was trusted, its bytes not read
+    assert store.is_verified(digest_of(orphan))  # re-hashed to be adopted
+    blob = await store.lease(digest_of(indexed))
+    assert blob is not None and not blob.verified
+    store.mark_verified(digest_of(indexed), blob)
+    assert blob.verified and store.is_verified(digest_of(indexed))
+    store.release(blob)
+    again = await store.lease(digest_of(indexed))
+    assert again is not None and again.verified
+    store.release(again)
+    await store.close()
+
+
+async def recheck(store: Store, data: bytes) -> bool:
+    """Re-hash a stored entry in place; True when its bytes matched."""
+    blob = await store.lease(digest_of(data))
+    assert blob is not None
+    check = store.recheck(blob, found_by="scrub")
+    try:
+        while await check.step():
+            pass
+        await check.verify()
+        await check.persist()
+        return True
+    except DigestMismatch:
+        return False
+    finally:
+        await check.close()
+
+
+async def test_a_recheck_drops_rotten_bytes_counts_them_and_marks_good_ones(
+    tmp_path: Path,
+) -> None:
+    found: list[str] = []
+    store = await Store.open(tmp_path, 10 * 2**20)
+    good, rotten = payload(3 * 2**20, seed=1), payload(KiB, seed=2)
+    await put(store, good)
+    await put(store, rotten)
+    await store.close()
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    with open(writable(store.path_of(digest_of(rotten))), "r+b") as f:
+        f.write(b"X")
+    assert await recheck(store, good) and not await recheck(store, rotten)
+    assert store.is_verified(digest_of(good)) and digest_of(rotten) not in store
+    assert not store.path_of(digest_of(rotten)).exists()
+    assert found == ["scrub"]
+    await store.close()
+
+
+async def test_a_verdict_on_a_replaced_file_leaves_the_fresh_copy_alone(tmp_path: Path) -> None:
+    found: list[str] = []
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    data = payload(KiB)
+    await put(store, data)
+    old = await store.lease(digest_of(data), touch=False)
+    assert old is not None
+    await store.evict(digest_of(data))
+    await put(store, data)  # committed afresh while the old lease was being judged
+    assert not await store.drop_corrupt(digest_of(data), "rot", found_by="scrub", lease=old)
+    store.release(old)
+    assert digest_of(data) in store and found == []
+    await store.close()
+
+
+async def put_two_then_lease_the_first(store: Store, touch: bool = True) -> tuple[bytes, bytes]:
+    a, b = payload(KiB, seed=1), payload(KiB, seed=2)
+    await put(store, a)
+    await put(store, b)
+    lease = await store.lease(digest_of(a), touch)
+    assert lease is not None
+    store.release(lease)
+    return a, b
+
+
+async def test_a_lease_without_touch_keeps_the_eviction_order(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    a, b = await put_two_then_lease_the_first(store, touch=False)
+    assert store.digests() == [digest_of(a), digest_of(b)]  # a is still the oldest
+    await store.close()
+
+
+async def test_a_link_swapped_in_for_a_blob_is_never_served(tmp_path: Path) -> None:
+    found: list[str] = []
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    data, outside = payload(KiB), tmp_path / "outside"
+    outside.write_bytes(data)
+    await put(store, data)
+    path = store.path_of(digest_of(data))
+    path.unlink()
+    path.symlink_to(outside)
+    assert await store.lease(digest_of(data)) is None
+    assert digest_of(data) not in store and found == ["serve"]
+    assert outside.read_bytes() == data and not path.is_symlink()
+    await store.close()
+
+
+async def test_a_second_store_on_the_same_dir_is_refused(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    with pytest.raises(ConfigError, match=rf"cache dir {tmp_path} is in use by pid {os.getpid()}"):
+        await Store.open(tmp_path, 10 * 2**20)
+    await store.close()
+    again = await Store.open(tmp_path, 10 * 2**20)  # released on close
+    await again.close()
