@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 
 import aiohttp
 
@@ -162,3 +163,28 @@ async def test_stopping_lets_a_fast_response_in_flight_finish(
     assert status == 200 and len(body) == len(data) and body == data
     await asyncio.wait_for(stopping, 10)
     writer.close()
+
+
+async def test_a_small_hot_entry_that_shrank_on_disk_is_cut_short_and_dropped(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 32_000, seed=9)
+    path = file_stack.apps[agent][CORE].store.path_of(digest)
+    os.truncate(path, 10_000)
+    before = await fast_hits(agent)
+    host, port = agent.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # cut before any byte
+    writer.close()
+    assert await fast_hits(agent) == before  # not counted as served
+    for _ in range(100):  # the drop runs in a task
+        async with aiohttp.ClientSession() as s, s.get(f"{agent}/metrics") as r:
+            if metric(await r.text(), "cachesvc_corrupt_total", found_by="serve") == 1:
+                break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the entry was not dropped as corrupt")
+    assert digest not in file_stack.apps[agent][CORE].store
+    status, headers, body = await get(f"{agent}/pkg/{digest}")
+    assert (status, headers["X-Cache-Tier"], body) == (200, "ORIGIN", data)
