@@ -31,6 +31,7 @@ import asyncio
 import json
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,42 @@ def cpu_by_role(stack: LocalStack) -> dict[str, float]:
     return out
 
 
+def start_profilers(stack: LocalStack, out: Path | None, tag: str) -> list[subprocess.Popen[bytes]]:
+    """``py-spy record`` on every cachesvc process while the trace replays
+    (``--profile DIR``): raw stacks, one file per process, threads included."""
+    if out is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "--threads",
+                "-p",
+                str(child.proc.pid),
+                "-o",
+                str(out / f"{tag}-{i}.raw"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for i, child in enumerate(stack.children)
+    ]
+
+
+def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for proc in profilers:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for proc in profilers:
+        proc.wait(timeout=60)
+
+
 def replay(trace: list[str], connections: int, hosts: list[str], work: Path) -> dict[str, Any]:
     path = work / "trace.json"
     path.write_text(json.dumps(trace))
@@ -93,7 +130,11 @@ async def one_rep(
             continue
         trace = [target.path_template.format(hex=hexes[r]) for r in ranks]
         before, cpu = stack.proxy.blob_gets(), cpu_by_role(stack)
+        profilers = (
+            start_profilers(stack, args.profile, f"{name}-rep{rep}") if name == "cachesvc" else []
+        )
         result = await asyncio.to_thread(replay, trace, args.connections, list(target.hosts), work)
+        stop_profilers(profilers)
         result["origin_gets"] = stack.proxy.blob_gets() - before
         result["cpu_s"] = {k: round(v - cpu[k], 2) for k, v in cpu_by_role(stack).items()}
         result["distinct"] = len(set(ranks))
@@ -152,6 +193,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy every cachesvc process during its replay, into DIR"
+    )
     args = parser.parse_args()
     lines = asyncio.run(amain(args))
     out = ROOT / "bench" / "out"

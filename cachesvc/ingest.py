@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -42,27 +43,29 @@ def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
 class Ingest:
     """One package being written: :meth:`write`, then :meth:`commit`, then :meth:`close`.
 
-    ``file`` is readable while writing: followers of a coalesced fetch read
-    ``[0, on_disk)`` from it, so it stays open until :meth:`close`, even after
-    commit renamed it. When the disk refuses a write (ENOSPC), or the store had
-    no room to begin with (:meth:`Store.begin_unstored`), the ingest keeps
-    hashing but stops writing: ``on_disk`` freezes, ``spilled`` is set, and
-    :meth:`commit` then only verifies.
+    The temp file at ``path`` is created by the first batch's thread (one
+    thread hop less per package). ``file`` is readable while writing: followers
+    of a coalesced fetch read ``[0, on_disk)`` from it, so it stays open until
+    :meth:`close`, even after commit renamed it. When the disk refuses the file
+    or a write (ENOSPC), or the store had no room to begin with
+    (:meth:`Store.begin_unstored`, no ``path``), the ingest keeps hashing but
+    stops writing: ``on_disk`` freezes, ``spilled`` is set, and :meth:`commit`
+    then only verifies.
     """
 
-    def __init__(self, store: Store, digest: Digest, size: int, path: Path | None, fd: int):
+    def __init__(self, store: Store, digest: Digest, size: int, path: Path | None):
         self.store = store
         self.digest = digest
         self.size = size
         self.path = path
-        self.fd = fd
-        self.file = open(fd, "rb", buffering=0, closefd=False) if fd >= 0 else None  # noqa: SIM115
+        self.fd = -1  # -1: not created yet; -2: closed
+        self.file: io.FileIO | None = None
         self.received = 0
         self.on_disk = 0
-        self.spilled = fd < 0
+        self.spilled = path is None
         self.verified = False
         self.committed = False
-        self._reservation = size if fd >= 0 else 0
+        self._reservation = size if path is not None else 0
         self._writing: asyncio.Future[None] | None = None
         self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
         self._hash = hashlib.sha256()
@@ -87,14 +90,15 @@ class Ingest:
             await self._flush()
 
     async def drain(self) -> None:
-        """Hash and write everything pending; afterwards ``on_disk`` covers it."""
-        await self._flush()
+        """Hash and write everything pending (and make the file, even for an
+        empty package); afterwards ``on_disk`` covers it."""
+        await self._flush(make_file=True)
         await self._wait_writing()
 
-    async def _flush(self) -> None:
+    async def _flush(self, make_file: bool = False) -> None:
         """Start hashing and writing what is pending, once the batch before it is done."""
         await self._wait_writing()
-        if not self._pending:
+        if not self._pending and not (make_file and self.fd == -1 and not self.spilled):
             return
         batch, self._pending, self._pending_len = self._pending, [], 0
         self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
@@ -116,6 +120,8 @@ class Ingest:
         if self.spilled:
             return
         try:
+            if self.fd == -1:
+                self._create()
             for chunk in batch:
                 view = memoryview(chunk)
                 while view:  # pwrite may write less than asked
@@ -127,6 +133,14 @@ class Ingest:
                 raise
             log.warning("store: disk full writing %s; passing it through", self.digest.short)
             self.spilled = True
+
+    def _create(self) -> None:
+        """The temp file; in the first batch's thread. ``file`` is set before
+        ``on_disk`` can grow, so followers never see bytes without a file."""
+        assert self.path is not None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.file = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115
+        self.fd = fd
 
     async def commit(self) -> None:
         """:meth:`verify`, then :meth:`persist`."""
@@ -172,7 +186,7 @@ class Ingest:
 
     def _close(self, fd: int) -> None:
         assert self.file is not None and self.path is not None
-        self.file.close()
+        self.file.close()  # fd >= 0: the file was created
         os.close(fd)
         if not self.committed:
             self.path.unlink(missing_ok=True)

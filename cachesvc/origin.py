@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, UpstreamError, UpstreamTimeout
+from cachesvc.s3reads import SignedReads
 
 CHUNK = 1 << 20
 
@@ -170,6 +171,7 @@ class S3Origin:
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self._client: Any = None
         self._exit: Any = None
+        self._reads: SignedReads | None = None  # blob reads on a custom endpoint
 
     async def start(self) -> None:
         import aioboto3
@@ -186,8 +188,15 @@ class S3Origin:
         ctx = session.client("s3", endpoint_url=self.endpoint, config=config)
         self._client = await ctx.__aenter__()
         self._exit = ctx.__aexit__
+        if self.endpoint:
+            region = self._client.meta.region_name or "us-east-1"
+            credentials = await session.get_credentials()
+            self._reads = SignedReads(self.endpoint, self.bucket, region, credentials, self.timeout)
 
     async def close(self) -> None:
+        if self._reads is not None:
+            await self._reads.close()
+            self._reads = None
         if self._exit is not None:
             await self._exit(None, None, None)
             self._client = self._exit = None
@@ -216,6 +225,10 @@ class S3Origin:
     @asynccontextmanager
     async def open(self, digest: Digest, offset: int = 0) -> AsyncIterator[Body]:
         client = await self._ready()
+        if self._reads is not None:
+            async with self._open_signed(digest, offset) as body:
+                yield body
+            return
         key = self.prefix + blob_key(digest)
         extra = {"Range": f"bytes={offset}-"} if offset else {}
         with _mapped(f"GET {self.url}/{blob_key(digest)}"):
@@ -228,6 +241,22 @@ class S3Origin:
             finally:
                 stream.close()
 
+    @asynccontextmanager
+    async def _open_signed(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
+        """The blob through :class:`SignedReads` (custom endpoints)."""
+        assert self._reads is not None
+        what = f"GET {self.url}/{blob_key(digest)}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with _mapped(what):
+            async with self._reads.get(self.prefix + blob_key(digest), headers) as resp:
+                size = _signed_size(resp, offset, what)
+                yield Body(size, offset, self._signed_chunks(resp, digest))
+
+    async def _signed_chunks(self, resp: Any, digest: Digest) -> AsyncIterator[bytes]:
+        with _mapped(f"read {self.url}/{blob_key(digest)}"):
+            while chunk := (await resp.content.readchunk())[0]:  # as received, no join
+                yield chunk
+
     async def _chunks(self, stream: Any, digest: Digest) -> AsyncIterator[bytes]:
         with _mapped(f"read {self.url}/{blob_key(digest)}"):
             async for chunk in stream.iter_chunks(CHUNK):
@@ -239,6 +268,8 @@ class S3Origin:
         with _mapped(f"HEAD {self.url}/{blob_key(digest)}"):
             async with asyncio.timeout(self.timeout):
                 try:
+                    if self._reads is not None:
+                        return int((await self._reads.head(key))["Content-Length"])
                     resp = await client.head_object(Bucket=self.bucket, Key=key)
                 except Exception as exc:
                     await self._explain_refusal(exc, key)
@@ -285,6 +316,29 @@ class S3Origin:
         client = await self._ready()
         with _mapped(f"PUT {self.url}/{key}"):
             await client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=text.encode())
+
+
+def _signed_size(resp: Any, offset: int, what: str) -> int:
+    """The whole package's size from a signed GET's answer; a store that
+    ignored our range would send the wrong bytes from the wrong place."""
+    if not offset:
+        if resp.content_length is None:
+            raise UpstreamError(f"{what}: the origin sent no Content-Length")
+        return int(resp.content_length)
+    total = range_total(resp.headers.get("Content-Range", ""), offset)
+    if resp.status != 206 or total is None:
+        got = f"{resp.status} {resp.headers.get('Content-Range')!r}"
+        raise UpstreamError(f"{what}: asked from byte {offset}, got {got}")
+    return total
+
+
+def range_total(content_range: str, offset: int) -> int | None:
+    """The whole size in ``Content-Range: bytes {offset}-b/total``, the answer
+    to a ``Range: bytes={offset}-``; None if it answers something else."""
+    total = content_range.rsplit("/", 1)[-1]
+    if not content_range.startswith(f"bytes {offset}-") or not total.isdigit():
+        return None
+    return int(total)
 
 
 def _total_size(resp: dict[str, Any]) -> int:

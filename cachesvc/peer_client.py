@@ -25,7 +25,7 @@ import aiohttp
 
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, PeerFailed
-from cachesvc.origin import Body
+from cachesvc.origin import Body, range_total
 
 FORWARDED = "X-Cachesvc-Forwarded"
 PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)
@@ -152,10 +152,10 @@ async def _check(resp: aiohttp.ClientResponse, what: str, offset: int) -> int:
         raise PeerFailed(f"{what}: {await _reason(resp)}")
     if offset:
         content_range = resp.headers.get("Content-Range", "")
-        total = content_range.rsplit("/", 1)[-1]
-        if not content_range.startswith(f"bytes {offset}-") or not total.isdigit():
+        total = range_total(content_range, offset)
+        if total is None:
             raise PeerFailed(f"{what}: bad Content-Range {content_range!r}")
-        return int(total)
+        return total
     if resp.content_length is None:
         raise PeerFailed(f"{what}: no Content-Length")
     return resp.content_length

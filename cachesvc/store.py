@@ -41,7 +41,7 @@ The store knows nothing of HTTP, peers, origins or the ring. Blocking calls
 from __future__ import annotations
 
 import asyncio
-import errno
+import io
 import itertools
 import logging
 import os
@@ -69,6 +69,7 @@ __all__ = [
 
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
+ROW_DELAY = 0.5  # seconds a committed entry's index row may wait, to batch the writes
 # Committed blobs are never written again. fs-verity (FS_IOC_ENABLE_VERITY) would
 # make the kernel refuse rotten reads, but ext4 here has it off (EOPNOTSUPP,
 # checked 2026-12-01): blobs are re-hashed by the scrubber and first serves instead.
@@ -118,6 +119,8 @@ class Store:
         self._generation: dict[str, int] = {}
         self._generations = itertools.count(1)
         self._touched: set[str] = set()
+        self._row_timer: asyncio.TimerHandle | None = None
+        self._row_flushes: set[asyncio.Task[None]] = set()
         self._open: OrderedDict[str, Blob] = OrderedDict()
         self._bytes = 0
         self._reserved = 0
@@ -161,6 +164,10 @@ class Store:
 
     async def close(self) -> None:
         """Flush, close every handle and the index, and release the directory."""
+        if self._row_timer is not None:
+            self._row_timer.cancel()
+            self._row_timer = None
+        await asyncio.gather(*self._row_flushes, return_exceptions=True)
         await self.flush()
         for blob in self._open.values():
             blob.retire()
@@ -198,9 +205,12 @@ class Store:
             await asyncio.to_thread(self._write_rows, touched)
 
     def _write_rows(self, keys: set[str]) -> None:
+        """Rows for ``keys``, stamped in their order of use (every key touched
+        since the last flush was used after every key that was not)."""
         now = self._clock()
+        order = [k for k in self._lru if k in keys]  # least recently used first
         self._index.put_many(
-            {k: Entry(self._lru[k], now, k in self._pinned) for k in keys if k in self._lru}
+            {k: Entry(self._lru[k], now + i * 1e-6, k in self._pinned) for i, k in enumerate(order)}
         )
 
     # -- reads -----------------------------------------------------------------
@@ -335,20 +345,13 @@ class Store:
         await self.make_room(size)
         if self._bytes + self._reserved + size > self.capacity:
             raise StoreFull(f"no room for {size} bytes in a {self.capacity}-byte store")
-        self._reserved += size  # before the await: concurrent begins see it
+        self._reserved += size  # counted at once: concurrent begins see it
         path = self._tmp / f"{digest.hex}.{secrets.token_hex(4)}"
-        try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except BaseException as exc:
-            self._reserved -= size
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(f"disk full creating {path.name}") from exc
-            raise
-        return Ingest(self, digest, size, path, fd)
+        return Ingest(self, digest, size, path)  # its first write creates the file
 
     def begin_unstored(self, digest: Digest, size: int) -> Ingest:
         """An ingest that only verifies: for packages the store cannot keep."""
-        return Ingest(self, digest, size, None, -1)
+        return Ingest(self, digest, size, None)
 
     async def make_room(self, size: int) -> None:
         """Evict least-recently-used, unpinned entries until ``size`` more bytes fit
@@ -389,20 +392,45 @@ class Store:
         (self._blobs / key).unlink(missing_ok=True)
 
     async def _commit(self, ingest: Ingest) -> None:
+        """The verified file takes its place, open and hot (the next request is
+        served from it without a thread hop); its index row is written with the
+        next flush, within :data:`ROW_DELAY` (a crash before that leaves a
+        blob without a row, which start-up re-hashes and adopts)."""
         key = ingest.digest.hex
-        entry = Entry(ingest.size, self._clock())
-        await asyncio.to_thread(self._publish, ingest, entry)
+        file = await asyncio.to_thread(self._publish, ingest)
         if key not in self._lru:
             self._bytes += ingest.size
         self._lru[key] = ingest.size
         self._lru.move_to_end(key)
         self._verified.add(key)
-        self._generation[key] = next(self._generations)
+        self._touched.add(key)
+        generation = self._generation[key] = next(self._generations)
         stale = self._open.pop(key, None)  # a handle on a file this commit replaced
         if stale is not None:
             stale.retire()
+        self._keep_open(Blob(ingest.digest, ingest.size, file, generation))
+        self._flush_soon()
 
-    def _publish(self, ingest: Ingest, entry: Entry) -> None:
+    def _keep_open(self, blob: Blob) -> None:
+        while len(self._open) >= MAX_OPEN_BLOBS:
+            _, old = self._open.popitem(last=False)
+            old.retire()
+        self._open[blob.digest.hex] = blob
+
+    def _flush_soon(self) -> None:
+        """Write pending index rows within :data:`ROW_DELAY`: one transaction
+        for every commit in between, not one per package."""
+        if self._row_timer is None:
+            loop = asyncio.get_running_loop()
+            self._row_timer = loop.call_later(ROW_DELAY, self._start_row_flush)
+
+    def _start_row_flush(self) -> None:
+        self._row_timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._row_flushes.add(task)
+        task.add_done_callback(self._row_flushes.discard)
+
+    def _publish(self, ingest: Ingest) -> io.FileIO:
         # No fsync: it cost 1-12 ms per package here, on every miss, and bought
         # nothing the read path needs. A process crash (kill -9) loses nothing
         # written (the page cache survives it); after an OS crash a renamed
@@ -412,8 +440,9 @@ class Store:
         # not serve wrong bytes.
         assert ingest.path is not None
         os.fchmod(ingest.fd, BLOB_MODE)  # before the rename: never a writable blob
-        os.rename(ingest.path, self._blobs / ingest.digest.hex)
-        self._index.put(ingest.digest.hex, entry)
+        final = self._blobs / ingest.digest.hex
+        os.rename(ingest.path, final)
+        return open_file(final, ingest.size)
 
     # -- pins ------------------------------------------------------------------
 

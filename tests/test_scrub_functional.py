@@ -79,8 +79,12 @@ async def test_a_blob_cut_short_while_closed_is_dropped_and_refetched(
     assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)  # served from the fill
     await wait_for_commit(agent)
     blob = file_stack.root / "agent-0" / "blobs" / "sha256" / digest.hex
-    blob.chmod(0o644)
-    os.truncate(blob, MiB)
+
+    def cut(_settings: object) -> None:  # while the agent (and its handle) is closed
+        blob.chmod(0o644)
+        os.truncate(blob, MiB)
+
+    await file_stack.restart(agent, cut)
     assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
     text = await metrics_of(agent)
-    assert metric(text, "cachesvc_corrupt_total", found_by="serve") == 1
+    assert metric(text, "cachesvc_corrupt_total", found_by="startup") == 1

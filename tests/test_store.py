@@ -311,6 +311,12 @@ async def test_a_link_swapped_in_for_a_blob_is_never_served(tmp_path: Path) -> N
     path = store.path_of(digest_of(data))
     path.unlink()
     path.symlink_to(outside)
+    hot = await store.lease(digest_of(data))  # the handle opened at commit: the real file
+    assert (
+        hot is not None and os.path.samestat(os.fstat(hot.file.fileno()), os.stat(outside)) is False
+    )
+    store.release(hot)
+    store._open.pop(digest_of(data).hex).retire()  # no longer hot: the next lease opens the path
     assert await store.lease(digest_of(data)) is None
     assert digest_of(data) not in store and found == ["serve"]
     assert outside.read_bytes() == data and not path.is_symlink()
