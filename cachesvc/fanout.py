@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -169,16 +169,18 @@ class FanoutSource:
         return headers
 
 
-def parent_for(request: web.Request, tracker: Tracker, digest: Digest) -> str | None:
+def parent_for(
+    headers: Mapping[str, str], method: str, tracker: Tracker, digest: Digest
+) -> str | None:
     """The host a requester that speaks fan-out should fetch from, or None
     for "serve it here" (requests without fan-out headers always are)."""
-    if FANOUT not in request.headers or request.method != "GET":
+    if FANOUT not in headers or method != "GET":
         return None
-    fanout = _bounded_int(request.headers[FANOUT], MAX_FANOUT)
-    requester = _optional_url(request.headers.get(ADVERTISE))
+    fanout = _bounded_int(headers[FANOUT], MAX_FANOUT)
+    requester = _optional_url(headers.get(ADVERTISE))
     avoid = [
         url
-        for part in request.headers.get(AVOID, "").split(",")[:MAX_AVOID]
+        for part in headers.get(AVOID, "").split(",")[:MAX_AVOID]
         if (url := _optional_url(part)) is not None
     ]
     return tracker.assign(digest, requester, fanout, avoid)
@@ -186,8 +188,12 @@ def parent_for(request: web.Request, tracker: Tracker, digest: Digest) -> str | 
 
 def redirect(parent: str, digest: Digest) -> web.Response:
     """The owner's answer naming a parent: 307 to its ``/pkg`` URL."""
-    headers = {"Location": f"{parent}/pkg/{digest}", "X-Cachesvc-Parent": parent}
+    headers = redirect_headers(parent, digest)
     return web.json_response({"parent": parent}, status=307, headers=headers)
+
+
+def redirect_headers(parent: str, digest: Digest) -> dict[str, str]:
+    return {"Location": f"{parent}/pkg/{digest}", "X-Cachesvc-Parent": parent}
 
 
 class Feeds:

@@ -1,17 +1,20 @@
-"""The L1-hit fast path: plain ``GET /pkg/<digest>`` of a hot, verified entry,
-answered without the web framework; every other request goes to aiohttp.
+"""The hit fast path: plain ``GET`` of a hot, verified entry answered without
+the web framework (``/pkg/<digest>`` on agents, ``/blob/<digest>`` on peers);
+every other request goes to aiohttp.
 
-An agent's listening socket is served by :class:`HitProtocol` connections.
+A service's listening socket is served by :class:`HitProtocol` connections.
 Each one reads a request head, has it parsed by ``httptools`` (llhttp, the
 parser uvicorn uses: never by hand), and answers it itself only when all of
-these hold: ``GET`` over HTTP/1.1 with keep-alive, the path is exactly
-``/pkg/<digest>`` (no query, no escapes), no body, no ``Range``, no
-conditional or ``Expect`` header, not a request from another cachesvc host,
-no egress limit, and the store has the entry *open and verified* right now
-(:meth:`Store.lease_hot`: a synchronous lookup, no thread hop). The answer is
-the same as aiohttp's path gives (status, the contract's headers, the bytes by
-``sendfile`` from the open file), counted in the same metrics and handed to
-the same prefetch hook.
+these hold: ``GET`` over HTTP/1.1 with keep-alive, the path is exactly the
+route's prefix and a digest (no query, no escapes), no body, no ``Range``, no
+conditional or ``Expect`` header (nor, on agents, a request from another
+cachesvc host: those are fan-out feeds), no egress limit, the route's own
+check passes (:attr:`HitRoute.decide`: on peers the peer token, then the
+fan-out tracker, which may answer a redirect instead), and the store has the
+entry *open and verified* right now (:meth:`Store.lease_hot`: a synchronous
+lookup, no thread hop). The answer is the same as aiohttp's path gives
+(status, the contract's headers, the bytes by ``sendfile`` from the open
+file), counted in the same metrics and handed to the same prefetch hook.
 
 Anything else, at any point, hands the connection over: the protocol of the
 transport becomes an aiohttp request handler, which receives every byte read
@@ -30,10 +33,12 @@ misses passed between them, for less than this gains in one process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import formatdate
 
 import httptools
@@ -42,6 +47,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from cachesvc.digest import Digest
 from cachesvc.errors import InvalidDigest
+from cachesvc.fanout import redirect_headers
 from cachesvc.metrics import Metrics
 from cachesvc.store import Blob, Store
 
@@ -50,15 +56,27 @@ log = logging.getLogger(__name__)
 SMALL = 64 << 10  # bodies up to this size go out with their head in one write
 MAX_HEAD = 16 << 10  # a head longer than this goes to aiohttp (which refuses it)
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may idle (aiohttp's default)
-PREFIX = b"/pkg/"
+SERVER = SERVER_SOFTWARE.encode()
 CACHE_CONTROL = b"public, max-age=31536000, immutable"
 REFUSED_HEADERS = frozenset(
     (
         b"range", b"if-none-match", b"if-range", b"if-match", b"if-modified-since",
         b"if-unmodified-since", b"expect", b"transfer-encoding", b"upgrade",
-        b"x-cachesvc-forwarded",
     )
 )  # fmt: skip
+FORWARDED_HEADER = b"x-cachesvc-forwarded"
+SERVE = ""  # HitRoute.decide: answer the hit here (else None: aiohttp; a URL: redirect)
+
+
+@dataclass(frozen=True)
+class HitRoute:
+    """What one service's fast path answers, and how it is labelled."""
+
+    prefix: bytes  # b"/pkg/" (agents) or b"/blob/" (peers)
+    tier: str  # X-Cache-Tier of a hit: L1 on agents, L2 on peers
+    label: str  # cachesvc_request_seconds{route}
+    refused: frozenset[bytes] = REFUSED_HEADERS  # headers that send a request to aiohttp
+    decide: Callable[[Head, Digest], str | None] | None = None
 
 
 class Head:
@@ -98,21 +116,24 @@ class HitServer:
         handler_factory: web.Server,
         store: Store,
         metrics: Metrics,
+        route: HitRoute,
         enabled: Callable[[], bool],
         on_served: Callable[[Digest], None] | None = None,
     ) -> None:
         self.handler_factory = handler_factory
         self.store = store
         self.metrics = metrics
+        self.route = route
         self.enabled = enabled
         self.on_served = on_served
         self.connections: set[HitProtocol] = set()
         self.tasks: set[asyncio.Task[bool]] = set()  # corrupt entries being dropped
         self.closing = False
         self._date = (0, b"")
-        self._requests = metrics.requests.labels("L1")
-        self._bytes = metrics.bytes_served.labels("L1")
-        self._seconds = metrics.request_seconds.labels("pkg")
+        self._requests = metrics.requests.labels(route.tier)
+        self._bytes = metrics.bytes_served.labels(route.tier)
+        self._seconds = metrics.request_seconds.labels(route.label)
+        self._tier = route.tier.encode()
         self._fast = metrics.fast_hits
 
     def __call__(self) -> HitProtocol:
@@ -143,16 +164,27 @@ class HitServer:
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
                 b'ETag: "sha256:', blob.digest.hex.encode(), b'"\r\n',
                 b"Cache-Control: ", CACHE_CONTROL, b"\r\nAccept-Ranges: bytes\r\n",
-                b"X-Cache-Tier: L1\r\nContent-Length: ", str(blob.size).encode(),
-                b"\r\nDate: ", self.date(), b"\r\nServer: ", SERVER_SOFTWARE.encode(),
+                b"X-Cache-Tier: ", self._tier, b"\r\nContent-Length: ", str(blob.size).encode(),
+                b"\r\nDate: ", self.date(), b"\r\nServer: ", SERVER,
                 b"\r\n\r\n",
             )
         )  # fmt: skip
 
-    def served(self, blob: Blob, started: float) -> None:
+    def redirect_response(self, parent: str, digest: Digest) -> bytes:
+        """The tracker's 307, as :func:`cachesvc.fanout.redirect` answers it."""
+        body = json.dumps({"parent": parent}).encode()
+        lines = [f"{k}: {v}" for k, v in redirect_headers(parent, digest).items()]
+        lines += ["Content-Type: application/json; charset=utf-8", f"Content-Length: {len(body)}"]
+        head = "\r\n".join(["HTTP/1.1 307 Temporary Redirect", *lines, ""]).encode()
+        self.metrics.fanout_redirects.inc()
+        return head + b"Date: " + self.date() + b"\r\nServer: " + SERVER + b"\r\n\r\n" + body
+
+    def served(self, blob: Blob, started: float, upload: bool) -> None:
         self._requests.inc()
         self._fast.inc()
         self._bytes.inc(blob.size)
+        if upload:
+            self.metrics.upload_bytes.inc(blob.size)
         self._seconds.observe(time.perf_counter() - started)
         if self.on_served is not None:
             self.on_served(blob.digest)
@@ -195,40 +227,60 @@ class HitProtocol(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------
 
     def _serve_heads(self) -> None:
-        """Answer complete heads in order while they are fast-path hits."""
+        """Answer complete heads in order while the fast path can answer them."""
         while self.transport is not None and not self.transport.is_closing():
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > MAX_HEAD:
                     self._hand_over()
                 return
-            blob = self._hit(bytes(self.buf[: end + 4]))
-            if blob is None:
+            answer = self._answer(bytes(self.buf[: end + 4]))
+            if answer is None:
                 self._hand_over()
                 return
             del self.buf[: end + 4]
-            if not self._send(blob):
+            if isinstance(answer, bytes):  # the tracker's redirect
+                self.transport.write(answer)
+            elif not self._send(*answer):
                 return  # the rest goes out in a task; it resumes the loop
-        return
 
-    def _hit(self, raw: bytes) -> Blob | None:
-        """The leased blob when this head is a fast-path hit, else None."""
+    def _answer(self, raw: bytes) -> tuple[Blob, bool] | bytes | None:
+        """(the leased blob, whether it is an upload) for a hit, the bytes of a
+        redirect, or None: aiohttp answers. Nothing is counted or assigned
+        before the answer is certain to be the fast path's."""
+        admitted = self._admit(raw)
+        if admitted is None:
+            return None
+        head, digest = admitted
+        blob = self.server.store.lease_hot(digest)
+        if blob is None:
+            return None
+        decide = self.server.route.decide
+        verdict = SERVE if decide is None else decide(head, digest)
+        if verdict == SERVE:
+            return blob, FORWARDED_HEADER in head.headers
+        Store.release(blob)
+        return None if verdict is None else self.server.redirect_response(verdict, digest)
+
+    def _admit(self, raw: bytes) -> tuple[Head, Digest] | None:
+        """The parsed head and digest of a plain keep-alive GET of the route."""
         if not self.server.enabled() or self.server.closing:
             return None
         parsed = parse_head(raw)
         if parsed is None:
             return None
         head, parser = parsed
+        route = self.server.route
         if parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
             return None
-        if not parser.should_keep_alive() or REFUSED_HEADERS & head.headers.keys():
+        if not parser.should_keep_alive() or route.refused & head.headers.keys():
             return None
         if head.headers.get(b"content-length", b"0") != b"0":
             return None
-        digest = _route_digest(head.url)
-        return None if digest is None else self.server.store.lease_hot(digest)
+        digest = _route_digest(head.url, route.prefix)
+        return None if digest is None else (head, digest)
 
-    def _send(self, blob: Blob) -> bool:
+    def _send(self, blob: Blob, upload: bool) -> bool:
         """Head and body; True when all went out now, else a task finishes it."""
         assert self.transport is not None
         started = time.perf_counter()
@@ -239,18 +291,19 @@ class HitProtocol(asyncio.Protocol):
                 self._cut_short(blob, len(body))
                 return False
             self.transport.write(head + body)
-            self._done(blob, started)
+            self._done(blob, started, upload)
             return True
         self.transport.write(head)
         sent = _sendfile_now(self.transport, blob)
         if sent == blob.size:
-            self._done(blob, started)
+            self._done(blob, started, upload)
             return True
         self.transport.pause_reading()
-        self.sending = asyncio.get_running_loop().create_task(self._send_rest(blob, sent, started))
+        rest = self._send_rest(blob, sent, started, upload)
+        self.sending = asyncio.get_running_loop().create_task(rest)
         return False
 
-    async def _send_rest(self, blob: Blob, sent: int, started: float) -> None:
+    async def _send_rest(self, blob: Blob, sent: int, started: float, upload: bool) -> None:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         try:
@@ -267,7 +320,7 @@ class HitProtocol(asyncio.Protocol):
         if sent != blob.size:
             self._cut_short(blob, sent)
             return
-        self._done(blob, started)
+        self._done(blob, started, upload)
         if not self.transport.is_closing():
             self.transport.resume_reading()
             self._serve_heads()
@@ -285,9 +338,9 @@ class HitProtocol(asyncio.Protocol):
         task.add_done_callback(self.server.tasks.discard)
         Store.release(blob)
 
-    def _done(self, blob: Blob, started: float) -> None:
+    def _done(self, blob: Blob, started: float, upload: bool) -> None:
         Store.release(blob)
-        self.server.served(blob, started)
+        self.server.served(blob, started, upload)
         if self.server.closing:
             self.close_if_idle()
 
@@ -335,12 +388,12 @@ def hit_path_available() -> bool:
     return isinstance(asyncio.get_running_loop(), asyncio.selector_events.BaseSelectorEventLoop)
 
 
-def _route_digest(url: bytes) -> Digest | None:
-    """``/pkg/<digest>`` exactly; anything else (query, escapes) is aiohttp's."""
-    if not url.startswith(PREFIX) or b"?" in url or b"%" in url:
+def _route_digest(url: bytes, prefix: bytes) -> Digest | None:
+    """``<prefix><digest>`` exactly; anything else (query, escapes) is aiohttp's."""
+    if not url.startswith(prefix) or b"?" in url or b"%" in url:
         return None
     try:
-        return Digest.parse(url[len(PREFIX) :].decode("ascii"))
+        return Digest.parse(url[len(prefix) :].decode("ascii"))
     except (InvalidDigest, UnicodeDecodeError):
         return None
 

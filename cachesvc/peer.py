@@ -13,12 +13,17 @@ holds or is filling the package (:mod:`cachesvc.fanout`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
+from multidict import CIMultiDict
 
 from cachesvc.config import Settings
+from cachesvc.digest import Digest
 from cachesvc.fanout import parent_for, redirect
+from cachesvc.fastpath import SERVE, Head, HitRoute
 from cachesvc.http import refuse_unrouted, route_digest, serve_package, timed
-from cachesvc.service import CORE, SETTINGS, make_base_app, require_token
+from cachesvc.service import CORE, SETTINGS, make_base_app, offer_hit_path, require_token, token_ok
 from cachesvc.warm_api import add_routes as add_warm_routes
 
 
@@ -28,7 +33,27 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/blob/{digest}", blob)  # also answers HEAD
     app.router.add_route("*", "/blob/{rest:.*}", bad_blob_path)
     add_warm_routes(app)
+    offer_hit_path(app, HitRoute(b"/blob/", "L2", "blob", decide=_decide(app)))
     return app
+
+
+def _decide(app: web.Application) -> Callable[[Head, Digest], str | None]:
+    """The fast path's check of a hot ``/blob`` hit: the peer token (else
+    aiohttp answers 401), then the fan-out tracker (serve it, or redirect)."""
+
+    def decide(head: Head, digest: Digest) -> str | None:
+        authorization = head.headers.get(b"authorization", b"").decode("latin-1")
+        if not token_ok(authorization, app[SETTINGS].peer_token):
+            return None
+        if b"x-cachesvc-fanout" not in head.headers:
+            return SERVE  # no fan-out: the tracker would say "serve it" too
+        headers = CIMultiDict(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers.items()
+        )
+        parent = parent_for(headers, "GET", app[CORE].tracker, digest)
+        return SERVE if parent is None else parent
+
+    return decide
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -36,7 +61,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     require_token(request, request.app[SETTINGS].peer_token, "/blob")
     digest = route_digest(request)
     core = request.app[CORE]
-    parent = parent_for(request, core.tracker, digest)
+    parent = parent_for(request.headers, request.method, core.tracker, digest)
     if parent is not None:
         core.metrics.fanout_redirects.inc()
         return redirect(parent, digest)

@@ -23,6 +23,7 @@ from cachesvc.digest import Digest
 from cachesvc.egress import TokenBucket
 from cachesvc.errors import ConfigError, Unauthorized
 from cachesvc.fanout import Avoided, FanoutSource, Feeds
+from cachesvc.fastpath import HIT_PATH, HitFactory, HitRoute, HitServer, hit_path_available
 from cachesvc.flight import Flights
 from cachesvc.http import METRICS, error_middleware, json_error
 from cachesvc.membership import Membership
@@ -197,12 +198,39 @@ async def _close_core(core: Core) -> None:
 def require_token(request: web.Request, expected: str | None, what: str) -> None:
     """Bearer-token check in constant time; no token configured means open
     (for the peer token) — callers decide whether that is allowed."""
-    if expected is None:
-        return
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not token_ok(request.headers.get("Authorization", ""), expected):
         raise Unauthorized(f"{what} needs Authorization: Bearer <token>")
+
+
+def token_ok(authorization: str, expected: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <expected>``
+    (compared in constant time); no token configured means open."""
+    if expected is None:
+        return True
+    given = authorization[7:] if authorization.startswith("Bearer ") else ""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def offer_hit_path(
+    app: web.Application, route: HitRoute, on_served: Callable[[Digest], None] | None = None
+) -> None:
+    """Offer the hit fast path (:mod:`cachesvc.fastpath`) over this app's
+    store to the runner; off while an egress limit paces bytes (its bucket
+    lives in the aiohttp path) and on loops without native ``sendfile``."""
+
+    def make() -> HitFactory | None:
+        if not hit_path_available():
+            return None
+        core = app[CORE]
+
+        def enabled() -> bool:
+            return core.egress.unlimited
+
+        return lambda handlers: HitServer(
+            handlers, core.store, core.metrics, route, enabled, on_served
+        )
+
+    app[HIT_PATH] = make
 
 
 # -- ops endpoints ---------------------------------------------------------------

@@ -8,21 +8,25 @@ also feeds other agents what it holds or is filling (:func:`feed_host`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.errors import NotHere
 from cachesvc.fanout import check_requester
-from cachesvc.fastpath import HIT_PATH, HitFactory, HitServer, hit_path_available
+from cachesvc.fastpath import FORWARDED_HEADER, REFUSED_HEADERS, HitRoute
 from cachesvc.http import refuse_unrouted, route_digest, send_package, serve_package, timed
 from cachesvc.peer_client import FORWARDED, VIA
-from cachesvc.service import CORE, Core, make_base_app, require_token
+from cachesvc.service import CORE, Core, make_base_app, offer_hit_path, require_token
 from cachesvc.warm_api import WARM
 from cachesvc.warm_api import add_routes as add_warm_routes
 from node_agent.packages import add_routes as add_package_routes
 
 FEED_START_WAIT = 5.0  # seconds another host waits for this host's own fill to start
+# Requests from other hosts are fan-out feeds (capped, never a fetch): aiohttp's.
+AGENT_HITS = HitRoute(b"/pkg/", "L1", "pkg", REFUSED_HEADERS | {FORWARDED_HEADER})
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -31,26 +35,19 @@ def make_app(settings: Settings) -> web.Application:
     add_package_routes(app)
     app.router.add_route("*", "/pkg/{rest:.*}", bad_pkg_path)
     add_warm_routes(app, prefetch=True)
-    app[HIT_PATH] = lambda: _hit_path(app)
+    offer_hit_path(app, AGENT_HITS, _served(app))
     return app
 
 
-def _hit_path(app: web.Application) -> HitFactory | None:
-    """The L1-hit fast path over this app's store (:mod:`cachesvc.fastpath`),
-    off while an egress limit paces bytes (its bucket lives here)."""
-    if not hit_path_available():
-        return None
-    core = app[CORE]
+def _served(app: web.Application) -> Callable[[Digest], None]:
+    """The prefetch hook for hits the fast path answers."""
 
     def served(digest: Digest) -> None:
         warm = app.get(WARM)
         if warm is not None and warm.prefetcher is not None:
             warm.prefetcher.served(str(digest))
 
-    def enabled() -> bool:
-        return core.egress.unlimited
-
-    return lambda handlers: HitServer(handlers, core.store, core.metrics, enabled, served)
+    return served
 
 
 async def get_package(request: web.Request) -> web.StreamResponse:

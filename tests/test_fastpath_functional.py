@@ -188,3 +188,55 @@ async def test_a_small_hot_entry_that_shrank_on_disk_is_cut_short_and_dropped(
     assert digest not in file_stack.apps[agent][CORE].store
     status, headers, body = await get(f"{agent}/pkg/{digest}")
     assert (status, headers["X-Cache-Tier"], body) == (200, "ORIGIN", data)
+
+
+# -- peers: /blob hits -------------------------------------------------------------------
+
+
+async def hot_peer(
+    stack: Stack, origin: OriginFixture, token: str | None = None, **kw: object
+) -> tuple[str, Digest, bytes]:
+    """A peer with one package open in its store."""
+    (peer,) = await stack.start_peers(1, peer_token=token, **kw)
+    data = payload(40_000, seed=10)
+    digest = await origin.put(data)
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    assert (await get(f"{peer}/blob/{digest}", **auth))[2] == data
+    await stack.apps[peer][CORE].flights.wait_idle()
+    return peer, digest, data
+
+
+async def test_a_peer_answers_hot_blob_hits_on_the_fast_path_after_the_token(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    peer, digest, data = await hot_peer(file_stack, file_origin, token="s3cret")
+    before = await fast_hits(peer)
+    assert (await get(f"{peer}/blob/{digest}"))[0] == 401  # aiohttp's answer
+    assert (await get(f"{peer}/blob/{digest}", Authorization="Bearer nope"))[0] == 401
+    status, headers, body = await get(
+        f"{peer}/blob/{digest}", Authorization="Bearer s3cret", **{"X-Cachesvc-Forwarded": "1"}
+    )
+    assert (status, headers["X-Cache-Tier"], body) == (200, "L2", data)
+    assert await fast_hits(peer) == before + 1
+    async with aiohttp.ClientSession() as s, s.get(f"{peer}/metrics") as r:
+        assert metric(await r.text(), "cachesvc_upload_bytes_total") >= len(data)
+
+
+async def test_a_peer_fast_path_redirects_like_the_tracker_and_assigns_once(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    peer, digest, data = await hot_peer(file_stack, file_origin, fanout=1)
+    a, b = "http://127.0.0.1:1", "http://127.0.0.1:2"
+    fan = {"X-Cachesvc-Forwarded": "1", "X-Cachesvc-Fanout": "1"}
+    status, _, body = await get(f"{peer}/blob/{digest}", **fan, **{"X-Cachesvc-Advertise": a})
+    assert (status, body) == (200, data)  # the owner's one slot: a
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        headers = {**fan, "X-Cachesvc-Advertise": b}
+        async with s.get(f"{peer}/blob/{digest}", headers=headers, allow_redirects=False) as r:
+            assert r.status == 307
+            assert r.headers["X-Cachesvc-Parent"] == a
+            assert r.headers["Location"] == f"{a}/pkg/{digest}"
+            assert await r.json() == {"parent": a}
+    assert await fast_hits(peer) >= 1
+    members = {m.url: m.children for m in file_stack.apps[peer][CORE].tracker.members(digest)}
+    assert members[a] == 1 and sum(members.values()) == 2  # each request assigned once
