@@ -49,11 +49,11 @@ from cachesvc.digest import Digest
 from cachesvc.errors import InvalidDigest
 from cachesvc.fanout import redirect_headers
 from cachesvc.metrics import Metrics
+from cachesvc.package import SMALL
 from cachesvc.store import Blob, Store
 
 log = logging.getLogger(__name__)
 
-SMALL = 64 << 10  # bodies up to this size go out with their head in one write
 MAX_HEAD = 16 << 10  # a head longer than this goes to aiohttp (which refuses it)
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may idle (aiohttp's default)
 SERVER = SERVER_SOFTWARE.encode()

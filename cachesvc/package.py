@@ -29,6 +29,10 @@ from typing import Protocol
 from cachesvc.digest import Digest
 from cachesvc.store import Blob
 
+SMALL = 64 << 10
+"""Bodies up to this size are read and sent with their response headers in
+one write (one segment, one syscall), not as headers then ``sendfile``."""
+
 
 @dataclass(frozen=True, slots=True)
 class FileSpan:

@@ -74,8 +74,9 @@ async def test_a_byte_flipped_in_the_last_block_cuts_even_a_range_short(
     agent, digest, data = await agent_with_one_package(stack, s3_origin, 2 * MiB + 7)
     await stack.restart(agent, lambda s: flip_byte(blob_path(s, digest), len(data) - 1))
     status, _, body = await fetch(f"{agent}/pkg/{digest}", Range="bytes=0-99")
-    assert body is None or body == data[:100]  # the range ends at the verdict
-    assert not (status == 206 and body == data[:100])  # and the verdict is bad
+    # the range ends at the verdict, and the verdict is bad: an error before
+    # the headers (a small range is gathered first), or a body cut short
+    assert status >= 500 or body is None, (status, body)
 
 
 async def test_good_entries_after_a_restart_are_served_from_l1_to_concurrent_readers(
