@@ -83,9 +83,13 @@ CONTRACT_FLAGS = {
     },
     "peer": {"--listen", "--cache-dir", "--cache-size", "--origin", "--s3-endpoint", "--peers"},
 }  # fmt: skip
-# Flags beyond the contract's table that the deploy files use (the contract
-# may be extended); the real-parser test checks that they exist.
-EXTENSION_FLAGS = {"agent": {"--shutdown-grace"}, "peer": {"--shutdown-grace", "--advertise"}}
+# Flags beyond the contract's first table that the deploy files use (the
+# contract's later flags, like --advertise on agents for fan-out, and our own);
+# the real-parser test checks that they exist.
+EXTENSION_FLAGS = {
+    "agent": {"--shutdown-grace", "--advertise"},
+    "peer": {"--shutdown-grace", "--advertise"},
+}
 # Environment-only secrets of the contract: no flag, never in args or ConfigMaps.
 SECRET_ENV = {"CACHESVC_TOKEN", "CACHESVC_PEER_TOKEN"}
 

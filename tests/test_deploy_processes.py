@@ -119,6 +119,8 @@ class Machine:
             if flag in args:
                 args = with_flag(args, flag, str(self.root / pod.name / flag.lstrip("-")))
         env = pod.env | {"CACHESVC_S3_ENDPOINT": self.s3_endpoint} | self.extra_env
+        if pod.args[0] == "agent" and "CACHESVC_ADVERTISE" in env:  # fan-out: reach it here
+            env["CACHESVC_ADVERTISE"] = f"http://{pod.ip}:{port}"
         if self.peer_port != self.manifest_peer_port:
             old, new = f":{self.manifest_peer_port}", f":{self.peer_port}"
             if "--peers" in args:
@@ -126,12 +128,17 @@ class Machine:
             env |= {k: env[k].replace(old, new) for k in PEER_URL_SETTINGS if k in env}
         return replace(pod, args=args, env=env)
 
-    def allowed(self, pod: Pod) -> set[str]:
-        """The flags and variables of ``pod`` that :meth:`localize` may change."""
+    def allowed(self, pod: Pod, port: int | None = None) -> set[str]:
+        """The flags and variables of ``pod`` that :meth:`localize` may change
+        (run on ``port``: an agent's advertised URL follows its address)."""
         names = {"--listen", "CACHESVC_S3_ENDPOINT", *self.extra_env}
         names |= {flag for flag in VOLUME_FLAGS if flag in pod.args}
         if self.peer_port != self.manifest_peer_port:
-            names |= {k for k in PEER_URL_SETTINGS if k in pod.args or k in pod.env}
+            old = f":{self.manifest_peer_port}"
+            names |= {k for k in PEER_URL_SETTINGS if k in pod.args or old in pod.env.get(k, "")}
+        advertised = pod.env.get("CACHESVC_ADVERTISE")
+        if pod.args[0] == "agent" and advertised not in (None, f"http://{pod.ip}:{port}"):
+            names.add("CACHESVC_ADVERTISE")  # compose names its agents; here they are addresses
         return names
 
 
@@ -157,8 +164,8 @@ def differences(manifest: Pod, run: Pod) -> set[str]:
 def localize_all(machine: Machine, pods: list[tuple[Pod, int]]) -> list[Pod]:
     """Each pod as run here, after checking that only the allowed changed."""
     run = [machine.localize(pod, port) for pod, port in pods]
-    for (manifest, _), local in zip(pods, run, strict=True):
-        assert differences(manifest, local) == machine.allowed(manifest), manifest.name
+    for (manifest, port), local in zip(pods, run, strict=True):
+        assert differences(manifest, local) == machine.allowed(manifest, port), manifest.name
         assert "$(" not in " ".join([*local.args, *local.env.values()]), "unresolved $(VAR)"
     return run
 
@@ -516,7 +523,7 @@ def test_only_addresses_volumes_the_s3_endpoint_and_the_dns_interval_differ_from
     machine = Machine(tmp_path, "http://127.0.0.1:9", 8701, here, DNS_INTERVAL)
     peers = localize_all(machine, [(p, here) for p in manifest_peers])
     (agent,) = localize_all(machine, [(manifest_agent, 8700)])
-    assert machine.allowed(manifest_agent) == {
+    assert machine.allowed(manifest_agent, 8700) == {
         "--listen", "--cache-dir", "--code-dir", "CACHESVC_S3_ENDPOINT", "CACHESVC_DNS_INTERVAL",
     } | ({"CACHESVC_PEERS"} if not port_free else set())  # fmt: skip
     assert [p.env["CACHESVC_ADVERTISE"] for p in peers] == [
@@ -624,8 +631,8 @@ def test_only_addresses_volumes_and_the_s3_endpoint_differ_from_compose(
     assert machine.allowed(manifest_peers[0]) == {
         "--listen", "--cache-dir", "CACHESVC_S3_ENDPOINT", *moved,
     }  # fmt: skip
-    assert machine.allowed(manifest_agents[0]) == {
-        "--listen", "--cache-dir", "--code-dir", "CACHESVC_S3_ENDPOINT",
+    assert machine.allowed(manifest_agents[0], here) == {
+        "--listen", "--cache-dir", "--code-dir", "CACHESVC_S3_ENDPOINT", "CACHESVC_ADVERTISE",
     } | ({"--peers"} if not port_free else set())  # fmt: skip
     ring = ",".join(f"http://peer-{i}:{here}" for i in range(3))
     for pod in running:
