@@ -226,6 +226,7 @@ async def measure(stack: Stack, plan: Plan, n: int, k: int, limited: bool) -> Ro
         bad_bodies=result.bad,
         errors=[f.error for f in result.fetches if f.error][:3],
         calibration={"hop_latency_s": hop, "origin_ttfb_s": origin_ttfb, "origin_Bps": origin_bw},
+        agent_upload=sum(v for url, v in up.items() if url in stack.agents),
     )
     row.sim = predict(row) if limited else None
     return row

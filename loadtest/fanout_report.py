@@ -44,6 +44,7 @@ class Row:
     errors: list[str]
     calibration: dict[str, float]
     sim: dict[str, float] | None = field(default=None)
+    agent_upload: int = 0  # bytes agents sent to other agents (fan-out at work)
 
     @property
     def hold_p50(self) -> float:

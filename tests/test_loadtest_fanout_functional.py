@@ -37,6 +37,22 @@ def test_quick_emulation_holds_everywhere_with_one_origin_get_and_good_bodies(
     assert "| N | K | solo |" in report and "- PASS N=3 K=0: 1 origin GET" in report
 
 
+def test_eight_agent_processes_with_fanout_2_feed_each_other_at_one_origin_get(
+    tmp_path: Path,
+) -> None:
+    """Real cachesvc processes (3 peers, 8 agents), K = 2: one origin GET,
+    every body right, agents served by other agents, no host past K packages."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "loadtest", "fanout", "--n", "8", "--k", "2"]
+    argv += ["--size", "2MiB", "--egress-limit", "16MiB", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert (run["n"], run["k"], run["origin_gets"], run["bad_bodies"]) == (8, 2, 1, 0)
+    assert run["agent_upload"] >= 2 * MiB  # at least one agent fed another a whole package
+    assert run["largest_upload_pkgs"] <= 2.0 + 1e-9  # K = 2: nobody fed more than two
+
+
 async def test_storm_client_counts_wrong_short_and_refused_bodies_as_bad() -> None:
     body = b"package bytes " * 5000
     good = hashlib.sha256(body).hexdigest()
