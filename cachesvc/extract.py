@@ -1,0 +1,276 @@
+"""Reading a package's archive (zip or tar) into a :class:`~cachesvc.tree.Tree`.
+
+:func:`extract` peels the package's layers (:mod:`cachesvc.codec`), reads
+the zip with ``zipfile`` or the tar with ``tarfile`` in streaming mode
+(``r|``), and feeds every member to the tree, which owns paths and limits.
+It refuses what a code package has no use for: every link (symlink or
+hardlink: validating targets against links made earlier is a classic source
+of escapes), devices, fifos, sparse and unknown tar members, encrypted zip
+members.
+
+Guarantees:
+
+* **Only contract errors.** Whatever an archive provokes ends as
+  :class:`TooLarge`, :class:`UnsafeArchive` or :class:`UnsupportedFormat`:
+  the parsers' own errors (``tarfile.TarError``, ``zipfile.BadZipFile``,
+  decoder errors, ``EOFError``, ``ValueError``, ``OverflowError``,
+  ``RecursionError``, ...) are :class:`UnsupportedFormat`, ``MemoryError``
+  is :class:`TooLarge`. A fault of this host (EIO reading the package, a
+  read-only code dir) stays a :class:`CachesvcError` (500).
+* **Bounded per header.** A tar's PAX and GNU long-name records are read
+  whole by ``tarfile``; records over :data:`TAR_META_MAX` are refused before
+  they are read. Time is *not* bounded here: Python 3.11.7's PAX parser is
+  quadratic on crafted records (CVE-2024-6232), so this runs in a worker
+  process with a wall-clock budget (:mod:`cachesvc.unpack_worker`).
+* **Never trusts a header.** A tar header that fails its checksum
+  mid-archive is refused, not taken for the end of the archive (``tarfile``
+  would stop there silently); negative sizes are refused; the zip central
+  directory's claimed size and entry count are checked against the limits
+  before ``zipfile`` reads it into memory.
+
+Blocking, and meant for a worker process: see :mod:`cachesvc.unpack_worker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import lzma
+import os
+import stat
+import struct
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+from cachesvc import codec
+from cachesvc.codec import KiB, Limits, MiB
+from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
+from cachesvc.tree import Tree, show
+
+TAR_META_MAX = 64 * KiB
+"""Largest PAX or GNU long-name record read (Linux paths are at most 4 KiB)."""
+
+CENTRAL_DIRECTORY_ENTRY_BUDGET = 1024
+"""Zip central-directory bytes allowed per permitted entry (names, extras)."""
+
+# What the parsers raise on corrupt input. OSError: decoders inside zipfile
+# (bz2 "Invalid data stream" has no errno) and seeks to offsets a header made up.
+_CORRUPT = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    EOFError,
+    ValueError,
+    OverflowError,
+    RuntimeError,  # NotImplementedError: zipfile's unknown methods, encryption
+)
+_CORRUPT_ERRNOS = {None, errno.EINVAL, errno.EOVERFLOW}
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class Extracted(NamedTuple):
+    """What an extraction wrote: regular files, their bytes, the package's layers."""
+
+    files: int
+    bytes: int
+    layers: tuple[str, ...]
+
+
+def extract(package_path: Path, dest: Path, limits: Limits) -> Extracted:
+    """Extract the package into the existing empty ``dest``.
+
+    Raises only :class:`CachesvcError` subclasses (see the module docstring);
+    on error ``dest`` holds partial output that the caller removes. A zip
+    inside compression layers is spooled to an unlinked temp file in
+    ``dest`` itself (so even a crash leaves nothing outside ``dest``).
+    """
+    kind = "package"
+    with _refusing(lambda: kind):
+        with codec.open_archive(package_path, limits, spool_dir=dest) as archive:
+            kind = archive.kind
+            tree = Tree(dest, limits, archive.packed_size)
+            _READERS[archive.kind](archive.stream, tree, limits)
+            return Extracted(tree.files, tree.bytes, archive.layers)
+
+
+@contextlib.contextmanager
+def _refusing(kind: Callable[[], str]) -> Iterator[None]:
+    """Map whatever reading the archive raised to the contract error it means."""
+    try:
+        yield
+    except CachesvcError:
+        raise
+    except MemoryError as exc:
+        raise TooLarge(f"reading the {kind()} needs more memory than an unpack may use") from exc
+    except RecursionError as exc:
+        raise UnsupportedFormat(f"corrupt {kind()}: headers nest too deep") from exc
+    except OSError as exc:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            raise TooLarge(f"spooling the {kind()}: {exc.strerror}") from exc
+        if exc.errno not in _CORRUPT_ERRNOS:
+            raise CachesvcError(f"reading the package: {exc}") from exc
+        raise UnsupportedFormat(f"corrupt {kind()}: {_brief(exc)}") from exc
+    except _CORRUPT as exc:
+        raise UnsupportedFormat(f"corrupt {kind()}: {_brief(exc)}") from exc
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---- zip ----
+
+
+def _zip_entry_claims(fp: BinaryIO) -> tuple[int, int]:
+    """(entries, central directory bytes) from the zip's end record, read before zipfile does.
+
+    zipfile loads the whole central directory into memory; these claims let
+    us refuse a hostile one first. ``zipfile`` still checks the real records.
+    """
+    fp.seek(0, os.SEEK_END)
+    size = fp.tell()
+    tail_len = min(size, 22 + 65_535 + 76)
+    fp.seek(size - tail_len)
+    tail = fp.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        raise UnsupportedFormat("zip without an end of central directory record")
+    entries, cd_size = struct.unpack("<HI", tail[at + 10 : at + 16])
+    z64 = at - 20 - 56
+    if (entries == 0xFFFF or cd_size == 0xFFFFFFFF) and z64 >= 0:
+        if tail[z64 : z64 + 4] == b"PK\x06\x06":
+            entries, cd_size = struct.unpack("<QQ", tail[z64 + 32 : z64 + 48])
+    return entries, cd_size
+
+
+def _zip_member_kind(info: zipfile.ZipInfo) -> str:
+    """``"dir"`` or ``"file"``; raises for links, devices and encrypted members."""
+    fmt = stat.S_IFMT(info.external_attr >> 16)
+    if fmt == stat.S_IFLNK:
+        raise UnsafeArchive(f"link in archive: {show(info.filename)}")
+    if fmt not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise UnsafeArchive(f"device, fifo or socket in archive: {show(info.filename)}")
+    if info.flag_bits & 0x1:
+        raise UnsupportedFormat(f"encrypted zip member: {show(info.filename)}")
+    return "dir" if info.is_dir() or fmt == stat.S_IFDIR else "file"
+
+
+def _zip_mtime(info: zipfile.ZipInfo) -> float | None:
+    """The member's DOS timestamp (local time, as ``unzip`` reads it)."""
+    try:
+        return time.mktime((*info.date_time, 0, 0, -1))
+    except (OverflowError, ValueError):
+        return None
+
+
+def _extract_zip(stream: BinaryIO, tree: Tree, limits: Limits) -> None:
+    entries, cd_size = _zip_entry_claims(stream)
+    if entries > limits.max_files:
+        raise TooLarge(f"zip claims {entries} entries, over {limits.max_files}")
+    if cd_size > limits.max_files * CENTRAL_DIRECTORY_ENTRY_BUDGET + MiB:
+        raise TooLarge(f"zip central directory of {cd_size} bytes is over the entry budget")
+    stream.seek(0)
+    with zipfile.ZipFile(stream) as archive:
+        members = archive.infolist()
+        if len(members) > limits.max_files:  # the end record may under-count
+            raise TooLarge(f"zip has {len(members)} entries, over {limits.max_files}")
+        for info in members:
+            if _zip_member_kind(info) == "dir":
+                tree.add_dir(info.filename)
+                continue
+            with archive.open(info) as member:
+                tree.add_file(info.filename, member, info.external_attr >> 16, _zip_mtime(info))
+
+
+# ---- tar ----
+
+# Not in typeshed, but public in tarfile since Python 3.2.
+_BAD_HEADERS: tuple[type[Exception], ...] = (
+    tarfile.TruncatedHeaderError,  # type: ignore[attr-defined]
+    tarfile.InvalidHeaderError,  # type: ignore[attr-defined]
+)
+_TAR_META_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """``tarfile``'s header reader, with our refusals applied before it reads on.
+
+    ``_proc_member`` is tarfile's documented hook for subclasses; the sparse
+    hooks are replaced so a sparse map is never read at all.
+    """
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _StrictTarInfo:
+        # tarfile ends the archive quietly at a bad header after the first one;
+        # raising a non-HeaderError here makes it a refusal instead.
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except _BAD_HEADERS as exc:
+            raise UnsupportedFormat(f"corrupt tar header: {exc}") from exc
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+        if self.type in _TAR_META_TYPES and not 0 <= self.size <= TAR_META_MAX:
+            raise UnsupportedFormat(f"tar metadata record of {self.size} bytes")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsupportedFormat(f"sparse tar member: {show(self.name)}")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    def _refuse_sparse(self, *_args: object) -> None:
+        raise UnsupportedFormat("sparse tar member (PAX GNU.sparse)")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+def _extract_tar(stream: BinaryIO, tree: Tree, _limits: Limits) -> None:
+    """Read the tar forward (``tarfile`` mode ``r|``) straight into the tree."""
+    with tarfile.open(
+        fileobj=stream,
+        mode="r|",
+        tarinfo=_StrictTarInfo,
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as archive:
+        while (member := archive.next()) is not None:
+            archive.members.clear()  # type: ignore[attr-defined]  # else it keeps every header
+            _tar_member(archive, tree, member)
+
+
+def _tar_member(archive: tarfile.TarFile, tree: Tree, member: tarfile.TarInfo) -> None:
+    name = member.name
+    if member.issparse():
+        raise UnsupportedFormat(f"sparse tar member: {show(name)}")
+    if member.size < 0:
+        raise UnsupportedFormat(f"tar member with a negative size: {show(name)}")
+    if member.isreg():
+        source = archive.extractfile(member)
+        assert source is not None  # a regular member always has one
+        tree.add_file(name, source, member.mode, member.mtime)
+    elif member.isdir():
+        tree.add_dir(name)
+    elif member.islnk() or member.issym():
+        raise UnsafeArchive(f"link in archive: {show(name)}")
+    elif member.ischr() or member.isblk() or member.isfifo():
+        raise UnsafeArchive(f"device, fifo or special entry in archive: {show(name)}")
+    else:
+        raise UnsupportedFormat(f"tar entry type {member.type!r} for {show(name)}")
+
+
+_READERS: dict[str, Callable[[BinaryIO, Tree, Limits], None]] = {
+    "zip": _extract_zip,
+    "tar": _extract_tar,
+}
