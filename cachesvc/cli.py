@@ -154,6 +154,11 @@ def _add_agent(sub: Any) -> None:
         default="4GiB",
     )
     add_flag(agent, "--max-files", "most files in one package", type=parse_count, default="100000")
+    add_flag(agent, "--unpack-workers", "unpack processes at once", type=parse_count, default="2")
+    add_flag(
+        agent, "--unpack-timeout", "seconds one unpack may take", type=parse_seconds, default="300"
+    )
+    add_flag(agent, "--unpack-memory", "memory one unpack may use", type=parse_size, default="1GiB")
     add_flag(
         agent,
         "--peer-connect-timeout",

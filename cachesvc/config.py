@@ -271,6 +271,9 @@ class Settings:
     max_package_size: int = 2 * 2**30
     max_unpacked_size: int = 4 * 2**30
     max_files: int = 100_000
+    unpack_workers: int = 2
+    unpack_timeout: float = 300.0
+    unpack_memory: int = 2**30
     origin_timeout: float = 30.0
     peer_connect_timeout: float = 1.0
     peer_read_timeout: float = 30.0

@@ -19,13 +19,15 @@ from pathlib import Path
 from aiohttp import web
 
 from cachesvc.codec import Limits, archive_stream
+from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.dirlock import DirLock
-from cachesvc.errors import CachesvcError, InvalidRequest, TooLarge
+from cachesvc.errors import CachesvcError, ConfigError, InvalidRequest, TooLarge
 from cachesvc.http import abort_stream, route_digest, timed
 from cachesvc.service import CORE, SETTINGS, Core
 from cachesvc.store import Blob
 from cachesvc.unpack import Unpacker
+from cachesvc.unpack_worker import Budget
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,17 @@ async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
         return
     # One owner, before the sweep: it removes what another agent is unpacking.
     lock = await asyncio.to_thread(DirLock.acquire, settings.code_dir, "code dir")
-    unpacker = Unpacker(settings.code_dir, limits_of(app))
-    swept = await asyncio.to_thread(unpacker.sweep_temp)
+    try:
+        unpacker = make_unpacker(settings, limits_of(app))
+    except BaseException:
+        lock.release()
+        raise
+    loop = asyncio.get_running_loop()
+    # Not asyncio.to_thread: the default pool is the store's (see cachesvc.unpack).
+    swept = await loop.run_in_executor(unpacker.disk, unpacker.sweep_temp)
     if swept:
         log.warning("unpack: removed %d leftovers in %s", swept, settings.code_dir)
+    await unpacker.start()
     app[UNPACKER] = unpacker
     tasks: set[asyncio.Task[None]] = set()
 
@@ -64,10 +73,27 @@ async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
         task.add_done_callback(tasks.discard)
 
     core.store.on_evict.append(on_evict)
-    yield
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await unpacker.aclose()
-    lock.release()
+    try:
+        yield
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await unpacker.aclose()
+        lock.release()
+
+
+def make_unpacker(settings: Settings, limits: Limits) -> Unpacker:
+    """The agent's :class:`Unpacker`; a bad flag or code dir is a :class:`ConfigError`."""
+    assert settings.code_dir is not None
+    try:
+        budget = Budget(settings.unpack_timeout, settings.unpack_memory)
+        return Unpacker(settings.code_dir, limits, settings.unpack_workers, budget)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--unpack-workers {settings.unpack_workers}, --unpack-timeout "
+            f"{settings.unpack_timeout:g}, --unpack-memory {settings.unpack_memory}: {exc}"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"--code-dir {settings.code_dir}: {exc.strerror or exc}") from exc
 
 
 async def local_package(core: Core, digest: Digest, limit: int) -> Blob:

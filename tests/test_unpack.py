@@ -7,22 +7,25 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import struct
 import tarfile
 import time
 import zipfile
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from cachesvc import unpack
 from cachesvc.codec import Limits
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
+from cachesvc.extract import extract
 from cachesvc.unpack import Unpacker
+from tests import hostile
 from tests.test_codec import COMPRESS
 
 MiB = 1024 * 1024
@@ -97,8 +100,14 @@ def code_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def unpacker(code_dir: Path) -> Unpacker:
-    return Unpacker(code_dir)
+async def unpacker(code_dir: Path) -> AsyncIterator[Unpacker]:
+    async with Unpacker(code_dir) as running:
+        yield running
+
+
+async def unpack_with(limits: Limits, code_dir: Path, digest: Digest, package: Path) -> object:
+    async with Unpacker(code_dir, limits) as unpacker:
+        return await unpacker.unpack(digest, package)
 
 
 def tree_of(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -163,26 +172,18 @@ async def test_a_second_call_answers_from_the_manifest_without_the_package(
     first = await unpacker.unpack(digest, package)
     package.unlink()
     assert await unpacker.unpack(digest, package) == first
-    assert await Unpacker(unpacker.code_dir).unpack(digest, package) == first
+    async with Unpacker(unpacker.code_dir) as fresh:
+        assert await fresh.unpack(digest, package) == first
 
 
 async def test_concurrent_unpacks_of_one_digest_share_one_extraction(
-    tmp_path: Path, unpacker: Unpacker, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, unpacker: Unpacker
 ) -> None:
-    calls = []
-    real_extract = unpack.extract
-
-    def counting_extract(*args: object) -> object:
-        calls.append(args)
-        time.sleep(0.05)  # keep the extraction in flight while the others arrive
-        return real_extract(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(unpack, "extract", counting_extract)
     digest, package = store(tmp_path, wrap(tar_of(), ["zstd"]))
 
     results = await asyncio.gather(*(unpacker.unpack(digest, package) for _ in range(20)))
 
-    assert len(calls) == 1
+    assert unpacker.workers.started == 1
     assert len(set(results)) == 1
 
 
@@ -318,57 +319,125 @@ def zstd_zero_bomb_tar(gib: int) -> bytes:
     return compressor.compress(info.tobuf(format=tarfile.PAX_FORMAT)) + frame * (gib * 256)
 
 
-HOSTILE = {
-    "zip slip": (zip_with("../../evil.txt"), UnsafeArchive),
-    "zip absolute path": (zip_with("/tmp/evil.txt"), UnsafeArchive),
-    "zip symlink": (zip_with("link", b"/etc/passwd", 0o777 | stat.S_IFLNK), UnsafeArchive),
-    "zip fifo": (zip_with("pipe", b"", 0o644 | stat.S_IFIFO), UnsafeArchive),
-    "tar dotdot": (tar_bytes([tar_member("a/../../evil.txt", b"x")]), UnsafeArchive),
-    "tar absolute path": (tar_bytes([tar_member("/etc/evil.txt", b"x")]), UnsafeArchive),
+def tar_with_type(kind: bytes) -> bytes:
+    return hostile.member("odd", b"", type=kind) + hostile.END
+
+
+# case -> (package, error, the rule its detail must name)
+HOSTILE: dict[str, tuple[bytes, type[Exception], str]] = {
+    "zip slip": (zip_with("../../evil.txt"), UnsafeArchive, "'..'"),
+    "zip absolute path": (zip_with("/tmp/evil.txt"), UnsafeArchive, "absolute"),
+    "zip symlink": (
+        zip_with("link", b"/etc/passwd", 0o777 | stat.S_IFLNK),
+        UnsafeArchive,
+        "link in archive",
+    ),
+    "zip fifo": (zip_with("pipe", b"", 0o644 | stat.S_IFIFO), UnsafeArchive, "fifo"),
+    "tar dotdot": (tar_bytes([tar_member("a/../../evil.txt", b"x")]), UnsafeArchive, "'..'"),
+    "tar absolute path": (
+        tar_bytes([tar_member("/etc/evil.txt", b"x")]),
+        UnsafeArchive,
+        "absolute",
+    ),
     "tar symlink escape": (
         tar_bytes(
             [tar_member("up", type=tarfile.SYMTYPE, linkname="../.."), tar_member("up/evil")]
         ),
         UnsafeArchive,
+        "link in archive",
     ),
     "tar hardlink escape": (
         tar_bytes([tar_member("passwd", type=tarfile.LNKTYPE, linkname="/etc/passwd")]),
         UnsafeArchive,
+        "link in archive",
     ),
     "tar char device": (
         tar_bytes([tar_member("null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)]),
         UnsafeArchive,
+        "device",
     ),
-    "tar fifo": (tar_bytes([tar_member("pipe", type=tarfile.FIFOTYPE)]), UnsafeArchive),
+    "tar fifo": (tar_bytes([tar_member("pipe", type=tarfile.FIFOTYPE)]), UnsafeArchive, "fifo"),
     "tar duplicate file": (
         tar_bytes([tar_member("a", b"1"), tar_member("a", b"2")]),
         UnsafeArchive,
+        "conflicting",
     ),
     "tar file then dir": (
         tar_bytes([tar_member("a", b"1"), tar_member("a/b", b"2")]),
         UnsafeArchive,
+        "conflicting",
     ),
-    "not an archive": (b"#!/bin/sh\nrm -rf /\n" * 100, UnsupportedFormat),
-    "zstd around text": (wrap(b"hello\n" * 1000, ["zstd"]), UnsupportedFormat),
-    "truncated zip": (zip_bytes()[:-30], UnsupportedFormat),
-    "truncated tar": (tar_of()[:1500], UnsupportedFormat),
+    "not an archive": (b"#!/bin/sh\nrm -rf /\n" * 100, UnsupportedFormat, "not zip, tar"),
+    "zstd around text": (wrap(b"hello\n" * 1000, ["zstd"]), UnsupportedFormat, "not zip, tar"),
+    "truncated zip": (zip_bytes()[:-30], UnsupportedFormat, "zip"),
+    "truncated tar": (tar_of()[:1500], UnsupportedFormat, "corrupt tar"),
     "tar sparse member": (
         tar_bytes([tar_member("holes", type=tarfile.GNUTYPE_SPARSE)]),
         UnsupportedFormat,
+        "sparse",
     ),
+    "tar PAX sparse map": (
+        hostile.pax(
+            hostile.record("GNU.sparse.major", "1") + hostile.record("GNU.sparse.minor", "0")
+        )
+        + hostile.member("holes", b"3\n" + b"1\n" * 5000)
+        + hostile.END,
+        UnsupportedFormat,
+        "sparse",
+    ),
+    "tar PAX record of length 0": (hostile.pax_length_zero(), UnsupportedFormat, "corrupt tar"),
+    "tar PAX size -1": (hostile.pax_size_minus_one(), UnsupportedFormat, "negative size"),
+    "tar PAX size beyond the archive": (
+        hostile.pax(hostile.record("size", str(10**30))) + hostile.member() + hostile.END,
+        UnsupportedFormat,
+        "corrupt tar",
+    ),
+    "tar PAX record over 64 KiB": (
+        hostile.pax(hostile.record("comment", "x" * 70_000)) + hostile.member() + hostile.END,
+        UnsupportedFormat,
+        "metadata record",
+    ),
+    "tar GNU long name over 64 KiB": (
+        hostile.member("././@LongLink", b"n" * 70_000, type=tarfile.GNUTYPE_LONGNAME)
+        + hostile.member()
+        + hostile.END,
+        UnsupportedFormat,
+        "metadata record",
+    ),
+    "tar chain of 2000 PAX headers": (
+        hostile.pax(hostile.record("comment", "x")) * 2000 + hostile.member() + hostile.END,
+        UnsupportedFormat,
+        "nest too deep",
+    ),
+    "tar bad checksum after the first member": (
+        hostile.member() + bytes(512 - 1) + b"x" + hostile.END,
+        UnsupportedFormat,
+        "corrupt tar header",
+    ),
+    "tar volume label": (tar_with_type(b"V"), UnsupportedFormat, "type"),
+    "tar unknown type": (tar_with_type(b"Z"), UnsupportedFormat, "type"),
 }
 
 
 @pytest.mark.parametrize("case", HOSTILE)
-async def test_hostile_package_is_refused_and_leaves_nothing(
+async def test_hostile_package_is_refused_by_its_rule_and_leaves_nothing(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path, case: str
 ) -> None:
-    data, error = HOSTILE[case]
+    data, error, rule = HOSTILE[case]
     digest, package = store(tmp_path, wrap(data, ["gzip"]) if "tar" in case else data)
-    with pytest.raises(error):
+    with pytest.raises(error, match=re.escape(rule)):
         await unpacker.unpack(digest, package)
     assert list(code_dir.iterdir()) == []
     assert not (tmp_path / "evil.txt").exists()
+
+
+async def test_a_pax_mtime_of_1e400_unpacks_with_the_current_time(
+    tmp_path: Path, unpacker: Unpacker
+) -> None:
+    digest, package = store(tmp_path, hostile.pax_mtime_overflow())
+    result = await unpacker.unpack(digest, package)
+    assert (result.path / "a.txt").read_bytes() == b"hello"
+    assert abs((result.path / "a.txt").stat().st_mtime - time.time()) < 3600
 
 
 async def test_zip_bomb_of_a_gib_of_zeros_is_too_large(
@@ -405,7 +474,7 @@ async def test_a_tar_with_more_entries_than_max_files_is_refused_while_streaming
     members = [tar_member(f"f/{i}") for i in range(501)]
     digest, package = store(tmp_path, wrap(tar_bytes(members), ["zstd"]))
     with pytest.raises(TooLarge, match="500 entries"):
-        await Unpacker(code_dir, Limits(max_files=500)).unpack(digest, package)
+        await unpack_with(Limits(max_files=500), code_dir, digest, package)
     assert list(code_dir.iterdir()) == []
 
 
@@ -415,7 +484,7 @@ async def test_unpacked_size_is_counted_on_bytes_written(tmp_path: Path, code_di
     for data in (zip_bytes(files), tar_of(files)):
         digest, package = store(tmp_path, data)
         with pytest.raises(TooLarge, match="unpacks to over"):
-            await Unpacker(code_dir, limits).unpack(digest, package)
+            await unpack_with(limits, code_dir, digest, package)
         assert list(code_dir.iterdir()) == []
 
 
@@ -434,7 +503,7 @@ async def test_a_zip_that_understates_its_sizes_is_refused(
 async def test_package_over_max_package_size_is_too_large(tmp_path: Path, code_dir: Path) -> None:
     digest, package = store(tmp_path, zip_bytes())
     with pytest.raises(TooLarge):
-        await Unpacker(code_dir, Limits(max_package_size=1024)).unpack(digest, package)
+        await unpack_with(Limits(max_package_size=1024), code_dir, digest, package)
     assert list(code_dir.iterdir()) == []
 
 
@@ -458,5 +527,5 @@ def test_a_zip_member_with_an_unknown_compression_method_is_unsupported(tmp_path
         raw[at + offset : at + offset + 2] = (99).to_bytes(2, "little")  # AES: not supported
     package.write_bytes(bytes(raw))
     with pytest.raises(UnsupportedFormat):
-        unpack.extract(package, tmp_path / "out", Limits())
+        extract(package, tmp_path / "out", Limits())
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
