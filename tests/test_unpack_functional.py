@@ -1,0 +1,163 @@
+"""Hostile packages and a hostile code dir through a real agent on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cachesvc.errors import ConfigError
+from node_agent.packages import UNPACKER
+from tests import hostile
+from tests.codedir_mayhem import plant, snapshot
+from tests.conftest import OriginFixture
+from tests.servers import Stack, payload
+from tests.test_unpack import tar_bytes, tar_member
+
+pytestmark = pytest.mark.timeout(240)
+
+ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=90)
+
+
+async def call(method: str, url: str) -> tuple[int, dict[str, object], bytes, float]:
+    """Status, JSON body (or {}), raw body and seconds taken."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=ANSWER_TIMEOUT) as s, s.request(method, url) as r:
+        body = await r.read()
+        ctype = r.headers.get("Content-Type", "")
+        doc = json.loads(body) if ctype.startswith("application/json") else {}
+        return r.status, doc, body, time.monotonic() - started
+
+
+def code_dir(stack: Stack, name: str = "agent-0") -> Path:
+    return stack.root / f"{name}-code"
+
+
+async def test_a_pax_record_of_length_zero_is_422_at_once(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[])
+    digest = await file_origin.put(hostile.pax_length_zero())
+    status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    assert (status, doc["error"]) == (422, "unsupported_format")
+    assert os.listdir(code_dir(file_stack)) == []
+
+
+async def test_a_pax_size_of_minus_one_is_422_and_reads_nothing_ahead(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[])
+    digest = await file_origin.put(hostile.pax_size_minus_one())
+    status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    assert (status, doc["error"]) == (422, "unsupported_format")
+    assert "negative size" in str(doc["detail"])
+    assert os.listdir(code_dir(file_stack)) == []
+
+
+async def test_a_pax_mtime_of_1e400_unpacks_instead_of_a_500(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[])
+    digest = await file_origin.put(hostile.pax_mtime_overflow())
+    status, doc, body, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    assert status == 200, body
+    assert (Path(str(doc["path"])) / "a.txt").read_bytes() == b"hello"
+
+
+async def test_a_dotdot_member_is_refused_by_the_name_rule(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[])
+    digest = await file_origin.put(tar_bytes([tar_member("a/../../escape.txt", b"bad")]))
+    status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    assert (status, doc["error"]) == (422, "unsafe_archive")
+    assert "member path with '..'" in str(doc["detail"])
+    assert os.listdir(code_dir(file_stack)) == []
+
+
+async def test_a_package_that_hangs_the_parser_is_413_within_its_budget(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent = await file_stack.start_agent(peers=[], unpack_timeout=2.0)
+    digest = await file_origin.put(hostile.digit_bomb())  # minutes of tarfile CPU
+    status, doc, _, took = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    assert (status, doc["error"]) == (413, "too_large")
+    assert "took over 2 s" in str(doc["detail"])
+    assert took < 60
+    assert os.listdir(code_dir(file_stack)) == []
+
+
+async def test_hostile_unpacks_at_once_never_stall_a_cold_get_of_another_package(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    """Store I/O runs on the default thread pool; a hanging parser used to hold
+    its threads (six on this machine) and every cold GET then stalled."""
+    agent = await file_stack.start_agent(peers=[], unpack_workers=2, unpack_timeout=5.0)
+    bombs = [await file_origin.put(hostile.digit_bomb(headers=30 + i)) for i in range(4)]
+    loops = [
+        await file_origin.put(hostile.pax_length_zero() + bytes(512 * (i + 1))) for i in range(8)
+    ]
+    unpacks = [
+        asyncio.ensure_future(call("POST", f"{agent}/pkg/{d}/unpack")) for d in bombs + loops
+    ]
+    workers = file_stack.apps[agent][UNPACKER].workers
+    for _ in range(1000):  # bounded: until both workers chew on a bomb, 10 s at most
+        if len(workers.pids()) == 2:
+            break
+        await asyncio.sleep(0.01)
+
+    cold = payload(1 << 20, seed=7)
+    digest = await file_origin.put(cold)
+    status, _, body, took = await call("GET", f"{agent}/pkg/{digest}")
+    assert (status, body == cold) == (200, True)
+    assert took < 10  # prompt: it needs no unpack worker and no starved thread
+    assert (await call("GET", f"{agent}/healthz"))[0] == 200
+
+    answers = await asyncio.gather(*unpacks)
+    assert (
+        sorted((status, doc["error"]) for status, doc, _, _ in answers)
+        == [(413, "too_large")] * 4 + [(422, "unsupported_format")] * 8
+    )
+    assert os.listdir(code_dir(file_stack)) == []
+
+
+async def test_an_agent_starts_on_a_code_dir_full_of_mayhem_and_keeps_only_what_is_valid(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    code, outside = code_dir(file_stack), file_stack.root / "outside"
+    good = tar_bytes([tar_member("handler.py", b"print(1)\n")])
+    digest = await file_origin.put(good)
+    first = await file_stack.start_agent(peers=[], name="agent-0")
+    status, before, _, _ = await call("POST", f"{first}/pkg/{digest}/unpack")
+    assert status == 200
+    await file_stack.stop(first)
+    mayhem = plant(code, outside)
+    outside_before = snapshot(outside)
+
+    agent = await file_stack.start_agent(peers=[], name="agent-0")
+
+    left = set(os.listdir(code))
+    assert left == {digest.hex, f"{digest.hex}.json"} | mayhem.kept
+    assert not (left & mayhem.doomed)
+    assert snapshot(outside) == outside_before
+    assert (await call("GET", f"{agent}/healthz"))[0] == 200
+    status, again, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    assert (status, again) == (200, before)
+    other = await file_origin.put(tar_bytes([tar_member("other.py", b"print(2)\n")]))
+    status, doc, _, _ = await call("POST", f"{agent}/pkg/{other}/unpack")
+    assert status == 200
+    assert (Path(str(doc["path"])) / "other.py").read_bytes() == b"print(2)\n"
+
+
+async def test_unusable_unpack_settings_stop_the_start_with_one_line(file_stack: Stack) -> None:
+    with pytest.raises(ConfigError, match="--unpack-workers 0"):
+        await file_stack.start_agent(peers=[], unpack_workers=0)
+    (file_stack.root / "a-file").parent.mkdir(parents=True, exist_ok=True)
+    (file_stack.root / "a-file").write_text("not a dir")
+    with pytest.raises(ConfigError, match="--code-dir .*a-file"):
+        await file_stack.start_agent(peers=[], code_dir=file_stack.root / "a-file")
