@@ -4,7 +4,7 @@ Command (from the repository root; builds the corpus first if needed)::
 
     .venv/bin/python bench/packages.py [--runs 5] [--level 19] [--scratch DIR]
 
-Prints three tables:
+Prints four tables:
 
 a. each corpus package's size as the deployment zip, as zstd over the zip,
    and repacked as tar.zst (``cachesvc.repack``, zstd level 19 + long mode);
@@ -14,7 +14,10 @@ b. unpack time of the largest package through ``Unpacker`` against
 c. zstd decode throughput of ``cachesvc.codec`` (the package's stream read
    to the end) against ``zstd -d -c FILE > /dev/null`` (its time includes
    process start, a few ms), for every tar.zst and the largest zstd,zip;
-   target ratio >= 0.8.
+   target ratio >= 0.8;
+d. what isolation costs: every corpus package (zip and tar.zst) through
+   ``Unpacker`` (one forked, confined worker process per package) against
+   ``cachesvc.extract.extract`` run in the benchmark's own process.
 
 Each timed run extracts into a fresh directory under ``--scratch`` (default
 ``/dev/shm``, a tmpfs, so the figures compare CPU work rather than this
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import corpus  # noqa: E402
 from cachesvc import codec, repack  # noqa: E402
 from cachesvc.digest import Digest  # noqa: E402
+from cachesvc.extract import extract  # noqa: E402
 from cachesvc.unpack import Unpacker  # noqa: E402
 
 MiB = 2**20
@@ -75,7 +80,25 @@ def timed(run: Callable[[], object], fresh: Path) -> float:
 
 
 def unpack_once(digest: Digest, package: Path, code_dir: Path) -> None:
-    asyncio.run(Unpacker(code_dir).unpack(digest, package))
+    async def run() -> None:
+        async with Unpacker(code_dir) as unpacker:
+            await unpacker.unpack(digest, package)
+
+    asyncio.run(run())
+
+
+def compare_isolation(packages: list[Path], work: Path, runs: int) -> None:
+    """The worker process's cost: ``Unpacker`` (a forked, confined worker per
+    package) against :func:`cachesvc.extract.extract` called in this process."""
+    limits = codec.Limits()
+    for package in packages:
+        digest = Digest.parse(hashlib.sha256(package.read_bytes()).hexdigest())
+        worker, inline = [], []
+        for _ in range(runs):
+            worker.append(timed(partial(unpack_once, digest, package, work / "w"), work / "w"))
+            inline.append(timed(partial(extract, package, work / "i", limits), work / "i"))
+        a, b = statistics.median(worker), statistics.median(inline)
+        print(f"{package.name:32} {a * 1000:9.1f} {b * 1000:9.1f} {(a - b) * 1000:9.1f}")
 
 
 def compare_unpack(package: Path, tool: list[str], work: Path, runs: int) -> None:
@@ -139,6 +162,11 @@ def main() -> None:
     zstd_zip = work / (largest.name + ".zst")
     repack.compress(largest, zstd_zip, "zstd", level=args.level)
     compare_decode(zstd_zip, args.runs)
+
+    print(f"\n(d) unpack in a worker process vs in-process, median of {args.runs} runs, ms")
+    print(f"{'package':32} {'Unpacker':>9} {'extract':>9} {'overhead':>9}")
+    compare_isolation([*packages, *repacked.values()], args.scratch, args.runs)
+    shutil.rmtree(args.scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
