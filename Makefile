@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test lint bench clean
+.PHONY: up test lint bench fuzz clean
 
 $(BIN)/cachesvc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ up: $(BIN)/cachesvc
 test: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/python -m pytest
+
+## make fuzz: the long fuzz of unpacking (FUZZ_EXAMPLES cases per property, default
+## 20000; niced; failures are kept in .hypothesis/ and replayed first next time)
+fuzz: $(BIN)/cachesvc
+	HYPOTHESIS_PROFILE=long nice -n 10 $(BIN)/python -m pytest -p no:cacheprovider \
+		--hypothesis-show-statistics -q tests/test_unpack_fuzz.py
 
 lint: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim

@@ -3,13 +3,16 @@ snapshot of what lies outside it (which nothing may touch)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cachesvc.fsutil import remove_tree
 from tests.test_fsutil import _deep
 
 
@@ -39,6 +42,18 @@ class Mayhem:
             (code / f"{hex_}.json").write_text(manifest)
         self.doomed |= {hex_, f"{hex_}.json"} if manifest is not None else {hex_}
         return hex_
+
+
+@contextlib.contextmanager
+def planted(code: Path, outside: Path) -> Iterator[Mayhem]:
+    """:func:`plant`, then remove both trees whatever happened: a tree past
+    PATH_MAX left in pytest's temp dirs would break the next run's clean-up
+    (``shutil.rmtree`` recurses), for every user of this machine."""
+    try:
+        yield plant(code, outside)
+    finally:
+        remove_tree(code)
+        remove_tree(outside)
 
 
 def plant(code: Path, outside: Path) -> Mayhem:

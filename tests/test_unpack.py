@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import zipfile
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import zstandard
@@ -26,6 +28,7 @@ from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.extract import extract
 from cachesvc.unpack import Unpacker
 from tests import hostile
+from tests.codedir_mayhem import fake_hex, manifest_for, planted, snapshot
 from tests.test_codec import COMPRESS
 
 MiB = 1024 * 1024
@@ -222,6 +225,40 @@ async def test_sweep_removes_leftovers_of_a_crash_and_keeps_finished_trees(
 
     assert unpacker.sweep_temp() == 3
     assert sorted(p.name for p in code_dir.iterdir()) == [digest.hex, digest.hex + ".json"]
+
+
+async def test_sweep_removes_every_kind_of_leftover_never_follows_a_link_and_never_raises(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path
+) -> None:
+    digest, package = store(tmp_path, tar_of())
+    await unpacker.unpack(digest, package)
+    with planted(code_dir, tmp_path / "outside") as mayhem:
+        outside = snapshot(tmp_path / "outside")
+        unreadable = mayhem.tree(code_dir, "manifest read fails", manifest_for(fake_hex("x")))
+        (code_dir / f"{unreadable}.json").write_text(manifest_for(unreadable))  # valid, if read
+        real_open = os.open
+
+        def eacces_for_one_manifest(path: object, *args: object, **kw: object) -> int:
+            if str(path).endswith(f"{unreadable}.json"):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+        with mock.patch("os.open", eacces_for_one_manifest):
+            removed = unpacker.sweep_temp()
+
+        assert set(os.listdir(code_dir)) == {digest.hex, f"{digest.hex}.json"} | mayhem.kept
+        assert removed == len(mayhem.doomed)
+        assert snapshot(tmp_path / "outside") == outside
+        assert tree_of(code_dir / digest.hex) == expected_modes(FILES)
+
+
+def test_sweep_of_a_code_dir_it_cannot_list_logs_and_answers_zero(
+    code_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unpacker = Unpacker(code_dir)
+    with mock.patch("os.scandir", side_effect=OSError(errno.EIO, "Input/output error")):
+        assert unpacker.sweep_temp() == 0
+    assert "cannot list the code dir" in caplog.text
 
 
 async def test_a_tree_without_its_manifest_is_extracted_again(

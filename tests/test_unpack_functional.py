@@ -14,7 +14,7 @@ import pytest
 from cachesvc.errors import ConfigError
 from node_agent.packages import UNPACKER
 from tests import hostile
-from tests.codedir_mayhem import plant, snapshot
+from tests.codedir_mayhem import planted, snapshot
 from tests.conftest import OriginFixture
 from tests.servers import Stack, payload
 from tests.test_unpack import tar_bytes, tar_member
@@ -38,24 +38,30 @@ def code_dir(stack: Stack, name: str = "agent-0") -> Path:
     return stack.root / f"{name}-code"
 
 
-async def test_a_pax_record_of_length_zero_is_422_at_once(
-    file_stack: Stack, file_origin: OriginFixture
-) -> None:
-    agent = await file_stack.start_agent(peers=[])
-    digest = await file_origin.put(hostile.pax_length_zero())
-    status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
-    assert (status, doc["error"]) == (422, "unsupported_format")
-    assert os.listdir(code_dir(file_stack)) == []
+REFUSED = {
+    # The old parser looped forever on this one, on a default-pool thread.
+    "PAX record of length 0": (hostile.pax_length_zero(), "unsupported_format", "corrupt tar"),
+    # ... and read the rest of the archive into memory for this one.
+    "PAX size -1": (hostile.pax_size_minus_one(), "unsupported_format", "negative size"),
+    # The name rule itself must say no (a later check would refuse it too).
+    "a/../../escape.txt": (
+        tar_bytes([tar_member("a/../../escape.txt", b"bad")]),
+        "unsafe_archive",
+        "member path with '..'",
+    ),
+}
 
 
-async def test_a_pax_size_of_minus_one_is_422_and_reads_nothing_ahead(
-    file_stack: Stack, file_origin: OriginFixture
+@pytest.mark.parametrize("case", REFUSED)
+async def test_a_hostile_package_is_422_at_once_naming_its_rule_and_leaves_nothing(
+    file_stack: Stack, file_origin: OriginFixture, case: str
 ) -> None:
+    package, error, rule = REFUSED[case]
     agent = await file_stack.start_agent(peers=[])
-    digest = await file_origin.put(hostile.pax_size_minus_one())
+    digest = await file_origin.put(package)
     status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
-    assert (status, doc["error"]) == (422, "unsupported_format")
-    assert "negative size" in str(doc["detail"])
+    assert (status, doc["error"]) == (422, error)
+    assert rule in str(doc["detail"])
     assert os.listdir(code_dir(file_stack)) == []
 
 
@@ -67,17 +73,6 @@ async def test_a_pax_mtime_of_1e400_unpacks_instead_of_a_500(
     status, doc, body, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
     assert status == 200, body
     assert (Path(str(doc["path"])) / "a.txt").read_bytes() == b"hello"
-
-
-async def test_a_dotdot_member_is_refused_by_the_name_rule(
-    file_stack: Stack, file_origin: OriginFixture
-) -> None:
-    agent = await file_stack.start_agent(peers=[])
-    digest = await file_origin.put(tar_bytes([tar_member("a/../../escape.txt", b"bad")]))
-    status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
-    assert (status, doc["error"]) == (422, "unsafe_archive")
-    assert "member path with '..'" in str(doc["detail"])
-    assert os.listdir(code_dir(file_stack)) == []
 
 
 async def test_a_package_that_hangs_the_parser_is_413_within_its_budget(
@@ -136,22 +131,22 @@ async def test_an_agent_starts_on_a_code_dir_full_of_mayhem_and_keeps_only_what_
     status, before, _, _ = await call("POST", f"{first}/pkg/{digest}/unpack")
     assert status == 200
     await file_stack.stop(first)
-    mayhem = plant(code, outside)
-    outside_before = snapshot(outside)
+    with planted(code, outside) as mayhem:
+        outside_before = snapshot(outside)
 
-    agent = await file_stack.start_agent(peers=[], name="agent-0")
+        agent = await file_stack.start_agent(peers=[], name="agent-0")
 
-    left = set(os.listdir(code))
-    assert left == {digest.hex, f"{digest.hex}.json"} | mayhem.kept
-    assert not (left & mayhem.doomed)
-    assert snapshot(outside) == outside_before
-    assert (await call("GET", f"{agent}/healthz"))[0] == 200
-    status, again, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
-    assert (status, again) == (200, before)
-    other = await file_origin.put(tar_bytes([tar_member("other.py", b"print(2)\n")]))
-    status, doc, _, _ = await call("POST", f"{agent}/pkg/{other}/unpack")
-    assert status == 200
-    assert (Path(str(doc["path"])) / "other.py").read_bytes() == b"print(2)\n"
+        left = set(os.listdir(code))
+        assert left == {digest.hex, f"{digest.hex}.json"} | mayhem.kept
+        assert not (left & mayhem.doomed)
+        assert snapshot(outside) == outside_before
+        assert (await call("GET", f"{agent}/healthz"))[0] == 200
+        status, again, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+        assert (status, again) == (200, before)
+        other = await file_origin.put(tar_bytes([tar_member("other.py", b"print(2)\n")]))
+        status, doc, _, _ = await call("POST", f"{agent}/pkg/{other}/unpack")
+        assert status == 200
+        assert (Path(str(doc["path"])) / "other.py").read_bytes() == b"print(2)\n"
 
 
 async def test_unusable_unpack_settings_stop_the_start_with_one_line(file_stack: Stack) -> None:
