@@ -193,7 +193,7 @@ def _extract_zip(stream: BinaryIO, tree: Tree, limits: Limits) -> None:
 
 # ---- tar ----
 
-# Not in typeshed, but public in tarfile since Python 3.2.
+# tarfile's own HeaderError subclasses (module-level since Python 3.2; not in typeshed).
 _BAD_HEADERS: tuple[type[Exception], ...] = (
     tarfile.TruncatedHeaderError,  # type: ignore[attr-defined]
     tarfile.InvalidHeaderError,  # type: ignore[attr-defined]
@@ -210,8 +210,8 @@ _TAR_META_TYPES = (
 class _StrictTarInfo(tarfile.TarInfo):
     """``tarfile``'s header reader, with our refusals applied before it reads on.
 
-    ``_proc_member`` is tarfile's documented hook for subclasses; the sparse
-    hooks are replaced so a sparse map is never read at all.
+    ``_proc_member`` is the hook tarfile's source invites subclasses to
+    override; the sparse hooks are replaced so a sparse map is never read.
     """
 
     @classmethod

@@ -362,7 +362,7 @@ def tar_with_type(kind: bytes) -> bytes:
 
 # case -> (package, error, the rule its detail must name)
 HOSTILE: dict[str, tuple[bytes, type[Exception], str]] = {
-    "zip slip": (zip_with("../../evil.txt"), UnsafeArchive, "'..'"),
+    "zip slip": (zip_with("../../evil.txt"), UnsafeArchive, "member path with '..'"),
     "zip absolute path": (zip_with("/tmp/evil.txt"), UnsafeArchive, "absolute"),
     "zip symlink": (
         zip_with("link", b"/etc/passwd", 0o777 | stat.S_IFLNK),
@@ -370,7 +370,11 @@ HOSTILE: dict[str, tuple[bytes, type[Exception], str]] = {
         "link in archive",
     ),
     "zip fifo": (zip_with("pipe", b"", 0o644 | stat.S_IFIFO), UnsafeArchive, "fifo"),
-    "tar dotdot": (tar_bytes([tar_member("a/../../evil.txt", b"x")]), UnsafeArchive, "'..'"),
+    "tar dotdot": (
+        tar_bytes([tar_member("a/../../evil.txt", b"x")]),
+        UnsafeArchive,
+        "member path with '..'",
+    ),
     "tar absolute path": (
         tar_bytes([tar_member("/etc/evil.txt", b"x")]),
         UnsafeArchive,
