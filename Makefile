@@ -20,11 +20,16 @@ test: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/python -m pytest
 
-## make fuzz: the long fuzz of unpacking (FUZZ_EXAMPLES cases per property, default
-## 20000; niced; failures are kept in .hypothesis/ and replayed first next time)
+## make fuzz: the long fuzz of unpacking, in rounds until FUZZ_MINUTES (default 30) are
+## up or a round fails (niced; failures are kept in .hypothesis/ and replayed first)
+FUZZ_MINUTES ?= 30
 fuzz: $(BIN)/cachesvc
-	HYPOTHESIS_PROFILE=long nice -n 10 $(BIN)/python -m pytest -p no:cacheprovider \
-		--hypothesis-show-statistics -q tests/test_unpack_fuzz.py
+	end=$$(( $$(date +%s) + 60 * $(FUZZ_MINUTES) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		round=$$((round + 1)); echo "== fuzz round $$round, $$(date)"; \
+		HYPOTHESIS_PROFILE=long nice -n 10 $(BIN)/python -m pytest -p no:cacheprovider \
+			--hypothesis-show-statistics -q tests/test_unpack_fuzz.py || exit 1; \
+	done
 
 lint: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim

@@ -9,7 +9,8 @@ Guarantees:
 * **Never outside the root.** Every name goes through :func:`member_parts`:
   NUL bytes, absolute names (``/x``, ``\\x``, ``C:x``) and ``..`` components
   raise :class:`UnsafeArchive`; names longer than Linux allows (4096 bytes,
-  255 per component) raise :class:`UnsupportedFormat` before any system call.
+  255 per component) or deeper than :data:`MAX_DEPTH` raise
+  :class:`UnsupportedFormat` before any system call.
   Files are created with ``O_EXCL | O_NOFOLLOW``, so a duplicate or a
   file/directory conflict is refused rather than followed or overwritten.
   The tree never creates links, devices or fifos (callers refuse them).
@@ -45,6 +46,10 @@ from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedF
 
 PATH_MAX = 4096
 NAME_MAX = 255
+MAX_DEPTH = 256
+"""Most path components in a member name. Linux allows ~2,000 (PATH_MAX), but
+recursive tools (``shutil.rmtree``, Python 3.11's ``os.walk``) fail near 1,000
+levels, and no code package needs more than a few dozen."""
 MTIME_RANGE = (-(2**31), 2**34)
 """Member mtimes we keep: 1901 to 2514; others are ignored (never an error)."""
 
@@ -80,6 +85,8 @@ def member_parts(name: str) -> list[str]:
         raise UnsupportedFormat(f"member name over {PATH_MAX} bytes: {show(name)}")
     if any(len(os.fsencode(part)) > NAME_MAX for part in parts):
         raise UnsupportedFormat(f"member name with a part over {NAME_MAX} bytes: {show(name)}")
+    if len(parts) > MAX_DEPTH:
+        raise UnsupportedFormat(f"member path over {MAX_DEPTH} levels deep: {show(name)}")
     return parts
 
 

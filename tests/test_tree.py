@@ -39,7 +39,14 @@ def test_member_parts_refuses_names_linux_cannot_hold_before_any_system_call() -
         member_parts("d/" * 2100 + "f")
     with pytest.raises(UnsupportedFormat, match="part over 255 bytes"):
         member_parts("d/" + "x" * 256)
-    assert member_parts("d/" * 2000 + "f")[-1] == "f"  # deep but legal
+
+
+def test_member_parts_refuses_trees_deeper_than_recursive_tools_can_walk() -> None:
+    assert len(member_parts("d/" * 255 + "f")) == 256
+    with pytest.raises(UnsupportedFormat, match="over 256 levels deep"):
+        member_parts("d/" * 256 + "f")
+    with pytest.raises(UnsupportedFormat, match="over 256 levels deep"):
+        member_parts("d/" * 2000 + "f")  # within PATH_MAX, past Python's recursion limit
 
 
 @pytest.mark.parametrize(
