@@ -153,7 +153,9 @@ def _zip_entry_claims(fp: BinaryIO) -> tuple[int, int]:
 
 
 def _zip_member_kind(info: zipfile.ZipInfo) -> str:
-    """``"dir"`` or ``"file"``; raises for links, devices and encrypted members."""
+    """``"dir"`` or ``"file"``; raises for nameless, link, device and encrypted members."""
+    if not info.filename:  # ZipInfo.is_dir() raises IndexError on it (found by fuzzing)
+        raise UnsafeArchive("zip member without a name")
     fmt = stat.S_IFMT(info.external_attr >> 16)
     if fmt == stat.S_IFLNK:
         raise UnsafeArchive(f"link in archive: {show(info.filename)}")

@@ -365,6 +365,7 @@ HOSTILE: dict[str, tuple[bytes, type[Exception], str]] = {
     "zip slip": (zip_with("../../evil.txt"), UnsafeArchive, "member path with '..'"),
     "zip absolute path": (zip_with("/tmp/evil.txt"), UnsafeArchive, "absolute"),
     "zip 2000 levels deep": (zip_with("d/" * 2000 + "f"), UnsupportedFormat, "levels deep"),
+    "zip member without a name": (zip_with(""), UnsafeArchive, "without a name"),
     "zip symlink": (
         zip_with("link", b"/etc/passwd", 0o777 | stat.S_IFLNK),
         UnsafeArchive,
