@@ -12,7 +12,7 @@ import pytest
 
 from cachesvc import codec, repack
 from cachesvc.errors import UnsafeArchive, UnsupportedFormat
-from cachesvc.unpack import extract
+from cachesvc.extract import extract
 
 SOURCE = {f"pkg/mod{i}.py": f"def f{i}(x):\n    return x * {i}\n".encode() * 40 for i in range(200)}
 
