@@ -82,7 +82,8 @@ async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_unpacker(settings: Settings, limits: Limits) -> Unpacker:
-    """The agent's :class:`Unpacker`; a bad flag or code dir is a :class:`ConfigError`."""
+    """The agent's :class:`Unpacker`; a bad unpack flag is a :class:`ConfigError` (the
+    code dir itself was checked by its lock)."""
     assert settings.code_dir is not None
     try:
         budget = Budget(settings.unpack_timeout, settings.unpack_memory)
@@ -92,8 +93,6 @@ def make_unpacker(settings: Settings, limits: Limits) -> Unpacker:
             f"--unpack-workers {settings.unpack_workers}, --unpack-timeout "
             f"{settings.unpack_timeout:g}, --unpack-memory {settings.unpack_memory}: {exc}"
         ) from exc
-    except OSError as exc:
-        raise ConfigError(f"--code-dir {settings.code_dir}: {exc.strerror or exc}") from exc
 
 
 async def local_package(core: Core, digest: Digest, limit: int) -> Blob:

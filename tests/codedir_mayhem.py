@@ -105,9 +105,9 @@ def plant(code: Path, outside: Path) -> Mayhem:
     (code / f"{orphan}.json").write_text(manifest_for(orphan))
     m.doomed |= {link, f"{link}.json", dangling, plain, f"{orphan}.json"}
 
-    for name in (".lock", "README.operator", "A" * 64):  # not names of ours
+    for name in ("README.operator", "A" * 64, f"{fake_hex('x')}.tar"):  # not names of ours
         (code / name).write_text("someone else's")
-    m.kept |= {".lock", "README.operator", "A" * 64}
+    m.kept |= {"README.operator", "A" * 64, f"{fake_hex('x')}.tar"}
     return m
 
 

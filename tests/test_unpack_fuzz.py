@@ -146,7 +146,7 @@ def live() -> Iterator[LiveAgent]:
 
 def check_code_dir(code: Path) -> None:
     """Only finished trees and their manifests, no temp leftovers."""
-    for name in os.listdir(code):
+    for name in set(os.listdir(code)) - {".lock"}:  # the agent's own lock file
         assert not name.startswith(".tmp-"), f"temp leftover {name}"
         info = os.lstat(code / name)
         if name.endswith(".json"):
