@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import lzma
 import os
 import stat
@@ -239,9 +240,14 @@ class _StrictTarInfo(tarfile.TarInfo):
 
 
 def _extract_tar(stream: BinaryIO, tree: Tree, _limits: Limits) -> None:
-    """Read the tar forward (``tarfile`` mode ``r|``) straight into the tree."""
+    """Read the tar forward (``tarfile`` mode ``r|``) straight into the tree.
+
+    tarfile reads 10 KiB at a time; the buffer turns that into 1 MiB reads of
+    the codec's stream (whose small reads cost a copy of its chunk: 3x slower).
+    """
+    buffered = io.BufferedReader(stream, buffer_size=MiB)  # type: ignore[type-var]
     with tarfile.open(
-        fileobj=stream,
+        fileobj=buffered,
         mode="r|",
         tarinfo=_StrictTarInfo,
         encoding="utf-8",
