@@ -300,9 +300,7 @@ class _ReadAhead(io.RawIOBase):
 
 def _zstd_reader(src: BinaryIO) -> BinaryIO:
     decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-    return decompressor.stream_reader(  # type: ignore[return-value]
-        src, read_size=MiB, read_across_frames=True, closefd=False
-    )
+    return decompressor.stream_reader(src, read_size=MiB, read_across_frames=True, closefd=False)
 
 
 # Any: the stdlib's decompressor files are BufferedIOBase, not typing.BinaryIO.
@@ -345,7 +343,7 @@ def _open_package(path: Path, limits: Limits, stack: contextlib.ExitStack) -> tu
     size = os.fstat(raw.fileno()).st_size
     if size > limits.max_package_size:
         raise TooLarge(f"package is {size} bytes, over {limits.max_package_size}")
-    return _Stage("package", raw, limits, None), size  # type: ignore[arg-type]
+    return _Stage("package", raw, limits, None), size
 
 
 def _peel(bottom: _Stage, limits: Limits, stack: contextlib.ExitStack) -> tuple[list[str], _Stage]:
@@ -420,7 +418,7 @@ def open_archive(
             with tempfile.TemporaryFile(dir=spool_dir) as spool:
                 _copy(archive.stream, spool)
                 spool.seek(0)
-                yield Archive(archive.layers, spool, archive.packed_size)  # type: ignore[arg-type]
+                yield Archive(archive.layers, spool, archive.packed_size)
 
 
 def _copy(src: BinaryIO, dst: BinaryIO) -> None:
