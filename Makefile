@@ -15,9 +15,11 @@ $(BIN)/cachesvc: pyproject.toml
 up: $(BIN)/cachesvc
 	$(BIN)/cachesvc up
 
-## make test: install, then run the linter and the whole test suite
+## make test: install, then run the linter, the type checker (mypy --strict on
+## cachesvc and node_agent, see pyproject.toml) and the whole test suite
 test: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 ## make fuzz: the long fuzz of unpacking, in rounds until FUZZ_MINUTES (default 30) are
