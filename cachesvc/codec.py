@@ -53,7 +53,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import lz4.frame
 import zstandard
@@ -337,10 +337,23 @@ class Archive:
         return self.layers[:-1]
 
 
-def _open_package(path: Path, limits: Limits, stack: contextlib.ExitStack) -> tuple[_Stage, int]:
+Package = Path | str | io.RawIOBase
+"""A package to read: its path, or a file already open at offset 0 (its size is
+then ``os.fstat``'s, or its ``size`` attribute: a file still being written,
+see :class:`cachesvc.unpack_worker.GrowingFile`)."""
+
+
+def _open_package(path: Package, limits: Limits, stack: contextlib.ExitStack) -> tuple[_Stage, int]:
     """The bottom stage over the package file, and the file's size."""
-    raw = stack.enter_context(open(path, "rb", buffering=0))
-    size = os.fstat(raw.fileno()).st_size
+    raw: Any
+    if isinstance(path, io.RawIOBase):
+        raw = path
+        size = getattr(raw, "size", None)
+        if size is None:
+            size = os.fstat(raw.fileno()).st_size
+    else:
+        raw = stack.enter_context(open(path, "rb", buffering=0))
+        size = os.fstat(raw.fileno()).st_size
     if size > limits.max_package_size:
         raise TooLarge(f"package is {size} bytes, over {limits.max_package_size}")
     return _Stage("package", raw, limits, None), size
@@ -378,7 +391,7 @@ def detect_layers(path: Path | str, limits: Limits | None = None) -> list[str]:
 
 
 @contextlib.contextmanager
-def open_stream(path: Path | str, limits: Limits | None = None) -> Iterator[Archive]:
+def open_stream(path: Package, limits: Limits | None = None) -> Iterator[Archive]:
     """Open the package as a forward-only stream of its inner archive.
 
     The stream stops with :class:`TooLarge` when a bound is crossed and with
@@ -389,7 +402,8 @@ def open_stream(path: Path | str, limits: Limits | None = None) -> Iterator[Arch
     """
     limits = limits or Limits()
     with contextlib.ExitStack() as stack:
-        bottom, size = _open_package(Path(path), limits, stack)
+        bottom, size = _open_package(path if isinstance(path, io.RawIOBase) else Path(path),
+                                     limits, stack)  # fmt: skip
         layers, top = _peel(bottom, limits, stack)
         stream: io.RawIOBase = top
         if len(layers) > 1:  # decode in a second thread while the caller consumes
@@ -399,7 +413,7 @@ def open_stream(path: Path | str, limits: Limits | None = None) -> Iterator[Arch
 
 @contextlib.contextmanager
 def open_archive(
-    path: Path | str, limits: Limits | None = None, spool_dir: Path | str | None = None
+    path: Package, limits: Limits | None = None, spool_dir: Path | str | None = None
 ) -> Iterator[Archive]:
     """Open the package for extraction: a seekable stream for zip, a stream for tar.
 
@@ -412,6 +426,11 @@ def open_archive(
         if archive.kind == "tar":
             yield archive
         elif not archive.compressions:
+            if isinstance(path, io.RawIOBase):  # an open file: the same one, from its start
+                path.seek(0)
+                plain_raw = cast(BinaryIO, io.BufferedReader(path))
+                yield Archive(archive.layers, plain_raw, archive.packed_size)
+                return
             with open(path, "rb") as plain:
                 yield Archive(archive.layers, plain, archive.packed_size)
         else:

@@ -85,8 +85,8 @@ class Extracted(NamedTuple):
     layers: tuple[str, ...]
 
 
-def extract(package_path: Path, dest: Path, limits: Limits) -> Extracted:
-    """Extract the package into the existing empty ``dest``.
+def extract(package_path: codec.Package, dest: Path, limits: Limits) -> Extracted:
+    """Extract the package (a path, or an open file) into the existing empty ``dest``.
 
     Raises only :class:`CachesvcError` subclasses (see the module docstring);
     on error ``dest`` holds partial output that the caller removes. A zip

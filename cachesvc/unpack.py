@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 from cachesvc.codec import ARCHIVES, COMPRESSIONS, Limits
 from cachesvc.digest import Digest
 from cachesvc.fsutil import remove_tree
+from cachesvc.package import Package
 from cachesvc.unpack_worker import Budget, Workers
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,21 @@ class Unpacker:
     async def __aexit__(self, *_exc: object) -> None:
         await self.aclose()
 
-    async def unpack(self, digest: Digest, package_path: Path) -> UnpackResult:
+    async def unpack(self, digest: Digest, package: Path | Package) -> UnpackResult:
         """Unpack once and answer what is there; concurrent callers share the work.
 
-        ``package_path`` must hold the verified bytes of ``digest``. A
-        caller's cancellation does not cancel the shared extraction.
+        ``package`` is a path holding the verified bytes of ``digest``, or the
+        :class:`~cachesvc.package.Package` being fetched: the worker then
+        extracts while the bytes arrive, into a temp dir that becomes
+        ``<hex>/`` only after the package's sha256 verdict (a bad one leaves
+        nothing). A caller's cancellation does not cancel the shared extraction.
         """
         while (flight := self._flights.get(digest)) is not None:
             if flight.kind == "unpack":
                 return await asyncio.shield(flight.task)
             await asyncio.wait([flight.task])
-        task = self._start(digest, "unpack", self._unpack(digest, Path(package_path)))
+        source = Path(package) if isinstance(package, str) else package
+        task = self._start(digest, "unpack", self._unpack(digest, source))
         return await asyncio.shield(task)
 
     async def remove(self, digest: Digest) -> None:
@@ -222,7 +227,7 @@ class Unpacker:
     async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.disk, fn, *args)
 
-    async def _unpack(self, digest: Digest, package: Path) -> UnpackResult:
+    async def _unpack(self, digest: Digest, package: Path | Package) -> UnpackResult:
         existing = await self._io(self._existing, digest)
         if existing is not None:
             return existing

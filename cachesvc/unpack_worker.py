@@ -50,6 +50,7 @@ import os
 import resource
 import signal
 import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
@@ -68,6 +69,8 @@ from cachesvc.errors import (
     UnsupportedFormat,
 )
 from cachesvc.extract import Extracted, extract
+from cachesvc.package import Package
+from cachesvc.unpack_feed import Feed, GrowingFile, readable_ends
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ class _Job:
     dest: str
     limits: Limits
     budget: Budget
+    size: int | None = None  # a package still arriving: its size (read through a feed)
 
 
 class _InheritedFd:
@@ -216,8 +220,11 @@ class Workers:
                 proc.kill()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    async def extract(self, package: Path, dest: Path, limits: Limits) -> Extracted:
-        """Extract ``package`` into the existing empty ``dest`` in a worker process.
+    async def extract(self, package: Path | Package, dest: Path, limits: Limits) -> Extracted:
+        """Extract ``package`` into the existing empty ``dest`` in a worker process:
+        a verified file, or a :class:`~cachesvc.package.Package` whose bytes are
+        still arriving (the worker reads them as they do: :mod:`cachesvc.unpack_feed`;
+        a failure of its fetch is raised as such).
 
         Raises :class:`Overloaded` when too many callers already wait.
         """
@@ -229,26 +236,62 @@ class Workers:
         finally:
             self._waiting -= 1
         try:
-            return await self._run(package, _Job(str(dest), limits, self.budget))
+            if isinstance(package, Path):
+                job = _Job(str(dest), limits, self.budget)
+                return await self._run(job, lambda: _spawn_path(package, job), None)
+            return await self._run_fed(package, _Job(str(dest), limits, self.budget, package.size))
         finally:
             self._slots.release()
 
-    async def _run(self, package: Path, job: _Job) -> Extracted:
+    async def _run_fed(self, package: Package, job: _Job) -> Extracted:
+        """A worker reading the package file as it grows, told how far it may read."""
+        async with contextlib.aclosing(readable_ends(package)) as ends:
+            first = await anext(ends, None)
+            if first is None:
+                raise UnsupportedFormat(f"{package.digest.short} is empty: no archive")
+            fd, end = first
+            control, write = os.pipe()
+            try:
+                feed = await Feed.open(write)
+            except BaseException:
+                os.close(write)
+                os.close(control)
+                raise
+            try:
+                feed.readable(end)
+                pump = _pump(ends, feed)
+                return await self._run(job, lambda: _spawn_fd(fd, control, job), pump)
+            finally:
+                feed.close()
+                os.close(control)
+
+    async def _run(
+        self,
+        job: _Job,
+        spawn: Callable[[], tuple[BaseProcess, Connection]],
+        pump: Coroutine[Any, Any, None] | None,
+    ) -> Extracted:
         if self._closing:
             raise Overloaded("the agent is shutting down")
         loop = asyncio.get_running_loop()
-        proc, answers = await loop.run_in_executor(self._threads, _spawn, package, job)
+        proc, answers = await loop.run_in_executor(self._threads, spawn)
         self.started += 1
         self._running.add(proc)
+        feeding = asyncio.ensure_future(pump) if pump is not None else None
         try:
             if self._closing:  # aclose ran while this one was starting
                 proc.kill()
-            timed_out = not await _exited(proc, self.budget.timeout)
-            if timed_out:
+            timed_out = not await _exited(proc, self.budget.timeout, feeding)
+            if timed_out or (feeding is not None and not feeding.done()):
                 proc.kill()
                 await _exited(proc, KILL_WAIT)
+            if feeding is not None and feeding.done() and feeding.exception() is not None:
+                raise feeding.exception()  # type: ignore[misc]  # the fetch failed: say so
             return self._outcome(proc, answers, timed_out)
         finally:
+            if feeding is not None:
+                feeding.cancel()
+                await asyncio.gather(feeding, return_exceptions=True)
             self._running.discard(proc)
             answers.close()
             _close(proc)
@@ -264,16 +307,32 @@ class Workers:
         raise _death(proc.exitcode, self.budget)
 
 
-async def _exited(proc: BaseProcess, timeout: float) -> bool:
-    """Wait until the process has exited (its sentinel is readable); False on timeout."""
+async def _pump(ends: AsyncIterator[tuple[int, int]], feed: Feed) -> None:
+    """Tell the worker every new readable end; the last (the whole package)
+    comes only after the verdict. Raises the fetch's failure."""
+    async for _fd, end in ends:
+        feed.readable(end)
+
+
+async def _exited(
+    proc: BaseProcess, timeout: float, feeding: asyncio.Future[None] | None = None
+) -> bool:
+    """Wait until the process has exited (its sentinel is readable), or its feed
+    failed; False on timeout."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
-    def ready() -> None:
+    def ready(*_: object) -> None:
         if not done.done():
             done.set_result(None)
 
+    def fed(task: asyncio.Future[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            ready()
+
     loop.add_reader(proc.sentinel, ready)
+    if feeding is not None:
+        feeding.add_done_callback(fed)
     try:
         await asyncio.wait_for(done, timeout)
         return True
@@ -281,6 +340,8 @@ async def _exited(proc: BaseProcess, timeout: float) -> bool:
         return False
     finally:
         loop.remove_reader(proc.sentinel)
+        if feeding is not None:
+            feeding.remove_done_callback(fed)
 
 
 def _close(proc: BaseProcess) -> None:
@@ -340,32 +401,42 @@ def _ensure_forkserver() -> None:
     forkserver.ensure_running()
 
 
-def _spawn(package: Path, job: _Job) -> tuple[BaseProcess, Connection]:
+def _spawn_path(package: Path, job: _Job) -> tuple[BaseProcess, Connection]:
     """Start a worker on ``job`` with ``package`` open; return it and its answer pipe."""
-    _ensure_forkserver()
     fd = os.open(package, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        answers, reply = _CTX.Pipe(duplex=False)
-        proc = _Process(
-            target=_child, args=(job, _InheritedFd(fd), reply), name="cachesvc-unpack", daemon=True
-        )
-        try:
-            proc.start()
-        finally:
-            reply.close()
+        return _spawn_fd(fd, None, job)
     finally:
         os.close(fd)
+
+
+def _spawn_fd(fd: int, control: int | None, job: _Job) -> tuple[BaseProcess, Connection]:
+    """Start a worker on ``job`` with the package's open ``fd`` (and, for a package
+    still arriving, the read end of its feed); return it and its answer pipe."""
+    _ensure_forkserver()
+    answers, reply = _CTX.Pipe(duplex=False)
+    feed = _InheritedFd(control) if control is not None else None
+    proc = _Process(
+        target=_child,
+        args=(job, _InheritedFd(fd), feed, reply),
+        name="cachesvc-unpack",
+        daemon=True,
+    )
+    try:
+        proc.start()
+    finally:
+        reply.close()
     return proc, answers
 
 
 # ---- the worker process ----
 
 
-def _child(job: _Job, package: _InheritedFd, reply: Connection) -> None:
+def _child(job: _Job, package: _InheritedFd, feed: _InheritedFd | None, reply: Connection) -> None:
     """The worker's whole life: confine itself, extract, answer in JSON, exit."""
     _confine(job)
     try:
-        found = extract(Path(f"/proc/self/fd/{package.fd}"), Path(job.dest), job.limits)
+        found = _extract(job, package, feed)
         answer: dict[str, Any] = {"files": found.files, "bytes": found.bytes}
         answer["layers"] = list(found.layers)
     except CachesvcError as exc:
@@ -376,6 +447,17 @@ def _child(job: _Job, package: _InheritedFd, reply: Connection) -> None:
         traceback.print_exc(limit=20)
         answer = {"error": CachesvcError.code, "detail": f"unpack failed: {exc!r}"[:DETAIL_MAX]}
     reply.send_bytes(json.dumps(answer).encode())
+
+
+def _extract(job: _Job, package: _InheritedFd, feed: _InheritedFd | None) -> Extracted:
+    """Read the whole file; one still arriving is read as it grows, then to its
+    end (the verdict) before the answer."""
+    if feed is None or job.size is None:
+        return extract(Path(f"/proc/self/fd/{package.fd}"), Path(job.dest), job.limits)
+    growing = GrowingFile(package.fd, feed.fd, job.size)
+    found = extract(growing, Path(job.dest), job.limits)
+    growing.drain()
+    return found
 
 
 def _memory_detail(budget: Budget) -> str:

@@ -44,7 +44,8 @@ class S3Proxy:
 
     ``mode``: "ok"; "down" (500 for everything); "corrupt" (flip the first
     byte of blob bodies); "truncate" (close blob bodies halfway); "slow"
-    (sleep ``delay`` before answering blob GETs).
+    (sleep ``delay`` before answering blob GETs); "trickle" (sleep ``delay``
+    after every chunk of a blob body: a body that takes its time to arrive).
 
     ``gets`` counts blob GETs by path; ``bytes`` counts the body bytes of blob
     GETs read from the upstream, by path (what the origin actually sent,
@@ -144,6 +145,8 @@ class S3Proxy:
                 return False
             await resp.write(chunk)
             sent += len(chunk)
+            if self.mode == "trickle":
+                await asyncio.sleep(self.delay)
         return True
 
 

@@ -144,13 +144,17 @@ async def post_unpack(request: web.Request) -> web.Response:
         raise InvalidRequest("this agent has no --code-dir: unpacking is off")
     digest = route_digest(request)
     core = request.app[CORE]
-    blob = await local_package(core, digest, unpacker.limits.max_package_size)
+    limit = unpacker.limits.max_package_size
     try:
-        result = await unpacker.unpack(digest, fd_path(blob))
+        size, _tier = await core.tiers.head(digest)
+        if size > limit:
+            raise TooLarge(f"{digest.short} is {size} bytes, over --max-package-size {limit}")
+        # The worker reads the package as it arrives; its tree becomes visible
+        # only after the sha256 verdict (cachesvc.unpack).
+        async with core.tiers.open(digest) as package:
+            result = await unpacker.unpack(digest, package)
     except CachesvcError as exc:
         core.metrics.unpacks.labels(exc.code).inc()
         raise
-    finally:
-        core.store.release(blob)
     core.metrics.unpacks.labels("ok").inc()
     return web.json_response(result.as_json())
