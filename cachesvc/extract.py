@@ -37,11 +37,8 @@ import contextlib
 import errno
 import io
 import lzma
-import os
-import stat
 import struct
 import tarfile
-import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -51,13 +48,12 @@ from typing import Any, BinaryIO, NamedTuple
 from cachesvc import codec
 from cachesvc.codec import KiB, Limits, MiB
 from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
+from cachesvc.extract_zip import extract_arriving, extract_zip
 from cachesvc.tree import Tree, show
 
 TAR_META_MAX = 64 * KiB
 """Largest PAX or GNU long-name record read (Linux paths are at most 4 KiB)."""
 
-CENTRAL_DIRECTORY_ENTRY_BUDGET = 1024
-"""Zip central-directory bytes allowed per permitted entry (names, extras)."""
 
 # What the parsers raise on corrupt input. OSError: decoders inside zipfile
 # (bz2 "Invalid data stream" has no errno) and seeks to offsets a header made up.
@@ -95,6 +91,15 @@ def extract(package_path: codec.Package, dest: Path, limits: Limits) -> Extracte
     """
     kind = "package"
     with _refusing(lambda: kind):
+        if isinstance(package_path, io.RawIOBase):  # still arriving: start now
+            with codec.open_stream(package_path, limits) as archive:
+                kind = archive.kind
+                if archive.kind == "zip":
+                    tree = extract_arriving(package_path, archive, dest, limits)
+                else:
+                    tree = Tree(dest, limits, archive.packed_size)
+                    _extract_tar(archive.stream, tree, limits)
+                return Extracted(tree.files, tree.bytes, archive.layers)
         with codec.open_archive(package_path, limits, spool_dir=dest) as archive:
             kind = archive.kind
             tree = Tree(dest, limits, archive.packed_size)
@@ -126,72 +131,6 @@ def _refusing(kind: Callable[[], str]) -> Iterator[None]:
 def _brief(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-# ---- zip ----
-
-
-def _zip_entry_claims(fp: BinaryIO) -> tuple[int, int]:
-    """(entries, central directory bytes) from the zip's end record, read before zipfile does.
-
-    zipfile loads the whole central directory into memory; these claims let
-    us refuse a hostile one first. ``zipfile`` still checks the real records.
-    """
-    fp.seek(0, os.SEEK_END)
-    size = fp.tell()
-    tail_len = min(size, 22 + 65_535 + 76)
-    fp.seek(size - tail_len)
-    tail = fp.read(tail_len)
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < 22:
-        raise UnsupportedFormat("zip without an end of central directory record")
-    entries, cd_size = struct.unpack("<HI", tail[at + 10 : at + 16])
-    z64 = at - 20 - 56
-    if (entries == 0xFFFF or cd_size == 0xFFFFFFFF) and z64 >= 0:
-        if tail[z64 : z64 + 4] == b"PK\x06\x06":
-            entries, cd_size = struct.unpack("<QQ", tail[z64 + 32 : z64 + 48])
-    return entries, cd_size
-
-
-def _zip_member_kind(info: zipfile.ZipInfo) -> str:
-    """``"dir"`` or ``"file"``; raises for nameless, link, device and encrypted members."""
-    if not info.filename:  # ZipInfo.is_dir() raises IndexError on it (found by fuzzing)
-        raise UnsafeArchive("zip member without a name")
-    fmt = stat.S_IFMT(info.external_attr >> 16)
-    if fmt == stat.S_IFLNK:
-        raise UnsafeArchive(f"link in archive: {show(info.filename)}")
-    if fmt not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise UnsafeArchive(f"device, fifo or socket in archive: {show(info.filename)}")
-    if info.flag_bits & 0x1:
-        raise UnsupportedFormat(f"encrypted zip member: {show(info.filename)}")
-    return "dir" if info.is_dir() or fmt == stat.S_IFDIR else "file"
-
-
-def _zip_mtime(info: zipfile.ZipInfo) -> float | None:
-    """The member's DOS timestamp (local time, as ``unzip`` reads it)."""
-    try:
-        return time.mktime((*info.date_time, 0, 0, -1))
-    except (OverflowError, ValueError):
-        return None
-
-
-def _extract_zip(stream: BinaryIO, tree: Tree, limits: Limits) -> None:
-    entries, cd_size = _zip_entry_claims(stream)
-    if entries > limits.max_files:
-        raise TooLarge(f"zip claims {entries} entries, over {limits.max_files}")
-    if cd_size > limits.max_files * CENTRAL_DIRECTORY_ENTRY_BUDGET + MiB:
-        raise TooLarge(f"zip central directory of {cd_size} bytes is over the entry budget")
-    stream.seek(0)
-    with zipfile.ZipFile(stream) as archive:
-        members = archive.infolist()
-        if len(members) > limits.max_files:  # the end record may under-count
-            raise TooLarge(f"zip has {len(members)} entries, over {limits.max_files}")
-        for info in members:
-            if _zip_member_kind(info) == "dir":
-                tree.add_dir(info.filename)
-                continue
-            with archive.open(info) as member:
-                tree.add_file(info.filename, member, info.external_attr >> 16, _zip_mtime(info))
 
 
 # ---- tar ----
@@ -279,6 +218,6 @@ def _tar_member(archive: tarfile.TarFile, tree: Tree, member: tarfile.TarInfo) -
 
 
 _READERS: dict[str, Callable[[BinaryIO, Tree, Limits], None]] = {
-    "zip": _extract_zip,
+    "zip": extract_zip,
     "tar": _extract_tar,
 }

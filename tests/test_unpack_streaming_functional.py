@@ -97,14 +97,78 @@ async def test_wrong_bytes_arriving_leave_nothing_in_the_code_dir(
     assert status == 200 and body["files"] == len(FILES)
 
 
-async def test_a_cold_zip_waits_for_its_end_and_unpacks(
+async def test_a_cold_zip_is_extracted_while_it_arrives_then_checked_by_its_directory(
     stack: Stack, s3_origin: OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(plain_zip(FILES))
     trickle(s3_origin)
-    status, body = await asyncio.wait_for(post_unpack(agent, digest), 60)
+    core = stack.apps[agent][CORE]
+    unpack = asyncio.ensure_future(post_unpack(agent, digest))
+    written_during_fill = 0
+    for _ in range(400):
+        flight = core.flights.get(digest)
+        if flight is not None and flight.received and not flight.verified:
+            temps = [p for p in (stack.root / "agent-0-code").glob(".tmp-*/lib/*")]
+            written_during_fill = max(written_during_fill, len(temps))
+        if unpack.done():
+            break
+        await asyncio.sleep(0.01)
+    status, body = await asyncio.wait_for(unpack, 60)
     assert status == 200 and body["files"] == len(FILES) and body["layers"] == ["zip"]
+    assert written_during_fill > 0  # members were written before the last byte arrived
+    tree = stack.root / "agent-0-code" / digest.hex
+    assert all((tree / name).read_bytes() == data for name, data in FILES.items())
+
+
+def zip_with(entries: list[tuple[zipfile.ZipInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for info, data in entries:
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+async def test_a_zip_whose_local_headers_lie_is_judged_by_its_directory(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent(peers=[])
+    honest = zip_with([(zipfile.ZipInfo("app/handler.py"), b"print(1)\n" * 100)])
+    lying = honest.replace(b"app/handler.py", b"app/hacker.py!", 1)  # the local header only
+    assert lying != honest and lying.count(b"app/handler.py") == 1
+    digest = await s3_origin.put(lying)
+    status, body = await post_unpack(agent, digest)
+    assert status == 422 and body["error"] == "unsupported_format", body
+    assert code_entries(stack) == []
+
+
+async def test_a_link_only_the_directory_shows_is_refused_and_leaves_nothing(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent(peers=[])
+    link = zipfile.ZipInfo("app/passwd")
+    link.external_attr = 0o120777 << 16  # a symlink: only the directory says so
+    digest = await s3_origin.put(zip_with([(link, b"/etc/passwd")]))
+    status, body = await post_unpack(agent, digest)
+    assert status == 422 and body["error"] == "unsafe_archive", body
+    assert code_entries(stack) == []
+
+
+async def test_modes_and_times_come_from_the_directory(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent(peers=[])
+    tool = zipfile.ZipInfo("bin/tool", date_time=(2020, 5, 17, 10, 30, 0))
+    tool.external_attr = 0o100755 << 16
+    plain = zipfile.ZipInfo("lib/data.txt", date_time=(2019, 1, 2, 3, 4, 6))
+    digest = await s3_origin.put(zip_with([(tool, b"#!/bin/sh\n"), (plain, b"x" * 1000)]))
+    status, body = await post_unpack(agent, digest)
+    assert status == 200, body
+    tree = stack.root / "agent-0-code" / digest.hex
+    assert os.stat(tree / "bin/tool").st_mode & 0o777 == 0o755
+    assert os.stat(tree / "lib/data.txt").st_mode & 0o777 == 0o644
+    expected = time.mktime((2020, 5, 17, 10, 30, 0, 0, 0, -1))
+    assert os.stat(tree / "bin/tool").st_mtime == expected
 
 
 async def test_a_hostile_tar_arriving_is_refused_before_it_has_all_arrived(
