@@ -46,6 +46,8 @@ class S3Proxy:
     byte of blob bodies); "truncate" (close blob bodies halfway); "slow"
     (sleep ``delay`` before answering blob GETs); "trickle" (sleep ``delay``
     after every chunk of a blob body: a body that takes its time to arrive).
+    ``rate`` (bytes/s, 0 = unlimited) paces every blob body in every mode:
+    an origin with a bandwidth.
 
     ``gets`` counts blob GETs by path; ``bytes`` counts the body bytes of blob
     GETs read from the upstream, by path (what the origin actually sent,
@@ -55,6 +57,7 @@ class S3Proxy:
     upstream: str
     mode: str = "ok"
     delay: float = 0.0
+    rate: float = 0.0
     gets: Counter[str] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
     url: str = ""
@@ -147,6 +150,8 @@ class S3Proxy:
             sent += len(chunk)
             if self.mode == "trickle":
                 await asyncio.sleep(self.delay)
+            if self.rate:
+                await asyncio.sleep(len(chunk) / self.rate)
         return True
 
 
