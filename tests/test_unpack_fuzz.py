@@ -43,8 +43,9 @@ from hypothesis import HealthCheck, event, given, settings
 from cachesvc.codec import Limits
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
-from cachesvc.extract import extract
+from cachesvc.extract import Extracted, extract
 from cachesvc.fsutil import remove_tree
+from cachesvc.unpack_feed import GrowingFile
 from tests import mutants
 from tests.codedir_mayhem import snapshot
 from tests.servers import Stack, digest_of
@@ -206,13 +207,32 @@ def test_extract_raises_nothing_but_contract_errors(case: tuple[str, bytes]) -> 
     try:
         (root / "pkg").write_bytes(data)
         (root / "out").mkdir()
-        try:
-            found = extract(root / "pkg", root / "out", Limits())
-            event(f"{kind}: ok")
-            assert found.files >= 0
-        except (TooLarge, UnsafeArchive, UnsupportedFormat) as exc:
-            event(f"{kind}: {exc.code}")
-        assert sorted(os.listdir(root)) == ["out", "pkg"]
-        check_tree(root / "out")
+        for arriving in (False, True):  # read whole, and read as it arrives (a feed)
+            (root / "out").mkdir(exist_ok=True)
+            try:
+                found = extract_either(root / "pkg", root / "out", arriving)
+                event(f"{kind}: ok")
+                assert found.files >= 0
+            except (TooLarge, UnsafeArchive, UnsupportedFormat) as exc:
+                event(f"{kind}: {exc.code}")
+            assert sorted(os.listdir(root)) == ["out", "pkg"]
+            check_tree(root / "out")
+            remove_tree(root / "out")
     finally:
         remove_tree(root)
+
+
+def extract_either(package: Path, dest: Path, arriving: bool) -> Extracted:
+    """``extract`` of the file, or of the same bytes through a feed that says
+    they are all readable (the growing-file path of a cold unpack)."""
+    if not arriving:
+        return extract(package, dest, Limits())
+    read, write = os.pipe()
+    fd = os.open(package, os.O_RDONLY)
+    try:
+        os.write(write, b"%d\n" % package.stat().st_size)
+        os.close(write)
+        return extract(GrowingFile(fd, read, package.stat().st_size), dest, Limits())
+    finally:
+        os.close(fd)
+        os.close(read)
