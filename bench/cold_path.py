@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.procs import Procs, ensure_tools, free_port, wait_http  # noqa: E402
+from bench.procs import Procs, free_port, publish_report, wait_http  # noqa: E402
+from loadtest.tools import require  # noqa: E402
 
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "bench-cold-path"
 AWS_ENV = {
@@ -168,7 +168,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,64", help="package sizes in MiB")
     parser.add_argument("--extra", default="", help="extra flags for every cachesvc process")
     args = parser.parse_args()
-    ensure_tools({"curl": "curl"})
+    require({"curl": "curl"})
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="cachesvc-cold-") as tmp:
         procs = Procs(Path(tmp) / "logs")
@@ -182,10 +182,7 @@ def main() -> int:
         finally:
             procs.stop_all()
     lines = report(results, args.reps)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "cold_path.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish_report("cold_path", lines)
     return 0
 
 

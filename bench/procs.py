@@ -104,3 +104,11 @@ def cpu_seconds(pid: int) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def publish_report(name: str, lines: list[str]) -> None:
+    """Print a benchmark's figures and write them to ``bench/out/<name>.md``."""
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

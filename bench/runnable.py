@@ -44,6 +44,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import corpus  # noqa: E402
+from bench.procs import publish_report  # noqa: E402
 from cachesvc import repack  # noqa: E402
 from cachesvc.config import parse_size  # noqa: E402
 from cachesvc.origin import make_origin  # noqa: E402
@@ -52,7 +53,6 @@ from loadtest.origin_proxy import S3Proxy  # noqa: E402
 from loadtest.procs import Child, free_port, spawn, venv_tool, wait_ready  # noqa: E402
 from loadtest.stack import AWS_ENV, BUCKET, start_moto  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 
@@ -198,10 +198,7 @@ def main() -> int:
     parser.add_argument("--rate", type=parse_size, default="100MiB", help="origin bytes/s")
     args = parser.parse_args()
     lines = asyncio.run(amain(args))
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "runnable.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish_report("runnable", lines)
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.procs import cpu_seconds  # noqa: E402
+from bench.procs import cpu_seconds, publish_report  # noqa: E402
 from cachesvc.config import parse_size  # noqa: E402
 from loadtest.seed import seed  # noqa: E402
 from loadtest.stack import BUCKET, LocalStack, local_stack  # noqa: E402
@@ -198,10 +198,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     lines = asyncio.run(amain(args))
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "zipf.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish_report("zipf", lines)
     return 0
 
 

@@ -28,9 +28,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, NoReturn
+from functools import partial
+from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
 
@@ -49,6 +50,7 @@ from cachesvc.peer_client import FORWARDED
 from cachesvc.tiers import Tiers
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 FALLBACK_CHUNK = 256 * 1024
@@ -278,14 +280,34 @@ async def _streamed(
     digest: Digest,
 ) -> bool:
     """Headers at the first span, then every span; False if it had to abort."""
-    span = await anext(spans, None)
+    first = await anext(spans, None)
+
+    async def rest() -> AsyncIterator[Span]:
+        if first is not None:
+            yield first
+        async for span in spans:
+            yield span
+
+    return await stream_body(request, resp, rest(), partial(_write_span, request, resp, egress),
+                             f"GET {digest.short}")  # fmt: skip
+
+
+async def stream_body(
+    request: web.Request,
+    resp: web.StreamResponse,
+    body: AsyncIterator[T],
+    write: Callable[[T], Awaitable[None]],
+    what: str,
+) -> bool:
+    """Headers, then every piece of ``body`` through ``write``; a failure after
+    the headers aborts the connection (a short body, never a complete one).
+    Returns False if it had to abort."""
     await resp.prepare(request)
     try:
-        while span is not None:
-            await _write_span(request, resp, egress, span)
-            span = await anext(spans, None)
+        async for piece in body:
+            await write(piece)
     except (CachesvcError, OSError) as exc:
-        log.warning("GET %s: aborting the response: %s", digest.short, exc)
+        log.warning("%s: aborting the response: %s", what, exc)
         abort_stream(request)
         return False
     await resp.write_eof()

@@ -23,7 +23,7 @@ from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.dirlock import DirLock
 from cachesvc.errors import CachesvcError, ConfigError, InvalidRequest, TooLarge
-from cachesvc.http import abort_stream, route_digest, timed
+from cachesvc.http import route_digest, stream_body, timed
 from cachesvc.service import CORE, SETTINGS, Core
 from cachesvc.store import Blob
 from cachesvc.unpack import Unpacker
@@ -124,15 +124,7 @@ async def get_archive(request: web.Request) -> web.StreamResponse:
                 else "application/x-tar",
                 "ETag": f'"{digest}.{archive.layers[-1]}"',
             })  # fmt: skip
-            await resp.prepare(request)
-            try:
-                async for chunk in archive:
-                    await resp.write(chunk)
-            except (CachesvcError, OSError) as exc:
-                log.warning("archive %s: aborting: %s", digest.short, exc)
-                abort_stream(request)
-                return resp
-            await resp.write_eof()
+            await stream_body(request, resp, aiter(archive), resp.write, f"archive {digest.short}")
             return resp
     finally:
         core.store.release(blob)

@@ -6,6 +6,7 @@ servers that lie or die."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from cachesvc.digest import Digest
 from cachesvc.fanout import ADVERTISE, FANOUT
+from cachesvc.flight import Flight
 from cachesvc.peer_client import FORWARDED
 from cachesvc.ring import Ring
 from cachesvc.service import CORE
@@ -54,6 +56,18 @@ async def from_agents(urls: list[str]) -> float:
     for url in urls:
         total += metric(await metrics_of(url), "cachesvc_upstream_fetches_total", upstream="agent")
     return total
+
+
+async def fill_under_way(
+    stack: Stack, agent: str, digest: Digest, ready: Callable[[Flight], bool]
+) -> Flight:
+    """The agent's running fill of ``digest`` once ``ready`` holds (bounded)."""
+    for _ in range(400):
+        flight = stack.apps[agent][CORE].flights.get(digest)
+        if flight is not None and ready(flight):
+            return flight
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{agent} never had a fill of {digest.short} that was ready")
 
 
 def owner_of(peers: list[str], digest: Digest) -> str:
@@ -187,14 +201,7 @@ async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
     digest = await s3_origin.put(data)
     assert await fetch(f"{parent}/pkg/{digest}") == (200, data)  # parent holds it
     child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
-    core = stack.apps[child][CORE]
-    for _ in range(200):  # until the child's fill from the parent is under way
-        flight = core.flights.get(digest)
-        if flight is not None and flight.received > MiB:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the child never started fetching from the parent")
+    flight = await fill_under_way(stack, child, digest, lambda f: f.received > MiB)
     assert flight.via == (parent,)
     await stack.kill(parent)
     assert await asyncio.wait_for(child_get, 30) == (200, data)
@@ -213,11 +220,7 @@ async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
     digest = await s3_origin.put(data)
     assert await fetch(f"{parent}/pkg/{digest}") == (200, data)
     child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
-    for _ in range(200):
-        flight = stack.apps[child][CORE].flights.get(digest)
-        if flight is not None and flight.received > MiB:
-            break
-        await asyncio.sleep(0.01)
+    await fill_under_way(stack, child, digest, lambda f: f.received > MiB)
     assert await stack.apps[parent][CORE].store.evict(digest)
     assert await asyncio.wait_for(child_get, 30) == (200, data)
     assert s3_origin.origin_gets(digest) == 1
@@ -241,13 +244,7 @@ async def test_a_host_refuses_to_feed_a_host_it_fetches_through(
     digest = await s3_origin.put(data)
     assert await fetch(f"{a}/pkg/{digest}") == (200, data)
     b_get = asyncio.ensure_future(fetch(f"{b}/pkg/{digest}"))
-    for _ in range(200):
-        flight = stack.apps[b][CORE].flights.get(digest)
-        if flight is not None and flight.via == (a,):
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("b never fetched via a")
+    await fill_under_way(stack, b, digest, lambda f: f.via == (a,))
     headers = {FORWARDED: "1", ADVERTISE: a, FANOUT: "1"}
     async with aiohttp.ClientSession() as s, s.get(f"{b}/pkg/{digest}", headers=headers) as r:
         assert r.status == 409
