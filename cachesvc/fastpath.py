@@ -33,10 +33,13 @@ misses passed between them, for less than this gains in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -48,7 +51,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from cachesvc.digest import Digest
 from cachesvc.errors import InvalidDigest
 from cachesvc.fanout import redirect_headers
-from cachesvc.metrics import Metrics
+from cachesvc.metrics import Metrics, observe_many
 from cachesvc.package import SMALL
 from cachesvc.store import Blob, Store
 
@@ -56,6 +59,8 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 << 10  # a head longer than this goes to aiohttp (which refuses it)
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may idle (aiohttp's default)
+SWEEP_EVERY = 1.0  # seconds between idle sweeps (and metric flushes)
+DIGEST_CACHE = 4096  # hot URLs remembered with their parsed digest
 SERVER = SERVER_SOFTWARE.encode()
 CACHE_CONTROL = b"public, max-age=31536000, immutable"
 REFUSED_HEADERS = frozenset(
@@ -104,6 +109,39 @@ def parse_head(raw: bytes) -> tuple[Head, httptools.HttpRequestParser] | None:
     return head, parser
 
 
+class Tally:
+    """The fast path's counts, added up in plain numbers and published to the
+    ``cachesvc_*`` metrics once a second, at every scrape (``Metrics.sync``)
+    and at close: a Prometheus call costs 1-2 µs, a fast hit about 20 µs in all."""
+
+    def __init__(self, metrics: Metrics, route: HitRoute) -> None:
+        self._metrics = metrics
+        self._requests = metrics.requests.labels(route.tier)
+        self._bytes = metrics.bytes_served.labels(route.tier)
+        self._seconds = metrics.request_seconds.labels(route.label)
+        self._hits = self._sent = self._uploaded = 0
+        self._durations: list[float] = []
+
+    def add(self, size: int, seconds: float, upload: bool) -> None:
+        self._hits += 1
+        self._sent += size
+        self._durations.append(seconds)
+        if upload:
+            self._uploaded += size
+
+    def flush(self) -> None:
+        if not self._hits:
+            return
+        self._requests.inc(self._hits)
+        self._metrics.fast_hits.inc(self._hits)
+        self._bytes.inc(self._sent)
+        if self._uploaded:
+            self._metrics.upload_bytes.inc(self._uploaded)
+        observe_many(self._seconds, self._durations)
+        self._hits = self._sent = self._uploaded = 0
+        self._durations = []
+
+
 class HitServer:
     """The protocol factory for an agent's port; see the module docstring.
 
@@ -130,14 +168,44 @@ class HitServer:
         self.tasks: set[asyncio.Task[bool]] = set()  # corrupt entries being dropped
         self.closing = False
         self._date = (0, b"")
-        self._requests = metrics.requests.labels(route.tier)
-        self._bytes = metrics.bytes_served.labels(route.tier)
-        self._seconds = metrics.request_seconds.labels(route.label)
         self._tier = route.tier.encode()
-        self._fast = metrics.fast_hits
+        self._counts = Tally(metrics, route)
+        metrics.on_sync.append(self._counts.flush)
+        self._digests: OrderedDict[bytes, Digest] = OrderedDict()  # URL -> parsed, hot ones
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = self._loop.call_later(SWEEP_EVERY, self._sweep)
 
     def __call__(self) -> HitProtocol:
         return HitProtocol(self)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def opened(self, conn: HitProtocol) -> None:
+        conn.active = self.now()
+        self.connections.add(conn)
+
+    def _sweep(self) -> None:
+        """Close connections idle for :data:`IDLE_TIMEOUT`, and publish counts:
+        one timer per server, not one per request."""
+        self._counts.flush()
+        cutoff = self.now() - IDLE_TIMEOUT
+        for conn in [c for c in self.connections if c.active <= cutoff]:
+            conn.close_if_idle(since=cutoff)
+        self._sweeper = self._loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def digest_of(self, url: bytes) -> Digest | None:
+        """The route's digest in ``url`` (validated by :meth:`Digest.parse` the
+        first time a URL is seen, then remembered: hot URLs repeat)."""
+        digest = self._digests.get(url)
+        if digest is None:
+            digest = _route_digest(url, self.route.prefix)
+            if digest is None:
+                return None
+            self._digests[url] = digest
+            if len(self._digests) > DIGEST_CACHE:
+                self._digests.popitem(last=False)
+        return digest
 
     def date(self) -> bytes:
         now = int(time.time())
@@ -149,6 +217,8 @@ class HitServer:
         """Stop: idle connections close now, busy ones after their response,
         which gets up to ``grace`` seconds before it is cut."""
         self.closing = True
+        self._sweeper.cancel()
+        self._counts.flush()
         for conn in list(self.connections):
             conn.close_if_idle()
         busy = [c.sending for c in self.connections if c.sending is not None]
@@ -180,12 +250,7 @@ class HitServer:
         return head + b"Date: " + self.date() + b"\r\nServer: " + SERVER + b"\r\n\r\n" + body
 
     def served(self, blob: Blob, started: float, upload: bool) -> None:
-        self._requests.inc()
-        self._fast.inc()
-        self._bytes.inc(blob.size)
-        if upload:
-            self.metrics.upload_bytes.inc(blob.size)
-        self._seconds.observe(time.perf_counter() - started)
+        self._counts.add(blob.size, time.perf_counter() - started, upload)
         if self.on_served is not None:
             self.on_served(blob.digest)
 
@@ -198,19 +263,18 @@ class HitProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.sending: asyncio.Task[None] | None = None
-        self.idle: asyncio.TimerHandle | None = None
+        self.active = 0.0  # loop time of the last bytes received
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.server.connections.add(self)
-        self._arm_idle()
+        self.server.opened(self)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        self._arm_idle()
+        self.active = self.server.now()
         if self.sending is None:
             self._serve_heads()
 
@@ -219,8 +283,6 @@ class HitProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
         if self.sending is not None:
             self.sending.cancel()
 
@@ -277,7 +339,7 @@ class HitProtocol(asyncio.Protocol):
             return None
         if head.headers.get(b"content-length", b"0") != b"0":
             return None
-        digest = _route_digest(head.url, route.prefix)
+        digest = self.server.digest_of(head.url)
         return None if digest is None else (head, digest)
 
     def _send(self, blob: Blob, upload: bool) -> bool:
@@ -293,8 +355,10 @@ class HitProtocol(asyncio.Protocol):
             self.transport.write(head + body)
             self._done(blob, started, upload)
             return True
+        _cork(self.transport, True)
         self.transport.write(head)
         sent = _sendfile_now(self.transport, blob)
+        _cork(self.transport, False)
         if sent == blob.size:
             self._done(blob, started, upload)
             return True
@@ -351,8 +415,6 @@ class HitProtocol(asyncio.Protocol):
         of the request the fast path did not answer."""
         assert self.transport is not None
         self.server.connections.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
         handler = self.server.handler_factory()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
@@ -360,18 +422,14 @@ class HitProtocol(asyncio.Protocol):
             data, self.buf = bytes(self.buf), bytearray()
             handler.data_received(data)
 
-    def close_if_idle(self) -> None:
-        if self.sending is None and not self.buf and self.transport is not None:
-            self.transport.close()
-
-    def _arm_idle(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        loop = asyncio.get_running_loop()
-        self.idle = loop.call_later(IDLE_TIMEOUT, self._idle_out)
-
-    def _idle_out(self) -> None:
-        if self.sending is None and self.transport is not None:
+    def close_if_idle(self, since: float | None = None) -> None:
+        """Close now if nothing is being sent or read (and, with ``since``, if
+        no bytes arrived after it)."""
+        if self.sending is not None or self.transport is None:
+            return
+        if since is None and self.buf:
+            return
+        if since is None or self.active <= since:
             self.transport.close()
 
 
@@ -396,6 +454,16 @@ def _route_digest(url: bytes, prefix: bytes) -> Digest | None:
         return Digest.parse(url[len(prefix) :].decode("ascii"))
     except (InvalidDigest, UnicodeDecodeError):
         return None
+
+
+def _cork(transport: asyncio.Transport, on: bool) -> None:
+    """``TCP_CORK`` on while the head and the first ``sendfile`` of a large body
+    go out, so they fill the same segments (nginx's ``tcp_nopush``); off
+    sends what is held at once."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
 
 
 def _sendfile_now(transport: asyncio.Transport, blob: Blob) -> int:

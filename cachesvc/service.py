@@ -263,6 +263,7 @@ async def stats(request: web.Request) -> web.Response:
     core = request.app[CORE]
     usage = core.store.usage()
     local = core.tiers.local_tier
+    core.metrics.sync()
     served = {
         tier: int(core.metrics.requests.labels(tier)._value.get())
         for tier in ("L1", "L2", "ORIGIN")
