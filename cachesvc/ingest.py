@@ -65,6 +65,7 @@ class Ingest:
         self.spilled = path is None
         self.verified = False
         self.committed = False
+        self._closing = False
         self._reservation = size if path is not None else 0
         self._writing: asyncio.Future[None] | None = None
         self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
@@ -170,13 +171,15 @@ class Ingest:
     async def close(self) -> None:
         """Release the reservation and the file; idempotent. An uncommitted
         temp file is removed. Waits for a write still running in its thread,
-        so the fd is never closed (and reused) under it."""
-        if self.fd == -2:
+        so the fd is never closed (and reused) under it, and a temp file that
+        write makes is removed too."""
+        if self._closing:
             return
-        fd, self.fd = self.fd, -2
+        self._closing = True
         self._release_reservation()
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
+        fd, self.fd = self.fd, -2
         if fd >= 0:
             await asyncio.to_thread(self._close, fd)
 

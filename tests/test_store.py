@@ -6,12 +6,14 @@ import asyncio
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from cachesvc.digest import Digest
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
+from cachesvc.ingest import MIN_BATCH, Ingest
 from cachesvc.store import Store, StoreFull
 from tests.servers import digest_of, payload, store_files
 
@@ -52,6 +54,30 @@ async def test_wrong_bytes_are_never_kept(tmp_path: Path) -> None:
     with pytest.raises(DigestMismatch):
         await put(store, data, digest_of(b"something else"))
     assert store.usage().entries == 0 and store_files(tmp_path) == []
+    await store.close()
+
+
+async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that leaves at once: close() while the first batch's thread is
+    still creating the temp file (a slow open) removes it and closes its fd."""
+    create = Ingest._create
+
+    def slow_create(self: Ingest) -> None:
+        time.sleep(0.05)
+        create(self)
+
+    monkeypatch.setattr(Ingest, "_create", slow_create)
+    store = await Store.open(tmp_path, 100 * 2**20)
+    data = payload(MIN_BATCH)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    ingest = await store.begin(digest_of(data), len(data) * 2)
+    await ingest.write(data)  # the batch starts in a thread ...
+    await asyncio.sleep(0.01)  # (which is in the open now)
+    await ingest.close()  # ... and close races it
+    assert store_files(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
     await store.close()
 
 
