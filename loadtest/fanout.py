@@ -104,10 +104,24 @@ def add_parser(sub: Any) -> None:
     """The ``fanout`` subcommand of ``python -m loadtest``."""
     cmd = sub.add_parser("fanout", help="issue 11's fan-out emulation (storm on N agents)")
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
-    cmd.add_argument("--n", type=ints, default=[4, 8, 16, 24], help="agents per storm, comma-separated (default 4,8,16,24)")
-    cmd.add_argument("--k", type=ints, default=[0, DEFAULT_K], help="--fanout of every host, comma-separated (default 0,2)")
-    cmd.add_argument("--size", type=parse_size, default=16 << 20, help="package size (default 16MiB)")
-    cmd.add_argument("--egress-limit", default="40MiB", help="of every host, bytes/s (default 40MiB)")
+    cmd.add_argument(
+        "--n",
+        type=ints,
+        default=[4, 8, 16, 24],
+        help="agents per storm, comma-separated (default 4,8,16,24)",
+    )
+    cmd.add_argument(
+        "--k",
+        type=ints,
+        default=[0, DEFAULT_K],
+        help=f"--fanout of every host, comma-separated (default 0,{DEFAULT_K})",
+    )
+    cmd.add_argument(
+        "--size", type=parse_size, default=16 << 20, help="package size (default 16MiB)"
+    )
+    cmd.add_argument(
+        "--egress-limit", default="40MiB", help="of every host, bytes/s (default 40MiB)"
+    )
     cmd.add_argument("--out", type=Path, help="default loadtest/out/fanout-<time>")
 
 
