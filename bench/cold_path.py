@@ -164,8 +164,12 @@ def report(results: dict[int, Timings], reps: int) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--sizes", default="1,64", help="package sizes in MiB")
+    parser.add_argument(
+        "--reps", type=int, default=7, help="rounds; figures are their medians (default 7)"
+    )
+    parser.add_argument(
+        "--sizes", default="1,64", help="package sizes in MiB, comma-separated (default 1,64)"
+    )
     parser.add_argument("--extra", default="", help="extra flags for every cachesvc process")
     args = parser.parse_args()
     require({"curl": "curl"})

@@ -194,8 +194,12 @@ async def amain(args: argparse.Namespace) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--rate", type=parse_size, default="100MiB", help="origin bytes/s")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="rounds per package; medians (default 3)"
+    )
+    parser.add_argument(
+        "--rate", type=parse_size, default="100MiB", help="origin bytes/s (default 100MiB)"
+    )
     args = parser.parse_args()
     lines = asyncio.run(amain(args))
     publish_report("runnable", lines)

@@ -188,11 +188,21 @@ async def amain(args: argparse.Namespace) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--packages", type=int, default=2000)
-    parser.add_argument("--size", type=parse_size, default="64KiB")
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--packages", type=int, default=2000, help="distinct packages (default 2000)"
+    )
+    parser.add_argument(
+        "--size", type=parse_size, default="64KiB", help="bytes per package (default 64KiB)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=20_000, help="requests per replay (default 20000)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=32, help="keep-alive client connections (default 32)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="repetitions, each from empty caches (default 3)"
+    )
     parser.add_argument(
         "--profile", type=Path, help="py-spy every cachesvc process during its replay, into DIR"
     )
