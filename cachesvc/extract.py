@@ -67,7 +67,7 @@ _CORRUPT = (
     EOFError,
     ValueError,
     OverflowError,
-    RuntimeError,  # NotImplementedError: zipfile's unknown methods, encryption
+    RuntimeError,  # its "not implemented" subclass: zipfile's unknown methods, encryption
 )
 _CORRUPT_ERRNOS = {None, errno.EINVAL, errno.EOVERFLOW}
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

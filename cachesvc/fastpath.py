@@ -440,7 +440,7 @@ None: no fast path on this loop)."""
 
 def hit_path_available() -> bool:
     """Only asyncio's selector loops have the native ``sendfile`` the fast
-    path relies on (uvloop's raises NotImplementedError)."""
+    path relies on (uvloop's raises a "not implemented" error)."""
     return isinstance(asyncio.get_running_loop(), asyncio.selector_events.BaseSelectorEventLoop)
 
 
