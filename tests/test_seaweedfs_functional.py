@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import boto3
+import botocore.exceptions
 from aiohttp import web
 
 from cachesvc.digest import Digest
@@ -120,6 +122,23 @@ async def fetch(url: str) -> tuple[int, str, bytes]:
         return r.status, r.headers.get("X-Cache-Tier", ""), await r.read()
 
 
+def readable(seaweedfs: SeaweedFS, key: str, timeout: float = 30.0) -> None:
+    """Wait until the store serves ``key`` again, read directly (not counted
+    as an origin GET): after a crash, the volume server re-registers with
+    the master a moment after the S3 API answers ("try again" until then),
+    longer on a loaded machine."""
+    s3 = boto3.client("s3", endpoint_url=seaweedfs.endpoint)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s3.get_object(Bucket=SEAWEED_BUCKET, Key=key)["Body"].read()
+            return
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def publish(origin: OriginFixture, package: Path, env: dict[str, str] | None = None) -> Any:
     """``cachesvc publish`` straight to SeaweedFS (not through the counting proxy)."""
     return cli("publish", str(package), "--tenant", "acme", "--function", "resize",
@@ -146,6 +165,8 @@ async def test_publish_cold_fetch_through_agent_and_peer_and_a_store_restart_kee
         assert await fetch(f"{agent.url}/pkg/{digest}") == (200, "L1", data)
 
         seaweedfs.restart(graceful=False)  # a crash: harsher than a clean restart
+        blob = seaweed_origin.url.split("/", 3)[3] + f"/blobs/sha256/{digest.hex}"
+        readable(seaweedfs, blob)  # the S3 API answers before its volume is back
         peer.forget()
         agent.forget()
         await peer.start()
