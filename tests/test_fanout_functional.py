@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
@@ -191,17 +191,33 @@ async def test_a_lying_agent_is_refused_avoided_and_everyone_is_still_served_rig
 # -- parents that die or evict mid-stream ------------------------------------------
 
 
-async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
-    stack: Stack, s3_origin: OriginFixture
-) -> None:
+class MidStream(NamedTuple):
+    parent: str
+    child: str
+    digest: Digest
+    data: bytes
+    child_get: asyncio.Future[tuple[int, bytes | None]]
+    flight: Flight  # the child's fill
+
+
+async def child_fed_by_parent(stack: Stack, s3_origin: OriginFixture, seed: int) -> MidStream:
+    """A parent (paced, so it is mid-stream) holding a 6 MiB package and a
+    child's GET of it under way through that parent."""
     await stack.start_peers(1, fanout=1)
     parent = await stack.start_agent(fanout=1, egress_limit=4 * MiB)
     child = await stack.start_agent(fanout=1)
-    data = payload(6 * MiB, seed=85)
+    data = payload(6 * MiB, seed=seed)
     digest = await s3_origin.put(data)
     assert await fetch(f"{parent}/pkg/{digest}") == (200, data)  # parent holds it
     child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
     flight = await fill_under_way(stack, child, digest, lambda f: f.received > MiB)
+    return MidStream(parent, child, digest, data, child_get, flight)
+
+
+async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    parent, child, digest, data, child_get, flight = await child_fed_by_parent(stack, s3_origin, 85)
     assert flight.via == (parent,)
     await stack.kill(parent)
     assert await asyncio.wait_for(child_get, 30) == (200, data)
@@ -213,14 +229,7 @@ async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
 async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
     stack: Stack, s3_origin: OriginFixture
 ) -> None:
-    await stack.start_peers(1, fanout=1)
-    parent = await stack.start_agent(fanout=1, egress_limit=4 * MiB)
-    child = await stack.start_agent(fanout=1)
-    data = payload(6 * MiB, seed=86)
-    digest = await s3_origin.put(data)
-    assert await fetch(f"{parent}/pkg/{digest}") == (200, data)
-    child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
-    await fill_under_way(stack, child, digest, lambda f: f.received > MiB)
+    parent, _, digest, data, child_get, _ = await child_fed_by_parent(stack, s3_origin, 86)
     assert await stack.apps[parent][CORE].store.evict(digest)
     assert await asyncio.wait_for(child_get, 30) == (200, data)
     assert s3_origin.origin_gets(digest) == 1
