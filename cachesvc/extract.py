@@ -80,6 +80,20 @@ class Extracted(NamedTuple):
     bytes: int
     layers: tuple[str, ...]
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Extracted | None:
+        """The counts and layers a worker's answer or a manifest records, if
+        well formed (counts >= 0, at least one known layer); else None."""
+        files, size, layers = data.get("files"), data.get("bytes"), data.get("layers")
+        if not (isinstance(files, int) and isinstance(size, int) and files >= 0 and size >= 0):
+            return None
+        if not isinstance(layers, list) or not layers:
+            return None
+        known = set(codec.COMPRESSIONS) | set(codec.ARCHIVES)
+        if not all(isinstance(layer, str) and layer in known for layer in layers):
+            return None
+        return cls(files, size, tuple(layers))
+
 
 def extract(package_path: codec.Package, dest: Path, limits: Limits) -> Extracted:
     """Extract the package (a path, or an open file) into the existing empty ``dest``.

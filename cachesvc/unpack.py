@@ -52,7 +52,6 @@ import errno
 import json
 import logging
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -61,9 +60,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cachesvc.codec import ARCHIVES, COMPRESSIONS, Limits
+from cachesvc.blob import READ_FLAGS
+from cachesvc.codec import Limits
 from cachesvc.digest import Digest
+from cachesvc.extract import Extracted
 from cachesvc.fsutil import remove_tree
+from cachesvc.index import HEX
 from cachesvc.package import Package
 from cachesvc.unpack_worker import Budget, Workers
 
@@ -74,7 +76,6 @@ MANIFEST_SUFFIX = ".json"
 MANIFEST_MAX = 64 * 1024
 TREE_MODE = 0o755
 
-_HEX = re.compile(r"[0-9a-f]{64}")
 _T = TypeVar("_T")
 
 
@@ -306,7 +307,7 @@ class Unpacker:
 def _digest_hex(name: str) -> str | None:
     """The hex of a code-dir name of ours, ``<hex>`` or ``<hex>.json``; else None."""
     hex_ = name.removesuffix(MANIFEST_SUFFIX)
-    return hex_ if _HEX.fullmatch(hex_) else None
+    return hex_ if HEX.fullmatch(hex_) else None
 
 
 def _exists(path: Path) -> bool:
@@ -323,7 +324,7 @@ def _exists(path: Path) -> bool:
 def _read_regular(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; ``OSError`` or
     ``ValueError`` for a link, a fifo, a directory or anything larger."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, READ_FLAGS)
     with open(fd, "rb") as file:
         info = os.fstat(file.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
@@ -335,10 +336,5 @@ def _result_of(digest: Digest, path: Path, data: Any) -> UnpackResult | None:
     """The result a manifest records, if it is one for ``digest``."""
     if not isinstance(data, dict) or data.get("digest") != str(digest):
         return None
-    files, size, layers = data.get("files"), data.get("bytes"), data.get("layers")
-    known = set(COMPRESSIONS) | set(ARCHIVES)
-    if not (isinstance(files, int) and isinstance(size, int) and files >= 0 and size >= 0):
-        return None
-    if not (isinstance(layers, list) and layers and all(layer in known for layer in layers)):
-        return None
-    return UnpackResult(digest, path, files, size, tuple(layers))
+    found = Extracted.from_json(data)
+    return None if found is None else UnpackResult(digest, path, *found)

@@ -60,7 +60,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from cachesvc.codec import ARCHIVES, COMPRESSIONS, GiB, Limits
+from cachesvc.codec import GiB, Limits
 from cachesvc.errors import (
     CachesvcError,
     Overloaded,
@@ -368,13 +368,10 @@ def _decode(answer: dict[str, Any]) -> Extracted:
     if "error" in answer:
         cls = _ERRORS.get(str(answer["error"]), CachesvcError)
         raise cls(str(answer.get("detail", ""))[:DETAIL_MAX])
-    files, size, layers = answer.get("files"), answer.get("bytes"), answer.get("layers")
-    known = set(COMPRESSIONS) | set(ARCHIVES)
-    if not (isinstance(files, int) and isinstance(size, int) and isinstance(layers, list)):
+    extracted = Extracted.from_json(answer)
+    if extracted is None:
         raise CachesvcError(f"unpack worker answered nonsense: {str(answer)[:200]}")
-    if not all(isinstance(layer, str) and layer in known for layer in layers):
-        raise CachesvcError(f"unpack worker answered unknown layers: {str(layers)[:200]}")
-    return Extracted(files, size, tuple(layers))
+    return extracted
 
 
 def _death(exitcode: int | None, budget: Budget) -> CachesvcError:

@@ -273,6 +273,24 @@ async def test_a_tree_without_its_manifest_is_extracted_again(
     assert tree_of(again.path) == expected_modes(FILES)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [{"layers": [["tar"]]}, {"layers": []}, {"files": -1}, {"layers": ["rar"]}],
+    ids=["unhashable-layer", "no-layers", "negative-count", "unknown-layer"],
+)
+async def test_a_manifest_that_lies_is_not_trusted_and_the_tree_is_made_again(
+    tmp_path: Path, unpacker: Unpacker, code_dir: Path, damage: dict[str, object]
+) -> None:
+    digest, package = store(tmp_path, tar_of())
+    first = await unpacker.unpack(digest, package)
+    manifest = code_dir / (digest.hex + ".json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), **damage}))
+    (first.path / "handler.py").write_bytes(b"damaged")
+    again = await unpacker.unpack(digest, package)
+    assert again == first
+    assert tree_of(again.path) == expected_modes(FILES)
+
+
 LONG_NAME = "d" * 60 + "/" + "e" * 60 + "/" + "f" * 90 + ".py"  # ustar splits it into prefix/name
 
 
