@@ -24,20 +24,16 @@ class Blob:
     """An open package file. The file stays open while leased and closes when
     it is neither cached as hot by the store nor leased.
 
-    ``verified`` says whether this process has hashed the entry's bytes
-    (ingested here, adopted at start, scrubbed, or checked by a first serve);
-    an unverified blob must be re-hashed before its bytes are trusted.
     ``generation`` tells one commit of a digest from a later one, so a verdict
     on this file never lands on a fresh copy committed meanwhile.
     """
 
-    __slots__ = ("digest", "size", "file", "verified", "generation", "_leases", "_retired")
+    __slots__ = ("digest", "size", "file", "generation", "_leases", "_retired")
 
     def __init__(self, digest: Digest, size: int, file: io.FileIO, generation: int) -> None:
         self.digest = digest
         self.size = size
         self.file = file  # raw FileIO: fileno() for sendfile, pread via os
-        self.verified = False  # set by the store at each lease
         self.generation = generation
         self._leases = 0
         self._retired = False

@@ -15,7 +15,7 @@ Where followers read from:
 
 * ``[0, ingest.on_disk)``: the temp file (or the entry's own file, for a
   recheck), with zero-copy ``sendfile``. Normally that is all they read: a
-  batch reaches them once it is written (:data:`~cachesvc.store.MIN_BATCH`
+  batch reaches them once it is written (:data:`~cachesvc.ingest.MIN_BATCH`
   and more), which costs a millisecond and saves the copy a ``write()`` from
   memory makes;
 * ``[tail_start, received)``: the in-memory tail of chunks not yet on disk

@@ -57,15 +57,12 @@ from cachesvc.blob import Blob, open_file
 from cachesvc.digest import Digest
 from cachesvc.dirlock import DirLock
 from cachesvc.index import Entry, Index
-from cachesvc.ingest import MIN_BATCH, WRITE_BATCH, Ingest, compare
+from cachesvc.ingest import Ingest
 from cachesvc.recheck import Recheck
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "MIN_BATCH", "WRITE_BATCH", "Blob", "Entry", "Ingest", "Recheck", "Store", "StoreFull",
-    "Usage", "compare",
-]  # fmt: skip
+__all__ = ["Blob", "Entry", "Ingest", "Recheck", "Store", "StoreFull", "Usage"]
 
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
@@ -257,7 +254,6 @@ class Store:
                 return None
         elif touch:
             self._open.move_to_end(digest.hex)
-        blob.verified = digest.hex in self._verified
         blob.acquire()
         return blob
 
@@ -270,7 +266,6 @@ class Store:
         self._lru.move_to_end(digest.hex)
         self._touched.add(digest.hex)
         self._open.move_to_end(digest.hex)
-        blob.verified = True
         blob.acquire()
         return blob
 
@@ -294,11 +289,8 @@ class Store:
         if blob is not None:  # another request opened it meanwhile
             file.close()
             return blob
-        while len(self._open) >= MAX_OPEN_BLOBS:
-            _, old = self._open.popitem(last=False)
-            old.retire()
         blob = Blob(digest, size, file, generation)
-        self._open[digest.hex] = blob
+        self._keep_open(blob)
         if not hot:  # first to be closed: a scrub must not push hot handles out
             self._open.move_to_end(digest.hex, last=False)
         return blob
@@ -310,8 +302,6 @@ class Store:
         With ``lease``, only if the entry is still the file that lease reads."""
         if digest.hex in self._lru and self._current(digest, lease):
             self._verified.add(digest.hex)
-            if lease is not None:
-                lease.verified = True
 
     async def drop_corrupt(
         self, digest: Digest, reason: str, *, found_by: str = "serve", lease: Blob | None = None

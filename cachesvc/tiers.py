@@ -208,7 +208,7 @@ class Tiers:
         or the follower is released.
         """
         blob = await self.store.lease(digest)
-        if blob is not None and blob.verified:
+        if blob is not None and self.store.is_verified(digest):
             try:
                 yield BlobPackage(blob, self.local_tier)
             finally:
