@@ -199,16 +199,18 @@ class Store:
         """Persist access order (and pins) of entries touched since the last flush."""
         touched, self._touched = self._touched, set()
         if touched:
-            await asyncio.to_thread(self._write_rows, touched)
+            await self._write_rows(touched)
 
-    def _write_rows(self, keys: set[str]) -> None:
+    async def _write_rows(self, keys: set[str]) -> None:
         """Rows for ``keys``, stamped in their order of use (every key touched
-        since the last flush was used after every key that was not)."""
+        since the last flush was used after every key that was not). They are
+        made here, on the loop: the LRU changes with every request, and a
+        thread iterating it would meet "mutated during iteration"."""
         now = self._clock()
         order = [k for k in self._lru if k in keys]  # least recently used first
-        self._index.put_many(
-            {k: Entry(self._lru[k], now + i * 1e-6, k in self._pinned) for i, k in enumerate(order)}
-        )
+        pinned, sizes = self._pinned, self._lru
+        rows = {k: Entry(sizes[k], now + i * 1e-6, k in pinned) for i, k in enumerate(order)}
+        await asyncio.to_thread(self._index.put_many, rows)
 
     # -- reads -----------------------------------------------------------------
 
@@ -446,14 +448,14 @@ class Store:
             if self.usage().pinned_bytes + size > self.capacity * max_share:
                 return False
             self._pinned.add(digest.hex)
-        await asyncio.to_thread(self._write_rows, {digest.hex})
+        await self._write_rows({digest.hex})
         return True
 
     async def unpin(self, digest: Digest) -> bool:
         if digest.hex not in self._pinned:
             return False
         self._pinned.discard(digest.hex)
-        await asyncio.to_thread(self._write_rows, {digest.hex})
+        await self._write_rows({digest.hex})
         return True
 
     def is_pinned(self, digest: Digest) -> bool:

@@ -6,7 +6,9 @@ import asyncio
 import errno
 import os
 import stat
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -356,3 +358,35 @@ async def test_a_second_store_on_the_same_dir_is_refused(tmp_path: Path) -> None
     await store.close()
     again = await Store.open(tmp_path, 10 * 2**20)  # released on close
     await again.close()
+
+
+class LoopOnly(OrderedDict[str, int]):
+    """An LRU that fails when iterated off the loop's thread (the loop moves
+    its keys with every request: a thread iterating it would meet "mutated
+    during iteration")."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        assert threading.current_thread() is threading.main_thread(), "LRU read off the loop"
+        return super().__iter__()
+
+
+async def test_access_order_and_pins_are_flushed_without_reading_the_lru_off_the_loop(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    packages = [payload(1000, seed=i) for i in range(3)]
+    for data in packages:
+        await put(store, data)
+    store._lru = LoopOnly(store._lru)  # type: ignore[assignment]
+    first = digest_of(packages[0])
+    blob = await store.lease(first)
+    assert blob is not None
+    store.release(blob)
+    await store.flush()
+    assert await store.pin(digest_of(packages[1]), max_share=0.5)
+    assert await store.unpin(digest_of(packages[1]))
+    await store.close()
+    reopened = await Store.open(tmp_path, 10 * 2**20)
+    # the flushed order survived: used (p0), then pinned and unpinned (p1)
+    assert list(reopened._lru) == [digest_of(p).hex for p in (packages[2], *packages[:2])]
+    await reopened.close()
