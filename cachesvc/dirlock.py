@@ -45,9 +45,7 @@ _FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 class DirLock:
     """The lock on one directory, held until :meth:`release`."""
 
-    def __init__(self, directory: Path, fd: int) -> None:
-        self.directory = directory
-        self.path = directory / LOCK_NAME
+    def __init__(self, fd: int) -> None:
         self._fd = fd
 
     @classmethod
@@ -69,7 +67,7 @@ class DirLock:
                 ) from None
             raise ConfigError(f"{what} {directory}: cannot lock {LOCK_NAME}: {exc}") from exc
         _write_pid(fd)
-        return cls(directory, fd)
+        return cls(fd)
 
     def release(self) -> None:
         """Unlock; idempotent. The file stays (see the module docstring)."""

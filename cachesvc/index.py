@@ -166,9 +166,6 @@ class Index:
             return None
         return entry
 
-    def put(self, key: str, entry: Entry) -> None:
-        self._cache[key] = tuple(entry)
-
     def put_many(self, rows: dict[str, Entry]) -> None:
         """Write rows in one transaction."""
         with self._cache.transact():

@@ -178,9 +178,14 @@ def _sources_for(
 
 
 async def _flush_forever(store: Store) -> None:
+    """Persist access order every :data:`FLUSH_EVERY` s; a failed flush
+    (a disk error) is logged and retried, never the end of flushing."""
     while True:
         await asyncio.sleep(FLUSH_EVERY)
-        await store.flush()
+        try:
+            await store.flush()
+        except OSError as exc:
+            log.error("store: cannot record access order (retrying in %ss): %s", FLUSH_EVERY, exc)
 
 
 async def _close_core(core: Core) -> None:

@@ -199,7 +199,11 @@ class Store:
         """Persist access order (and pins) of entries touched since the last flush."""
         touched, self._touched = self._touched, set()
         if touched:
-            await self._write_rows(touched)
+            try:
+                await self._write_rows(touched)
+            except BaseException:
+                self._touched |= touched  # written by the next flush
+                raise
 
     async def _write_rows(self, keys: set[str]) -> None:
         """Rows for ``keys``, stamped in their order of use (every key touched

@@ -390,3 +390,29 @@ async def test_access_order_and_pins_are_flushed_without_reading_the_lru_off_the
     # the flushed order survived: used (p0), then pinned and unpinned (p1)
     assert list(reopened._lru) == [digest_of(p).hex for p in (packages[2], *packages[:2])]
     await reopened.close()
+
+
+async def test_a_flush_the_disk_refuses_keeps_its_touches_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    packages = [payload(1000, seed=20 + i) for i in range(2)]
+    for data in packages:
+        await put(store, data)
+    await store.flush()
+    blob = await store.lease(digest_of(packages[0]))
+    assert blob is not None
+    store.release(blob)
+
+    def refuse(rows: object) -> None:
+        raise OSError(errno.EIO, "disk said no")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store._index, "put_many", refuse)
+        with pytest.raises(OSError):
+            await store.flush()
+    await store.flush()  # the touch of packages[0] is written now
+    await store.close()
+    reopened = await Store.open(tmp_path, 10 * 2**20)
+    assert list(reopened._lru) == [digest_of(p).hex for p in (packages[1], packages[0])]
+    await reopened.close()
