@@ -29,14 +29,14 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 from aiohttp import web
 
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, FanoutBusy, LoopRefused, PeerFailed
+from cachesvc.membership import parse_base_url
 from cachesvc.origin import Body
-from cachesvc.peer_client import PeerClient, Redirect
+from cachesvc.peer_client import PARENT, PeerClient, Redirect
 from cachesvc.ring import Ring
 from cachesvc.tracker import Tracker
 
@@ -193,7 +193,7 @@ def redirect(parent: str, digest: Digest) -> web.Response:
 
 
 def redirect_headers(parent: str, digest: Digest) -> dict[str, str]:
-    return {"Location": f"{parent}/pkg/{digest}", "X-Cachesvc-Parent": parent}
+    return {"Location": f"{parent}/pkg/{digest}", PARENT: parent}
 
 
 class Feeds:
@@ -235,17 +235,10 @@ def _optional_url(text: str | None) -> str | None:
     """An ``http(s)://host:port`` base URL, normalised; None if malformed."""
     if not text:
         return None
-    text = text.strip().rstrip("/")
     try:
-        parsed = urlparse(text)
-        port = parsed.port
+        return parse_base_url(text)
     except ValueError:
         return None
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None:
-        return None
-    if parsed.path or parsed.query or parsed.fragment or parsed.username:
-        return None
-    return text
 
 
 def _bounded_int(text: str, high: int) -> int:

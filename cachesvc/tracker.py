@@ -58,7 +58,7 @@ class Member:
 class Tree:
     """The hosts that hold or fill one digest, in join order."""
 
-    members: OrderedDict[str, Member] = field(default_factory=OrderedDict)
+    members: dict[str, Member] = field(default_factory=dict)  # insertion order is join order
     used: float = 0.0
     cursor: int = 0  # members before it are full: the search starts here
 
