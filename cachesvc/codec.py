@@ -53,7 +53,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import lz4.frame
 import zstandard
@@ -413,7 +413,7 @@ def open_stream(path: Package, limits: Limits | None = None) -> Iterator[Archive
 
 @contextlib.contextmanager
 def open_archive(
-    path: Package, limits: Limits | None = None, spool_dir: Path | str | None = None
+    path: Path | str, limits: Limits | None = None, spool_dir: Path | str | None = None
 ) -> Iterator[Archive]:
     """Open the package for extraction: a seekable stream for zip, a stream for tar.
 
@@ -426,11 +426,6 @@ def open_archive(
         if archive.kind == "tar":
             yield archive
         elif not archive.compressions:
-            if isinstance(path, io.RawIOBase):  # an open file: the same one, from its start
-                path.seek(0)
-                plain_raw = cast(BinaryIO, io.BufferedReader(path))
-                yield Archive(archive.layers, plain_raw, archive.packed_size)
-                return
             with open(path, "rb") as plain:
                 yield Archive(archive.layers, plain, archive.packed_size)
         else:

@@ -49,7 +49,7 @@ from cachesvc import codec
 from cachesvc.codec import KiB, Limits, MiB
 from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.extract_zip import extract_arriving, extract_zip
-from cachesvc.tree import Tree, show
+from cachesvc.tree import NO_SPACE_ERRNOS, Tree, show
 
 TAR_META_MAX = 64 * KiB
 """Largest PAX or GNU long-name record read (Linux paths are at most 4 KiB)."""
@@ -70,7 +70,6 @@ _CORRUPT = (
     RuntimeError,  # its "not implemented" subclass: zipfile's unknown methods, encryption
 )
 _CORRUPT_ERRNOS = {None, errno.EINVAL, errno.EOVERFLOW}
-_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class Extracted(NamedTuple):
@@ -133,7 +132,7 @@ def _refusing(kind: Callable[[], str]) -> Iterator[None]:
     except RecursionError as exc:
         raise UnsupportedFormat(f"corrupt {kind()}: headers nest too deep") from exc
     except OSError as exc:
-        if exc.errno in _NO_SPACE_ERRNOS:
+        if exc.errno in NO_SPACE_ERRNOS:
             raise TooLarge(f"spooling the {kind()}: {exc.strerror}") from exc
         if exc.errno not in _CORRUPT_ERRNOS:
             raise CachesvcError(f"reading the package: {exc}") from exc

@@ -56,7 +56,7 @@ MTIME_RANGE = (-(2**31), 2**34)
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # errno of a failed write -> the contract error it means for this package.
-_TOO_LARGE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the disk or a limit is full
 _CONFLICT = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENOTEMPTY}
 _BAD_NAME = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
 
@@ -113,7 +113,7 @@ def writing(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno in _TOO_LARGE:
+        if exc.errno in NO_SPACE_ERRNOS:
             raise TooLarge(f"writing {what}: {exc.strerror}") from exc
         if exc.errno in _CONFLICT:
             raise UnsafeArchive(f"duplicate or conflicting entry {what}") from exc

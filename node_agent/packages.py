@@ -97,14 +97,20 @@ def make_unpacker(settings: Settings, limits: Limits) -> Unpacker:
 
 async def local_package(core: Core, digest: Digest, limit: int) -> Blob:
     """Lease the verified package from L1, fetching it through the tiers first."""
-    size, _tier = await core.tiers.head(digest)
-    if size > limit:
-        raise TooLarge(f"{digest.short} is {size} bytes, over --max-package-size {limit}")
+    size = await checked_size(core, digest, limit)
     await core.tiers.fetch(digest)
     blob = await core.store.lease(digest)
     if blob is None:
         raise TooLarge(f"{digest.short} ({size} bytes) could not be kept in L1 to work on")
     return blob
+
+
+async def checked_size(core: Core, digest: Digest, limit: int) -> int:
+    """The package's size (a HEAD through the tiers); TooLarge over ``limit``."""
+    size, _tier = await core.tiers.head(digest)
+    if size > limit:
+        raise TooLarge(f"{digest.short} is {size} bytes, over --max-package-size {limit}")
+    return size
 
 
 def fd_path(blob: Blob) -> Path:
@@ -138,9 +144,7 @@ async def post_unpack(request: web.Request) -> web.Response:
     core = request.app[CORE]
     limit = unpacker.limits.max_package_size
     try:
-        size, _tier = await core.tiers.head(digest)
-        if size > limit:
-            raise TooLarge(f"{digest.short} is {size} bytes, over --max-package-size {limit}")
+        await checked_size(core, digest, limit)
         # The worker reads the package as it arrives; its tree becomes visible
         # only after the sha256 verdict (cachesvc.unpack).
         async with core.tiers.open(digest) as package:
