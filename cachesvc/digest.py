@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cachesvc.errors import InvalidDigest
 
-_HEX = re.compile(r"[0-9a-f]{64}")
+HEX = re.compile(r"[0-9a-f]{64}")  # a sha256 in lowercase hex, and nothing else
 PREFIX = "sha256:"
 
 
@@ -30,7 +30,7 @@ class Digest:
         algorithm, wrong length, stray characters (``/``, ``%``, whitespace).
         """
         hex_part = text[len(PREFIX) :] if text.startswith(PREFIX) else text
-        if not _HEX.fullmatch(hex_part):
+        if not HEX.fullmatch(hex_part):
             shown = text if len(text) <= 80 else text[:77] + "..."
             raise InvalidDigest(f"{shown!r} is not sha256:<64 lowercase hex>")
         return cls(hex_part)

@@ -30,7 +30,6 @@ import io
 import logging
 import os
 import pickle
-import re
 import secrets
 import sqlite3
 import stat
@@ -42,6 +41,7 @@ from typing import Any, NamedTuple
 import diskcache
 from diskcache.core import DEFAULT_SETTINGS, METADATA, MODE_PICKLE
 
+from cachesvc.digest import HEX
 from cachesvc.errors import ConfigError
 from cachesvc.fsutil import remove_tree
 
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "cache.db"  # diskcache's database file inside the index directory
 QUARANTINE_KEEP = 3
-HEX = re.compile(r"[0-9a-f]{64}")
 _KNOWN_SETTINGS = frozenset(DEFAULT_SETTINGS) | frozenset(METADATA)
 # Every setting passed explicitly, so none is taken from the database.
 _SETTINGS: dict[str, Any] = {

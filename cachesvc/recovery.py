@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cachesvc.blob import file_sha256
-from cachesvc.digest import Digest
+from cachesvc.digest import HEX, Digest
 from cachesvc.errors import DigestMismatch
 from cachesvc.fsutil import remove_tree
-from cachesvc.index import HEX, Entry, Index
+from cachesvc.index import Entry, Index
 from cachesvc.ingest import compare
 
 log = logging.getLogger(__name__)

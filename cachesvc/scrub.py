@@ -45,16 +45,13 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20  # bytes per thread hop (and the most the rate can burst)
 MIN_BLOCK = 4096
-DEFAULT_INTERVAL = 86400.0
-DEFAULT_RATE = 64 << 20
 
 
 @dataclass(frozen=True)
 class PassReport:
-    """One full pass: when it started (scrubber clock), how long it took, how
-    much it read. What it dropped is counted by the store's ``on_corrupt``."""
+    """One full pass: how long it took, how much it read. What it dropped is
+    counted by the store's ``on_corrupt``."""
 
-    started: float
     seconds: float
     entries: int
     bytes: int
@@ -66,8 +63,8 @@ class Scrubber:
     def __init__(
         self,
         store: Store,
-        interval: float = DEFAULT_INTERVAL,
-        rate: int = DEFAULT_RATE,
+        interval: float,
+        rate: int,
         metrics: Metrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -84,31 +81,29 @@ class Scrubber:
         self._sleep = sleep
         self._block = max(MIN_BLOCK, min(BLOCK, rate))
         self._pace = _Pace(rate, clock, sleep)
-        self.last_pass: PassReport | None = None
 
     async def run(self, passes: int | None = None) -> None:
         """Scrub pass after pass, one every interval; forever, or ``passes`` times."""
         done = 0
         while passes is None or done < passes:
             started = self._clock()
-            report = await self._pass_or_log()
+            await self._pass_or_log()
             done += 1
             if passes is not None and done >= passes:
                 return
-            seconds = report.seconds if report else self._clock() - started
+            seconds = self._clock() - started
             if seconds > self._interval:
                 log.warning("scrub: a pass took %.0fs, over the %.0fs interval: raise --scrub-rate",
                             seconds, self._interval)  # fmt: skip
             await self._sleep(max(0.0, self._interval - seconds))
 
-    async def _pass_or_log(self) -> PassReport | None:
+    async def _pass_or_log(self) -> None:
         """A pass; a failure (a bug, the index refusing a write) is logged and
         the next pass tried after the interval: the scrubber never just stops."""
         try:
-            return await self.scrub_pass()
+            await self.scrub_pass()
         except Exception:
             log.exception("scrub: a pass failed; the next one starts after the interval")
-            return None
 
     async def scrub_pass(self) -> PassReport:
         """Re-hash every entry present now, unverified ones first."""
@@ -116,29 +111,27 @@ class Scrubber:
         digests = sorted(self._store.digests(), key=self._store.is_verified)
         hashed = 0
         for digest in digests:
-            hashed += (await self.scrub(digest))[1]
-        report = PassReport(started, self._clock() - started, len(digests), hashed)
-        self.last_pass = report
+            hashed += await self.scrub(digest)
+        report = PassReport(self._clock() - started, len(digests), hashed)
         self._count_pass(report)
         log.debug("scrub: %s", report)
         return report
 
-    async def scrub(self, digest: Digest) -> tuple[bool | None, int]:
-        """Re-hash one entry: (True if it matched, False if found corrupt, None
-        if it was gone; bytes read)."""
+    async def scrub(self, digest: Digest) -> int:
+        """Re-hash one entry (one that is gone is skipped); the bytes read."""
         blob = await self._store.lease(digest, touch=False)
         if blob is None:
-            return None, 0
+            return 0
         recheck = self._store.recheck(blob, found_by="scrub")
         try:
             await self._hash(recheck)
             await recheck.verify()  # drops the entry and raises when the bytes are wrong
             await recheck.persist()
-            return True, recheck.on_disk
         except DigestMismatch:
-            return False, recheck.on_disk
+            pass  # dropped and counted by the store
         finally:
             await recheck.close()
+        return recheck.on_disk
 
     async def _hash(self, recheck: Recheck) -> None:
         """Feed every block to the recheck, at the paced rate."""
@@ -158,7 +151,9 @@ class Scrubber:
 
 
 class _Pace:
-    """Never more than ``rate`` bytes per second, with no credit for idle time."""
+    """Never more than ``rate`` bytes per second, with no credit for idle time.
+    One taker, one sleep per block (egress's TokenBucket serves many takers
+    in 256 KiB turns)."""
 
     def __init__(
         self, rate: int, clock: Callable[[], float], sleep: Callable[[float], Awaitable[None]]

@@ -62,10 +62,9 @@ from typing import Any, TypeVar
 
 from cachesvc.blob import READ_FLAGS
 from cachesvc.codec import Limits
-from cachesvc.digest import Digest
+from cachesvc.digest import HEX, Digest
 from cachesvc.extract import Extracted
 from cachesvc.fsutil import remove_tree
-from cachesvc.index import HEX
 from cachesvc.package import Package
 from cachesvc.unpack_worker import Budget, Workers
 
