@@ -75,18 +75,16 @@ class Recovered:
 REPORT_KEYS = ("temp_removed", "rows_dropped", "adopted", "corrupt_removed", "junk_removed")
 
 
-def recover(root: Path, index: Index, rows: dict[str, Entry], fix: bool, now: float) -> Recovered:
+def recover(root: Path, index: Index, rows: dict[str, Entry], now: float) -> Recovered:
     """Steps 2 and 4 of the module docstring on the store at ``root`` (the
-    layout and the index are set right before). With ``fix``, removals and
-    index repairs happen; without, they are only counted."""
-    swept = sweep_tmp(root / "tmp", fix)
-    scan = scan_blobs(root / "blobs" / "sha256", rows, fix)
-    if fix:
-        for key in scan.dropped_rows:
-            index.delete(key)
-    adopted = adopt_orphans(root / "blobs" / "sha256", scan, fix, now)
-    if fix:
-        index.put_many({key: scan.rows[key] for key in adopted})
+    layout and the index are set right before): removals and index repairs,
+    counted."""
+    swept = sweep_tmp(root / "tmp")
+    scan = scan_blobs(root / "blobs" / "sha256", rows)
+    for key in scan.dropped_rows:
+        index.delete(key)
+    adopted = adopt_orphans(root / "blobs" / "sha256", scan, now)
+    index.put_many({key: scan.rows[key] for key in adopted})
     scan.report["temp_removed"] = swept
     scan.report["adopted"] = len(adopted)
     return Recovered(scan.rows, adopted, {key: scan.report[key] for key in REPORT_KEYS})
@@ -115,19 +113,18 @@ def prepare_layout(root: Path) -> int:
     return replaced
 
 
-def sweep_tmp(tmp: Path, fix: bool) -> int:
+def sweep_tmp(tmp: Path) -> int:
     """Remove everything under ``tmp`` (interrupted ingests); return how many
     top-level entries there were."""
     names = _names(tmp)
-    if fix:
-        for name in names:
-            remove_tree(tmp / name)
+    for name in names:
+        remove_tree(tmp / name)
     return len(names)
 
 
-def scan_blobs(blobs: Path, rows: dict[str, Entry], fix: bool) -> Scan:
-    """Sort ``blobs`` against the index ``rows``; remove what cannot be a blob
-    (when ``fix``). Reads no file's bytes."""
+def scan_blobs(blobs: Path, rows: dict[str, Entry]) -> Scan:
+    """Sort ``blobs`` against the index ``rows``; remove what cannot be a
+    blob. Reads no file's bytes."""
     scan = Scan()
     for name in _names(blobs):
         kind = _classify(blobs / name, rows.get(name))
@@ -137,14 +134,13 @@ def scan_blobs(blobs: Path, rows: dict[str, Entry], fix: bool) -> Scan:
             scan.orphans.append(name)
         else:
             scan.report[kind] += 1
-            if fix:
-                remove_tree(blobs / name)
+            remove_tree(blobs / name)
     scan.dropped_rows = [key for key in rows if key not in scan.rows]
     scan.report["rows_dropped"] += len(scan.dropped_rows)
     return scan
 
 
-def adopt_orphans(blobs: Path, scan: Scan, fix: bool, now: float) -> set[str]:
+def adopt_orphans(blobs: Path, scan: Scan, now: float) -> set[str]:
     """Re-hash files without a row: those that match their name join
     ``scan.rows`` (and count as verified), the rest are removed as corrupt.
     Returns the names adopted."""
@@ -160,8 +156,7 @@ def adopt_orphans(blobs: Path, scan: Scan, fix: bool, now: float) -> set[str]:
             scan.rows[name] = Entry(size, now)
             continue
         scan.report["corrupt_removed"] += 1
-        if fix:
-            remove_tree(blobs / name)
+        remove_tree(blobs / name)
     return adopted
 
 

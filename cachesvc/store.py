@@ -147,7 +147,7 @@ class Store:
             replaced = await asyncio.to_thread(recovery.prepare_layout, root)
             index, rows = await asyncio.to_thread(Index.open, root / "index", root / "quarantine")
             store = cls(root, capacity, index, lock, clock, on_corrupt)
-            report = await asyncio.to_thread(store._check, rows, True)
+            report = await asyncio.to_thread(store._check, rows)
         except BaseException:
             lock.release()
             raise
@@ -172,16 +172,15 @@ class Store:
         await asyncio.to_thread(self._index.close)
         self._lock.release()
 
-    def check(self, fix: bool = True) -> dict[str, int]:
-        """Reconcile disk and index (see :mod:`cachesvc.recovery`); call from a
-        thread, and only while no ingest runs (temp files are removed). Returns
-        counts of what was wrong; with ``fix``, it is set right."""
-        return self._check(self._index.rows(), fix)
+    def check(self) -> dict[str, int]:
+        """Reconcile disk and index again (see :mod:`cachesvc.recovery`), only
+        while nothing else uses the store (temp files are removed). Returns
+        counts of what was wrong and has been set right."""
+        return self._check(self._index.rows())
 
-    def _check(self, rows: dict[str, Entry], fix: bool) -> dict[str, int]:
-        found = recovery.recover(self.root, self._index, rows, fix, self._clock())
-        if fix:
-            self._load(found.rows, found.verified)
+    def _check(self, rows: dict[str, Entry]) -> dict[str, int]:
+        found = recovery.recover(self.root, self._index, rows, self._clock())
+        self._load(found.rows, found.verified)
         return found.report
 
     def _load(self, rows: dict[str, Entry], verified: set[str]) -> None:
