@@ -300,15 +300,16 @@ class HitProtocol(asyncio.Protocol):
         if admitted is None:
             return None
         head, digest = admitted
-        blob = self.server.store.lease_hot(digest)
-        if blob is None:
+        store = self.server.store
+        if not store.is_hot(digest):
             return None
         decide = self.server.route.decide
         verdict = SERVE if decide is None else decide(head, digest)
-        if verdict == SERVE:
-            return blob, FORWARDED_HEADER in head.headers
-        Store.release(blob)
-        return None if verdict is None else self.server.redirect_response(verdict, digest)
+        if verdict != SERVE:  # refused or redirected: the entry's recency is not touched
+            return None if verdict is None else self.server.redirect_response(verdict, digest)
+        blob = store.lease_hot(digest)
+        assert blob is not None, "hot a moment ago, with no await in between"
+        return blob, FORWARDED_HEADER in head.headers
 
     def _admit(self, raw: bytes) -> tuple[Head, Digest] | None:
         """The parsed head and digest of a plain keep-alive GET of the route."""

@@ -262,12 +262,17 @@ class Store:
         blob.acquire()
         return blob
 
+    def is_hot(self, digest: Digest) -> bool:
+        """Open and verified right now: :meth:`lease_hot` would lease it."""
+        key = digest.hex
+        return key in self._open and key in self._verified and key in self._lru
+
     def lease_hot(self, digest: Digest) -> Blob | None:
         """A lease on an entry that is open and verified right now, without
         any I/O (for the L1-hit fast path); None otherwise. Marks it used."""
-        blob = self._open.get(digest.hex)
-        if blob is None or digest.hex not in self._verified or digest.hex not in self._lru:
+        if not self.is_hot(digest):
             return None
+        blob = self._open[digest.hex]
         self._lru.move_to_end(digest.hex)
         self._touched.add(digest.hex)
         self._open.move_to_end(digest.hex)

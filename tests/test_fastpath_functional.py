@@ -210,9 +210,15 @@ async def test_a_peer_answers_hot_blob_hits_on_the_fast_path_after_the_token(
     file_stack: Stack, file_origin: OriginFixture
 ) -> None:
     peer, digest, data = await hot_peer(file_stack, file_origin, token="s3cret")
+    newer = await file_origin.put(payload(1000, seed=11))
+    assert (await get(f"{peer}/blob/{newer}", Authorization="Bearer s3cret"))[0] == 200
+    await file_stack.apps[peer][CORE].flights.wait_idle()  # kept
+    store = file_stack.apps[peer][CORE].store
+    order = list(store.digests())
     before = await fast_hits(peer)
     assert (await get(f"{peer}/blob/{digest}"))[0] == 401  # aiohttp's answer
     assert (await get(f"{peer}/blob/{digest}", Authorization="Bearer nope"))[0] == 401
+    assert list(store.digests()) == order  # a refused request does not make it recent
     status, headers, body = await get(
         f"{peer}/blob/{digest}", Authorization="Bearer s3cret", **{"X-Cachesvc-Forwarded": "1"}
     )
