@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from cachesvc.config import Settings
@@ -196,6 +197,12 @@ class Stack:
     async def close(self) -> None:
         for url in list(self._runners):
             await self.stop(url)
+
+
+async def metrics_of(url: str) -> str:
+    """The Prometheus text a service at ``url`` exposes now."""
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        return await r.text()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -20,7 +20,7 @@ from cachesvc.peer_client import FORWARDED
 from cachesvc.ring import Ring
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
-from tests.servers import Stack, free_port, metric, payload, start_server
+from tests.servers import Stack, free_port, metric, metrics_of, payload, start_server
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
@@ -39,11 +39,6 @@ async def fetch(url: str, attempts: int = 1) -> tuple[int, bytes | None]:
         if attempt + 1 < attempts:
             await asyncio.sleep(0.2)
     return r.status, body
-
-
-async def metrics_of(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
-        return await r.text()
 
 
 async def uploads(urls: list[str]) -> dict[str, float]:

@@ -14,7 +14,7 @@ import aiohttp
 from cachesvc.digest import Digest
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
-from tests.servers import Stack, metric, payload
+from tests.servers import Stack, metric, metrics_of, payload
 
 MiB = 1 << 20
 
@@ -25,8 +25,7 @@ async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
 
 
 async def fast_hits(agent: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(f"{agent}/metrics") as r:
-        return metric(await r.text(), "cachesvc_fast_hits_total")
+    return metric(await metrics_of(agent), "cachesvc_fast_hits_total")
 
 
 async def hot(
@@ -179,9 +178,8 @@ async def test_a_small_hot_entry_that_shrank_on_disk_is_cut_short_and_dropped(
     writer.close()
     assert await fast_hits(agent) == before  # not counted as served
     for _ in range(100):  # the drop runs in a task
-        async with aiohttp.ClientSession() as s, s.get(f"{agent}/metrics") as r:
-            if metric(await r.text(), "cachesvc_corrupt_total", found_by="serve") == 1:
-                break
+        if metric(await metrics_of(agent), "cachesvc_corrupt_total", found_by="serve") == 1:
+            break
         await asyncio.sleep(0.01)
     else:
         raise AssertionError("the entry was not dropped as corrupt")
@@ -224,8 +222,7 @@ async def test_a_peer_answers_hot_blob_hits_on_the_fast_path_after_the_token(
     )
     assert (status, headers["X-Cache-Tier"], body) == (200, "L2", data)
     assert await fast_hits(peer) == before + 1
-    async with aiohttp.ClientSession() as s, s.get(f"{peer}/metrics") as r:
-        assert metric(await r.text(), "cachesvc_upload_bytes_total") >= len(data)
+    assert metric(await metrics_of(peer), "cachesvc_upload_bytes_total") >= len(data)
 
 
 async def test_a_peer_fast_path_redirects_like_the_tracker_and_assigns_once(

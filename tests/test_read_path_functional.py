@@ -15,6 +15,7 @@ from tests.servers import (
     Stack,
     digest_of,
     metric,
+    metrics_of,
     payload,
     start_fake_peer,
     store_files,
@@ -42,10 +43,6 @@ async def settled(url: str) -> dict:
             return stats
         await asyncio.sleep(0.02)
     raise AssertionError(f"{url} still fetching: {stats}")
-
-
-async def metrics_of(url: str) -> str:
-    return (await get(f"{url}/metrics"))[2].decode()
 
 
 # -- tiers ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import os
 import aiohttp
 
 from tests.conftest import OriginFixture
-from tests.servers import Stack, metric, payload
+from tests.servers import Stack, metric, metrics_of, payload
 
 MiB = 1 << 20
 
@@ -18,11 +18,6 @@ MiB = 1 << 20
 async def get(url: str) -> tuple[int, str, bytes]:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return r.status, r.headers.get("X-Cache-Tier", ""), await r.read()
-
-
-async def metrics_of(agent: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"{agent}/metrics") as r:
-        return await r.text()
 
 
 async def wait_for_commit(agent: str) -> None:
