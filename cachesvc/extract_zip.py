@@ -106,15 +106,19 @@ def extract_zip(stream: BinaryIO, tree: Tree, limits: Limits) -> None:
     """The whole (seekable) zip into the tree, as its central directory lists it."""
     _check_claims(stream, limits)
     with zipfile.ZipFile(stream) as archive:
-        members = archive.infolist()
-        if len(members) > limits.max_files:  # the end record may under-count
-            raise TooLarge(f"zip has {len(members)} entries, over {limits.max_files}")
-        for info in members:
-            if member_kind(info) == "dir":
-                tree.add_dir(info.filename)
-                continue
-            with archive.open(info) as member:
-                tree.add_file(info.filename, member, info.external_attr >> 16, zip_mtime(info))
+        _extract_members(archive, tree, limits)
+
+
+def _extract_members(archive: zipfile.ZipFile, tree: Tree, limits: Limits) -> None:
+    members = archive.infolist()
+    if len(members) > limits.max_files:  # the end record may under-count
+        raise TooLarge(f"zip has {len(members)} entries, over {limits.max_files}")
+    for info in members:
+        if member_kind(info) == "dir":
+            tree.add_dir(info.filename)
+            continue
+        with archive.open(info) as member:
+            tree.add_file(info.filename, member, info.external_attr >> 16, zip_mtime(info))
 
 
 def extract_arriving(package: io.RawIOBase, archive: Archive, dest: Path, limits: Limits) -> Tree:
@@ -131,12 +135,12 @@ def extract_arriving(package: io.RawIOBase, archive: Archive, dest: Path, limits
             if seen is not None and seen == _listing(members):
                 _finish(tree, members)
                 return tree
-        log.info("unpack: the zip's local headers disagree with its directory; reading it again")
-        for entry in list(os.scandir(dest)):
-            remove_tree(Path(entry.path))
-        tree = Tree(dest, limits, archive.packed_size)
-        extract_zip(whole, tree, limits)
-        return tree
+            log.info("unpack: the zip's local headers disagree with its directory; reading again")
+            for entry in list(os.scandir(dest)):
+                remove_tree(Path(entry.path))
+            tree = Tree(dest, limits, archive.packed_size)
+            _extract_members(zf, tree, limits)  # the directory already read, not parsed twice
+            return tree
 
 
 class _Tee(io.RawIOBase):
