@@ -145,11 +145,16 @@ def compress(src: Path | str, dst: Path | str, fmt: str = "zstd", level: int | N
     """
     level = check_level(_known(fmt), level)
     dst = Path(dst)
-    with open(src, "rb") as source, _atomic_output(dst) as out:
-        with _WRITERS[fmt](out, level) as writer:
-            while chunk := source.read(MiB):
-                writer.write(chunk)
+    with _atomic_output(dst) as out:
+        _write_layer(src, out, fmt, level)
     return dst.stat().st_size
+
+
+def _write_layer(src: Path | str, sink: BinaryIO, fmt: str, level: int) -> None:
+    """``src`` through one ``fmt`` writer into ``sink``, 1 MiB at a time."""
+    with open(src, "rb") as source, _WRITERS[fmt](sink, level) as writer:
+        while chunk := source.read(MiB):
+            writer.write(chunk)
 
 
 @dataclass(frozen=True)
@@ -236,10 +241,7 @@ class _Counter:
 def _layer_size(path: Path, fmt: str, level: int) -> int:
     """Size of ``path`` under one ``fmt`` layer, computed without writing it."""
     counter = _Counter()
-    sink = cast(BinaryIO, counter)  # the writers only call write()
-    with open(path, "rb") as source, _WRITERS[fmt](sink, level) as writer:
-        while chunk := source.read(MiB):
-            writer.write(chunk)
+    _write_layer(path, cast(BinaryIO, counter), fmt, level)  # the writers only call write()
     return counter.size
 
 
