@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from cachesvc.config import parse_origin
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, UpstreamError, UpstreamTimeout
 from cachesvc.s3reads import SignedReads
@@ -95,13 +96,16 @@ def blob_key(digest: Digest) -> str:
 
 
 def make_origin(url: str, s3_endpoint: str | None = None, timeout: float = 30.0) -> Origin:
-    """``s3://bucket[/prefix]`` or ``file:///dir`` → an :class:`Origin`."""
-    parsed = urlparse(url)
-    if parsed.scheme == "s3" and parsed.netloc:
+    """``s3://bucket[/prefix]`` or ``file:///dir`` (checked by
+    :func:`cachesvc.config.parse_origin`, as the ``--origin`` flags are) →
+    an :class:`Origin`."""
+    try:
+        parsed = urlparse(parse_origin(url))
+    except ValueError as exc:
+        raise ValueError(f"--origin {url!r}: {exc}") from None
+    if parsed.scheme == "s3":
         return S3Origin(parsed.netloc, parsed.path.strip("/"), s3_endpoint, timeout)
-    if parsed.scheme == "file" and parsed.path:
-        return FileOrigin(Path(parsed.path), timeout)
-    raise ValueError(f"--origin {url!r}: expected s3://BUCKET[/PREFIX] or file:///DIR")
+    return FileOrigin(Path(parsed.path), timeout)
 
 
 # Error codes with which an S3 store refuses who we are or what we may do.

@@ -23,6 +23,7 @@ from cachesvc.config import (
     parse_size,
 )
 from cachesvc.errors import ConfigError
+from cachesvc.origin import make_origin
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,13 @@ def test_each_parser_accepts_the_documented_forms(parse: Any, text: str, value: 
 def test_each_parser_refuses_with_the_accepted_forms(parse: Any, text: str, forms: str) -> None:
     with pytest.raises(ValueError, match=r"^not [a-z ]+; " + re.escape(forms)):
         parse(text)
+
+
+@pytest.mark.parametrize("url", ["file://relative/dir", "s3://", "s3://b?x=1", "ftp://x"])
+def test_an_origin_is_checked_as_the_flag_checks_it_wherever_it_is_made(url: str) -> None:
+    """``publish`` and the loaders make origins without the flag's parser."""
+    with pytest.raises(ValueError, match=re.escape(f"--origin {url!r}: not an origin; use s3://")):
+        make_origin(url)
 
 
 def parser_with(flag: str, **kw: Any) -> argparse.ArgumentParser:
