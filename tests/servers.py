@@ -199,6 +199,17 @@ class Stack:
             await self.stop(url)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Rot: one bit of the file at ``path`` flipped (blobs are read-only:
+    made writable first; root would not need it, do not rely on it)."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 async def metrics_of(url: str) -> str:
     """The Prometheus text a service at ``url`` exposes now."""
     async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:

@@ -4,7 +4,6 @@ trusted again. Real agents on loopback over a real S3 server (moto)."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import aiohttp
@@ -12,22 +11,13 @@ import aiohttp
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from tests.conftest import OriginFixture
-from tests.servers import Stack, metric, metrics_of, payload
+from tests.servers import Stack, flip_byte, metric, metrics_of, payload
 
 MiB = 1 << 20
 
 
 def blob_path(settings: Settings, digest: Digest) -> Path:
     return settings.cache_dir / "blobs" / "sha256" / digest.hex
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    os.chmod(path, 0o644)  # blobs are read-only
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 async def fetch(url: str, **headers: str) -> tuple[int, str, bytes | None]:

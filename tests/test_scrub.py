@@ -17,7 +17,7 @@ from cachesvc.index import Index
 from cachesvc.metrics import Metrics
 from cachesvc.scrub import BLOCK, Scrubber
 from cachesvc.store import Store
-from tests.servers import digest_of, payload
+from tests.servers import digest_of, flip_byte, payload
 from tests.test_store import put, writable
 from tests.test_store_mayhem import failing
 
@@ -40,10 +40,7 @@ class FakeTime:
 
 
 def rot(store: Store, data: bytes) -> None:
-    path = writable(store.path_of(digest_of(data)))
-    with open(path, "r+b") as f:
-        f.seek(len(data) // 2)
-        f.write(bytes([data[len(data) // 2] ^ 0xFF]))
+    flip_byte(store.path_of(digest_of(data)), len(data) // 2)
 
 
 async def test_a_pass_drops_rotten_entries_and_marks_good_ones_verified(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import os
 import aiohttp
 
 from tests.conftest import OriginFixture
-from tests.servers import Stack, metric, metrics_of, payload
+from tests.servers import Stack, flip_byte, metric, metrics_of, payload
 
 MiB = 1 << 20
 
@@ -51,10 +51,7 @@ async def test_a_byte_flipped_under_a_running_agent_is_found_and_refetched(
     await wait_for_commit(agent)
 
     blob = file_stack.root / "agent-0" / "blobs" / "sha256" / digest.hex
-    blob.chmod(0o644)  # blobs are read-only; root would not need this, but do not rely on it
-    with open(blob, "r+b") as f:
-        f.seek(MiB)
-        f.write(bytes([data[MiB] ^ 0x01]))
+    flip_byte(blob, MiB)
 
     # Two passes end after the flip: the second started after it and read every entry.
     text = await wait_for_passes(agent, 2)
