@@ -134,7 +134,12 @@ async def _after_serve(request: web.Request, response: web.StreamResponse) -> No
     digest = request.match_info.get("digest")
     if digest is None or response.status not in (200, 206) or request.method == "HEAD":
         return
-    warm = request.app.get(WARM)
+    prefetch_signal(request.app, digest)
+
+
+def prefetch_signal(app: web.Application, digest: str) -> None:
+    """A package (``sha256:<hex>`` or hex) was served: tell the prefetcher, if any."""
+    warm = app.get(WARM)
     if warm is not None and warm.prefetcher is not None:
         warm.prefetcher.served(digest)
 

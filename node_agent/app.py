@@ -20,8 +20,8 @@ from cachesvc.fastpath import FORWARDED_HEADER, REFUSED_HEADERS, HitRoute
 from cachesvc.http import refuse_unrouted, route_digest, send_package, serve_package, timed
 from cachesvc.peer_client import FORWARDED, VIA
 from cachesvc.service import CORE, Core, make_base_app, offer_hit_path, require_token
-from cachesvc.warm_api import WARM
 from cachesvc.warm_api import add_routes as add_warm_routes
+from cachesvc.warm_api import prefetch_signal
 from node_agent.packages import add_routes as add_package_routes
 
 FEED_START_WAIT = 5.0  # seconds another host waits for this host's own fill to start
@@ -43,9 +43,7 @@ def _served(app: web.Application) -> Callable[[Digest], None]:
     """The prefetch hook for hits the fast path answers."""
 
     def served(digest: Digest) -> None:
-        warm = app.get(WARM)
-        if warm is not None and warm.prefetcher is not None:
-            warm.prefetcher.served(str(digest))
+        prefetch_signal(app, digest.hex)
 
     return served
 
