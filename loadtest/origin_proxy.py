@@ -44,8 +44,9 @@ class S3Proxy:
 
     ``mode``: "ok"; "down" (500 for everything); "corrupt" (flip the first
     byte of blob bodies); "truncate" (close blob bodies halfway); "slow"
-    (sleep ``delay`` before answering blob GETs); "trickle" (sleep ``delay``
-    after every chunk of a blob body: a body that takes its time to arrive).
+    (sleep ``delay`` before answering blob GETs); "hold" (relay the first half
+    of a blob body, then wait until ``release()``: a body caught mid-way, for
+    as long as a test needs to look at what happens meanwhile).
     ``rate`` (bytes/s, 0 = unlimited) paces every blob body in every mode:
     an origin with a bandwidth.
 
@@ -63,6 +64,11 @@ class S3Proxy:
     url: str = ""
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        """Let the blob bodies held by ``hold`` mode go on (and stop holding)."""
+        self._released.set()
 
     def blob_gets(self, digest: Digest | None = None) -> int:
         """Blob GETs seen so far, for one digest or all of them."""
@@ -148,8 +154,8 @@ class S3Proxy:
                 return False
             await resp.write(chunk)
             sent += len(chunk)
-            if self.mode == "trickle":
-                await asyncio.sleep(self.delay)
+            if self.mode == "hold" and sent >= half:
+                await self._released.wait()
             if self.rate:
                 await asyncio.sleep(len(chunk) / self.rate)
         return True

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -22,6 +24,30 @@ from aiohttp import web
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from loadtest.origin_proxy import S3Proxy, start_server  # noqa: F401  (re-exported)
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], T | None | Awaitable[T | None]],
+    what: str,
+    timeout: float = 30.0,
+    step: float = 0.02,
+) -> T:
+    """The first truthy answer of ``check`` (sync or async), polled every
+    ``step`` seconds; AssertionError naming ``what`` after ``timeout`` seconds.
+    Bounded by the clock, not by a count, so a loaded machine only makes a
+    test slower, never wrong: the timeout is for things that never happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer:
+            return answer  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(step)
 
 
 def free_port() -> int:

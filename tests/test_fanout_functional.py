@@ -20,7 +20,7 @@ from cachesvc.peer_client import FORWARDED
 from cachesvc.ring import Ring
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
-from tests.servers import Stack, free_port, metric, metrics_of, payload, start_server
+from tests.servers import Stack, eventually, free_port, metric, metrics_of, payload, start_server
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
@@ -57,12 +57,12 @@ async def fill_under_way(
     stack: Stack, agent: str, digest: Digest, ready: Callable[[Flight], bool]
 ) -> Flight:
     """The agent's running fill of ``digest`` once ``ready`` holds (bounded)."""
-    for _ in range(400):
+
+    def ready_flight() -> Flight | None:
         flight = stack.apps[agent][CORE].flights.get(digest)
-        if flight is not None and ready(flight):
-            return flight
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{agent} never had a fill of {digest.short} that was ready")
+        return flight if flight is not None and ready(flight) else None
+
+    return await eventually(ready_flight, f"a ready fill of {digest.short} on {agent}", step=0.01)
 
 
 def owner_of(peers: list[str], digest: Digest) -> str:

@@ -14,7 +14,7 @@ import aiohttp
 from cachesvc.digest import Digest
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
-from tests.servers import Stack, metric, metrics_of, payload
+from tests.servers import Stack, eventually, metric, metrics_of, payload
 
 MiB = 1 << 20
 
@@ -177,12 +177,11 @@ async def test_a_small_hot_entry_that_shrank_on_disk_is_cut_short_and_dropped(
     assert await asyncio.wait_for(reader.read(), 10) == b""  # cut before any byte
     writer.close()
     assert await fast_hits(agent) == before  # not counted as served
-    for _ in range(100):  # the drop runs in a task
-        if metric(await metrics_of(agent), "cachesvc_corrupt_total", found_by="serve") == 1:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the entry was not dropped as corrupt")
+
+    async def dropped() -> bool:  # the drop runs in a task
+        return metric(await metrics_of(agent), "cachesvc_corrupt_total", found_by="serve") == 1
+
+    await eventually(dropped, "the entry dropped as corrupt")
     assert digest not in file_stack.apps[agent][CORE].store
     status, headers, body = await get(f"{agent}/pkg/{digest}")
     assert (status, headers["X-Cache-Tier"], body) == (200, "ORIGIN", data)

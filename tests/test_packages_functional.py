@@ -14,7 +14,7 @@ import aiohttp
 import zstandard
 
 from tests.conftest import OriginFixture
-from tests.servers import Stack, payload
+from tests.servers import Stack, eventually, payload
 
 FILES = {"handler.py": b"def handler(e, c):\n    return 1\n", "lib/data.bin": payload(200_000)}
 
@@ -117,11 +117,7 @@ async def test_eviction_takes_the_unpacked_tree_with_the_package(
     for _ in range(3):
         d = await s3_origin.put(make_zip({"b.bin": os.urandom(400_000)}))
         assert (await call("GET", f"{agent}/pkg/{d}"))[0] == 200
-    for _ in range(50):
-        if first.hex not in code_entries(stack):
-            break
-        await asyncio.sleep(0.05)
-    assert first.hex not in code_entries(stack)
+    await eventually(lambda: first.hex not in code_entries(stack), "the tree evicted")
 
 
 async def test_unpack_without_a_code_dir_is_a_clear_400(stack: Stack, s3_origin) -> None:

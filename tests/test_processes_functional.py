@@ -13,7 +13,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.servers import digest_of, free_port, free_port_run, payload, start_fake_peer, store_files
+from tests.servers import (
+    digest_of,
+    eventually,
+    free_port,
+    free_port_run,
+    payload,
+    start_fake_peer,
+    store_files,
+)
 
 MiB = 1 << 20
 
@@ -64,11 +72,9 @@ async def slow_origin_and_peer(tmp_path: Path) -> AsyncIterator[tuple[str, str, 
 
 
 async def wait_for_partial(tmp_dir: Path) -> None:
-    for _ in range(100):
-        if any(f.stat().st_size > 0 for f in tmp_dir.iterdir()):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("no partial download appeared")
+    await eventually(
+        lambda: any(f.stat().st_size > 0 for f in tmp_dir.iterdir()), "a partial download"
+    )
 
 
 async def restart_without_peers(agent: AgentProcess) -> None:

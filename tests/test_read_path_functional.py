@@ -14,6 +14,7 @@ from tests.conftest import OriginFixture
 from tests.servers import (
     Stack,
     digest_of,
+    eventually,
     metric,
     metrics_of,
     payload,
@@ -36,13 +37,13 @@ async def head(url: str, **headers: str) -> tuple[int, dict[str, str]]:
 
 async def settled(url: str) -> dict:
     """/stats once no fetch is running (a response ends before its fsync)."""
-    for _ in range(100):
+
+    async def idle() -> dict | None:
         async with aiohttp.ClientSession() as s, s.get(f"{url}/stats") as r:
             stats = await r.json()
-        if stats["inflight_fetches"] == 0:
-            return stats
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{url} still fetching: {stats}")
+        return stats if stats["inflight_fetches"] == 0 else None
+
+    return await eventually(idle, f"{url} done fetching")
 
 
 # -- tiers ------------------------------------------------------------------------
@@ -223,11 +224,13 @@ async def test_a_peer_sending_wrong_bytes_is_refused_and_the_next_source_serves(
             await get(f"{agent}/pkg/{digest}")
         text = await metrics_of(agent)
         assert metric(text, "cachesvc_digest_mismatch_total") == 1
-        for _ in range(50):  # the refill from the origin runs in the background
-            status, headers, body = await get(f"{agent}/pkg/{digest}")
-            if status == 200:
-                break
-            await asyncio.sleep(0.05)
+
+        async def served() -> tuple[int, dict[str, str], bytes] | None:
+            answer = await get(f"{agent}/pkg/{digest}")
+            return answer if answer[0] == 200 else None
+
+        # the refill from the origin runs in the background
+        _, headers, body = await eventually(served, "a 200 after the refill", step=0.05)
         assert body == data and headers["x-cache-tier"] in ("ORIGIN", "L1")
     finally:
         await runner.cleanup()

@@ -1,7 +1,7 @@
 """Unpacking a package that is still arriving: the worker extracts while the
 bytes come in, and the tree becomes visible only after the sha256 verdict.
 Real agents on loopback over a real S3 server (moto) behind a proxy that can
-trickle or corrupt the body."""
+hold back or corrupt the body."""
 
 from __future__ import annotations
 
@@ -12,21 +12,32 @@ import os
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 
 import aiohttp
 import zstandard
 
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
-from tests.servers import Stack
+from tests.servers import Stack, eventually
 
 FILES = {f"lib/m{i}.bin": os.urandom(100_000) for i in range(30)}  # ~3 MB compressed
 
 
-def trickle(origin: OriginFixture) -> None:
-    """The blob body arrives in chunks 10 ms apart."""
+def hold(origin: OriginFixture) -> None:
+    """Blob bodies stop half-way until ``origin.proxy.release()``."""
     assert origin.proxy is not None
-    origin.proxy.mode, origin.proxy.delay = "trickle", 0.01
+    origin.proxy.mode = "hold"
+
+
+async def while_held(origin: OriginFixture, seen: Callable[[], bool], what: str) -> None:
+    """Wait until ``seen`` holds while the body is held half-way; then let the
+    rest of the body go (also when it never held)."""
+    assert origin.proxy is not None
+    try:
+        await eventually(seen, what, timeout=60, step=0.01)
+    finally:
+        origin.proxy.release()
 
 
 def tar_zst(files: dict[str, bytes]) -> bytes:
@@ -62,23 +73,23 @@ async def test_a_cold_tar_zst_is_extracted_while_it_arrives_and_shown_after_the_
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(tar_zst(FILES))
-    trickle(s3_origin)
+    hold(s3_origin)
     core = stack.apps[agent][CORE]
     unpack = asyncio.ensure_future(post_unpack(agent, digest))
     seen_during_fill: list[list[str]] = []
-    for _ in range(400):  # while the fill runs: a worker, and no <hex>/ yet
+
+    def a_temp_tree_while_unverified() -> bool:
         flight = core.flights.get(digest)
-        if flight is not None and flight.received and not flight.verified:
-            seen_during_fill.append(code_entries(stack))
-        if unpack.done():
-            break
-        await asyncio.sleep(0.01)
+        if flight is None or not flight.received or flight.verified:
+            return False
+        seen_during_fill.append(code_entries(stack))
+        return any(n.startswith(".tmp-") for n in seen_during_fill[-1])
+
+    await while_held(s3_origin, a_temp_tree_while_unverified, "a temp tree during the fill")
+    assert all(digest.hex not in names for names in seen_during_fill)  # nothing unverified
     status, body = await asyncio.wait_for(unpack, 60)
     assert status == 200, body
     assert body["files"] == len(FILES) and body["layers"] == ["zstd", "tar"]
-    assert seen_during_fill, "the fill was never seen running"
-    assert all(digest.hex not in names for names in seen_during_fill)  # nothing unverified
-    assert any(any(n.startswith(".tmp-") for n in names) for names in seen_during_fill)
     tree = stack.root / "agent-0-code" / digest.hex
     assert all((tree / name).read_bytes() == data for name, data in FILES.items())
 
@@ -102,21 +113,20 @@ async def test_a_cold_zip_is_extracted_while_it_arrives_then_checked_by_its_dire
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(plain_zip(FILES))
-    trickle(s3_origin)
+    hold(s3_origin)
     core = stack.apps[agent][CORE]
     unpack = asyncio.ensure_future(post_unpack(agent, digest))
-    written_during_fill = 0
-    for _ in range(400):
+
+    def members_written_while_unverified() -> bool:
         flight = core.flights.get(digest)
-        if flight is not None and flight.received and not flight.verified:
-            temps = [p for p in (stack.root / "agent-0-code").glob(".tmp-*/lib/*")]
-            written_during_fill = max(written_during_fill, len(temps))
-        if unpack.done():
-            break
-        await asyncio.sleep(0.01)
+        if flight is None or not flight.received or flight.verified:
+            return False
+        return any((stack.root / "agent-0-code").glob(".tmp-*/lib/*"))
+
+    # members are written before the rest of the body (and the directory) arrives
+    await while_held(s3_origin, members_written_while_unverified, "members during the fill")
     status, body = await asyncio.wait_for(unpack, 60)
     assert status == 200 and body["files"] == len(FILES) and body["layers"] == ["zip"]
-    assert written_during_fill > 0  # members were written before the last byte arrived
     tree = stack.root / "agent-0-code" / digest.hex
     assert all((tree / name).read_bytes() == data for name, data in FILES.items())
 
@@ -185,12 +195,13 @@ async def test_a_hostile_tar_arriving_is_refused_before_it_has_all_arrived(
             tf.addfile(info, io.BytesIO(data))
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(buf.getvalue())
-    trickle(s3_origin)
+    hold(s3_origin)
     core = stack.apps[agent][CORE]
-    started = time.monotonic()
-    status, body = await asyncio.wait_for(post_unpack(agent, digest), 60)
+    try:  # answered while the rest of the body is still held back at the origin
+        status, body = await asyncio.wait_for(post_unpack(agent, digest), 30)
+        flight = core.flights.get(digest)
+        assert flight is not None and not flight.verified
+    finally:
+        s3_origin.proxy.release()
     assert status == 422 and body["error"] == "unsafe_archive", body
-    flight = core.flights.get(digest)
-    assert flight is not None and not flight.verified  # answered while still arriving
-    assert time.monotonic() - started < 30
     assert code_entries(stack) == []

@@ -17,7 +17,7 @@ from cachesvc.publish import publish
 from cachesvc.ring import Ring
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
-from tests.servers import Stack, metric, payload
+from tests.servers import Stack, eventually, metric, payload
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
@@ -226,20 +226,20 @@ async def test_serving_a_caller_prefetches_the_called_functions_current_package(
     old = await s3_origin.put(payload(20_000, 2), "app", "worker", "v9")
     current = await s3_origin.put(payload(30_000, 3), "app", "worker", "v10")
     agent = await stack.start_agent()
-    for _ in range(100):  # the agent lists tenants/ once at start
-        if metric(await text_of(f"{agent}/metrics"), "cachesvc_references") == 3:
-            break
-        await asyncio.sleep(0.05)
+
+    async def listed() -> bool:  # the agent lists tenants/ once at start
+        return metric(await text_of(f"{agent}/metrics"), "cachesvc_references") == 3
+
+    await eventually(listed, "the references listed")
 
     for _ in range(3):
         async with aiohttp.ClientSession() as s, s.get(f"{agent}/pkg/{caller}") as r:
             assert r.status == 200
-    for _ in range(100):
-        if await tier_of(f"{agent}/pkg/{current}") == "L1":
-            break
-        await asyncio.sleep(0.05)
 
-    assert await tier_of(f"{agent}/pkg/{current}") == "L1"
+    async def prefetched() -> bool:
+        return await tier_of(f"{agent}/pkg/{current}") == "L1"
+
+    await eventually(prefetched, "the called package prefetched")
     assert await tier_of(f"{agent}/pkg/{old}") != "L1"
     text = await text_of(f"{agent}/metrics")
     assert metric(text, "cachesvc_prefetches_total", signal="calls") == 1
