@@ -14,7 +14,7 @@ import pytest
 
 from cachesvc.digest import Digest
 from tests.conftest import OriginFixture
-from tests.servers import Stack
+from tests.servers import Stack, eventually
 
 MiB = 1 << 20
 
@@ -116,7 +116,11 @@ async def test_a_blob_that_shrank_on_disk_aborts_the_response(
     digest = await file_origin.put(os.urandom(4 * MiB))
     agent = await file_stack.start_agent(peers=[], name="a")
     assert (await get(f"{agent}/pkg/{digest}"))[0] == 200
-    await asyncio.sleep(0.3)  # committed
+
+    async def committed() -> bool:  # the fill answers before it commits
+        return b'"entries": 1' in (await get(f"{agent}/stats"))[2]
+
+    await eventually(committed, "the fill committed")
     assert (await get(f"{agent}/pkg/{digest}"))[1]["x-cache-tier"] == "L1"  # its file is open now
     os.truncate(file_stack.root / "a" / "blobs" / "sha256" / digest.hex, MiB)
     with pytest.raises(aiohttp.ClientPayloadError):

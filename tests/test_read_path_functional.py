@@ -202,10 +202,14 @@ async def test_bad_origin_bytes_are_refused_and_not_kept(
         assert status == 502
     except aiohttp.ClientPayloadError:
         pass
-    await asyncio.sleep(0.2)  # let the refusal settle in both stores
-    for url in (agent, peer):
-        assert (await get(f"{url}/stats"))[2].count(b'"entries": 0') == 1
-    assert not [f for f in store_files(stack.root) if "blobs" in f or "tmp/" in f]
+
+    async def refused_everywhere() -> bool:  # the refusal settles in both stores
+        for url in (agent, peer):
+            if (await get(f"{url}/stats"))[2].count(b'"entries": 0') != 1:
+                return False
+        return not [f for f in store_files(stack.root) if "blobs" in f or "tmp/" in f]
+
+    await eventually(refused_everywhere, "nothing kept in either store")
 
     s3_origin.proxy.mode = "ok"
     status, _, body = await get(f"{agent}/pkg/{digest}")
