@@ -19,9 +19,9 @@ from tests.servers import Stack, eventually, payload
 FILES = {"handler.py": b"def handler(e, c):\n    return 1\n", "lib/data.bin": payload(200_000)}
 
 
-def make_zip(files: dict[str, bytes]) -> bytes:
+def make_zip(files: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(buf, "w", method) as zf:
         for name, data in files.items():
             zf.writestr(name, data)
     return buf.getvalue()

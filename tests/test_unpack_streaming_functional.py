@@ -20,6 +20,7 @@ import zstandard
 from cachesvc.service import CORE
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually
+from tests.test_packages_functional import make_zip
 
 FILES = {f"lib/m{i}.bin": os.urandom(100_000) for i in range(30)}  # ~3 MB compressed
 
@@ -48,14 +49,6 @@ def tar_zst(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return zstandard.ZstdCompressor(level=1).compress(buf.getvalue())
-
-
-def plain_zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 async def post_unpack(agent: str, digest: object) -> tuple[int, dict[str, object]]:
@@ -112,7 +105,7 @@ async def test_a_cold_zip_is_extracted_while_it_arrives_then_checked_by_its_dire
     stack: Stack, s3_origin: OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
-    digest = await s3_origin.put(plain_zip(FILES))
+    digest = await s3_origin.put(make_zip(FILES, zipfile.ZIP_STORED))
     hold(s3_origin)
     core = stack.apps[agent][CORE]
     unpack = asyncio.ensure_future(post_unpack(agent, digest))
