@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.servers import eventually
 from tests.test_processes_functional import AgentProcess
 
 
@@ -47,11 +48,13 @@ async def test_a_second_agent_on_the_same_code_dir_exits_naming_the_owner(tmp_pa
         agent_args(origin, cache1, code), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        for _ in range(200):  # bounded: until the first holds the code dir (10 s)
-            if (code / ".lock").exists() and (code / ".lock").read_text().strip():
-                break
+
+        def holds_the_code_dir() -> bool:
             assert first.poll() is None, first.stderr.read().decode()  # type: ignore[union-attr]
-            await asyncio.sleep(0.05)
+            lock = code / ".lock"
+            return lock.exists() and bool(lock.read_text().strip())
+
+        await eventually(holds_the_code_dir, "the first agent holding the code dir", step=0.05)
         out = await asyncio.to_thread(second_agent, origin, cache2, code)
         assert out.returncode != 0
         last = out.stderr.strip().splitlines()[-1]

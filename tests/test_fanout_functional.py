@@ -302,13 +302,13 @@ async def test_warming_a_tenant_into_eight_agents_costs_the_owner_at_most_k_pack
         async with aiohttp.ClientSession(headers=auth) as s:
             async with s.post(f"{agent}/warm", json={"tenant": "acme"}) as r:
                 job = (await r.json())["job"]
-            for _ in range(400):
+
+            async def finished() -> dict[str, Any] | None:
                 async with s.get(f"{agent}/warm/{job}") as r:
                     state: dict[str, Any] = await r.json()
-                if state["state"] != "running":
-                    return state
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"warm on {agent} still running")
+                return state if state["state"] != "running" else None
+
+            return await eventually(finished, f"warm on {agent} finished", step=0.05)
 
     states = await asyncio.gather(*(warm(a) for a in agents))
     assert all(s["state"] == "done" and s["failed"] == 0 for s in states)

@@ -41,17 +41,21 @@ class AgentProcess:
                 "--cache-size", "1GiB", "--origin", self.origin, "--peers", self.peers,
                 "--shutdown-grace", "10", "--peer-connect-timeout", "0.5"]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = self.proc
+
+        async def ready(s: aiohttp.ClientSession) -> bool:
+            try:
+                async with s.get(f"{self.url}/readyz") as r:
+                    if r.status == 200:
+                        return True
+            except aiohttp.ClientError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            return False
+
         async with aiohttp.ClientSession() as s:
-            for _ in range(100):
-                try:
-                    async with s.get(f"{self.url}/readyz") as r:
-                        if r.status == 200:
-                            return self
-                except aiohttp.ClientError:
-                    pass
-                assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
-                await asyncio.sleep(0.1)
-        raise AssertionError("agent did not become ready in 10 s")
+            await eventually(lambda: ready(s), "the agent ready", step=0.1)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -4,13 +4,12 @@ blob cut short is never opened for serving."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import aiohttp
 
 from tests.conftest import OriginFixture
-from tests.servers import Stack, flip_byte, metric, metrics_of, payload
+from tests.servers import Stack, eventually, flip_byte, metric, metrics_of, payload
 
 MiB = 1 << 20
 
@@ -22,23 +21,23 @@ async def get(url: str) -> tuple[int, str, bytes]:
 
 async def wait_for_commit(agent: str) -> None:
     """The fill answers before it renames and indexes the blob: wait for that (bounded: 30 s)."""
-    for _ in range(600):
+
+    async def committed() -> bool:
         async with aiohttp.ClientSession() as s, s.get(f"{agent}/stats") as r:
-            if (await r.json())["entries"] == 1:
-                return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the fill was not committed in 30 s")
+            return bool((await r.json())["entries"] == 1)
+
+    await eventually(committed, "the fill committed", step=0.05)
 
 
 async def wait_for_passes(agent: str, n: int) -> str:
     """Metrics text once ``n`` more full scrub passes have finished (bounded: 30 s)."""
     start = metric(await metrics_of(agent), "cachesvc_scrub_passes_total")
-    for _ in range(600):
+
+    async def after_passes() -> str | None:
         text = await metrics_of(agent)
-        if metric(text, "cachesvc_scrub_passes_total") >= start + n:
-            return text
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the scrubber did not finish {n} passes in 30 s")
+        return text if metric(text, "cachesvc_scrub_passes_total") >= start + n else None
+
+    return await eventually(after_passes, f"{n} more scrub passes", step=0.05)
 
 
 async def test_a_byte_flipped_under_a_running_agent_is_found_and_refetched(

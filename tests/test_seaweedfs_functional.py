@@ -34,7 +34,7 @@ from cachesvc.readiness import ORIGIN_TTL, OriginCheck
 from cachesvc.service import READINESS
 from loadtest.seaweedfs import ADMIN, Identity, SeaweedFS
 from tests.conftest import SEAWEED_BUCKET, OriginFixture
-from tests.servers import Stack, free_port, start_server
+from tests.servers import Stack, eventually, free_port, start_server
 from tests.test_readiness import Clock
 
 WRONG = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
@@ -79,15 +79,16 @@ class Service:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=log, env={**os.environ, **(env or {})}
             )
-        for _ in range(300):
-            assert self.proc.poll() is None, self.log.read_text()
+
+        async def healthy() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
             try:
-                if (await get_json(f"{self.url}/healthz"))[0] == 200:
-                    return self
+                return (await get_json(f"{self.url}/healthz"))[0] == 200
             except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{self.role} did not answer /healthz in 15 s")
+                return False
+
+        await eventually(healthy, f"{self.role} answering /healthz", step=0.05)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -108,12 +109,14 @@ async def get_json(url: str) -> tuple[int, dict[str, Any]]:
 async def readyz_settled(base: str) -> tuple[int, dict[str, Any]]:
     """/readyz once the first origin check has ended (a probe waits for it only
     a second, less than a loaded machine may need); bounded to 30 s."""
-    for _ in range(300):
+
+    async def settled() -> tuple[int, dict[str, Any]] | None:
         status, body = await get_json(f"{base}/readyz")
-        if not body.get("reason", "").endswith("first check still running"):
-            return status, body
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{base}: the first origin check did not end in 30 s")
+        return (
+            None if body.get("reason", "").endswith("first check still running") else (status, body)
+        )
+
+    return await eventually(settled, f"{base}: the first origin check ended", step=0.1)
 
 
 async def fetch(url: str) -> tuple[int, str, bytes]:

@@ -16,7 +16,7 @@ from node_agent.packages import UNPACKER
 from tests import hostile
 from tests.codedir_mayhem import planted, snapshot
 from tests.conftest import OriginFixture
-from tests.servers import Stack, payload
+from tests.servers import Stack, eventually, payload
 from tests.test_unpack import tar_bytes, tar_member
 
 pytestmark = pytest.mark.timeout(240)
@@ -106,10 +106,7 @@ async def test_hostile_unpacks_at_once_never_stall_a_cold_get_of_another_package
         asyncio.ensure_future(call("POST", f"{agent}/pkg/{d}/unpack")) for d in bombs + loops
     ]
     workers = file_stack.apps[agent][UNPACKER].workers
-    for _ in range(1000):  # bounded: until both workers chew on a bomb, 10 s at most
-        if len(workers.pids()) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(workers.pids()) == 2, "both workers chewing", step=0.01)
 
     cold = payload(1 << 20, seed=7)
     digest = await file_origin.put(cold)

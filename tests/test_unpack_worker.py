@@ -29,6 +29,7 @@ from cachesvc.extract import Extracted
 from cachesvc.unpack import Unpacker
 from cachesvc.unpack_worker import Budget, Workers, _decode
 from tests import hostile
+from tests.servers import eventually
 from tests.test_unpack import FILES, expected_modes, store, tar_of, tree_of, wrap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,11 +44,8 @@ def job(tmp_path: Path, data: bytes, name: str = "pkg") -> tuple[Path, Path]:
 
 
 async def running_pid(workers: Workers) -> int:
-    for _ in range(1000):  # bounded: 10 s at most
-        if pids := workers.pids():
-            return pids[0]
-        await asyncio.sleep(0.01)
-    raise AssertionError("no worker started within 10 s")
+    pids = await eventually(workers.pids, "a worker started", step=0.01)
+    return pids[0]
 
 
 def gone(pid: int) -> bool:
@@ -82,11 +80,12 @@ async def test_the_worker_runs_under_its_limits_and_at_a_lower_priority(tmp_path
     try:
         attempt = asyncio.ensure_future(workers.extract(package, dest, limits))
         pid = await running_pid(workers)
-        for _ in range(1000):  # until it confined itself (before reading): 10 s at most
+
+        def confined() -> list[str] | None:  # it confines itself before reading
             rows = Path(f"/proc/{pid}/limits").read_text().splitlines()
-            if "unlimited" not in next(row for row in rows if "cpu time" in row):
-                break
-            await asyncio.sleep(0.01)
+            return None if "unlimited" in next(r for r in rows if "cpu time" in r) else rows
+
+        rows = await eventually(confined, "the worker confined itself", step=0.01)
         nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
     finally:
         await workers.aclose()

@@ -50,13 +50,13 @@ async def warm(url: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST /warm, then poll the job until it finishes (bounded)."""
     status, answer = await call("POST", f"{url}/warm", body)
     assert status == 202, answer
-    for _ in range(200):
+
+    async def finished() -> dict[str, Any] | None:
         status, job = await call("GET", f"{url}/warm/{answer['job']}")
         assert status == 200
-        if job["state"] != "running":
-            return job
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"warm job on {url} still running: {job}")
+        return job if job["state"] != "running" else None
+
+    return await eventually(finished, f"warm job {answer['job']} on {url} finished", step=0.05)
 
 
 async def cli(*args: str, token: str = TOKEN) -> tuple[int, str, str]:
