@@ -7,17 +7,17 @@ Command (from the repository root; builds the corpus first if needed)::
 Prints four tables:
 
 a. each corpus package's size as the deployment zip, as zstd over the zip,
-   and repacked as tar.zst (``cachesvc.repack``, zstd level 19 + long mode);
+   and repacked as tar.zst (``cachesvc.publish.repack``, zstd level 19 + long mode);
 b. unpack time of the largest package through ``Unpacker`` against
    ``unzip -q`` (the zip) and ``tar --zstd -xf`` (the tar.zst) on the same
    bytes, medians of ``--runs`` alternating runs; target ratio <= 1.2;
-c. zstd decode throughput of ``cachesvc.codec`` (the package's stream read
+c. zstd decode throughput of ``cachesvc.unpack.codec`` (the package's stream read
    to the end) against ``zstd -d -c FILE > /dev/null`` (its time includes
    process start, a few ms), for every tar.zst and the largest zstd,zip;
    target ratio >= 0.8;
 d. what isolation costs: every corpus package (zip and tar.zst) through
    ``Unpacker`` (one forked, confined worker process per package) against
-   ``cachesvc.extract.extract`` run in the benchmark's own process.
+   ``cachesvc.unpack.extract.extract`` run in the benchmark's own process.
 
 Each timed run extracts into a fresh directory under ``--scratch`` (default
 ``/dev/shm``, a tmpfs, so the figures compare CPU work rather than this
@@ -44,10 +44,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import corpus  # noqa: E402
-from cachesvc import codec, repack  # noqa: E402
 from cachesvc.digest import Digest  # noqa: E402
-from cachesvc.extract import extract  # noqa: E402
-from cachesvc.unpack import Unpacker  # noqa: E402
+from cachesvc.publish import repack  # noqa: E402
+from cachesvc.unpack import codec  # noqa: E402
+from cachesvc.unpack.extract import extract  # noqa: E402
+from cachesvc.unpack.unpacker import Unpacker  # noqa: E402
 
 MiB = 2**20
 
@@ -89,7 +90,7 @@ def unpack_once(digest: Digest, package: Path, code_dir: Path) -> None:
 
 def compare_isolation(packages: list[Path], work: Path, runs: int) -> None:
     """The worker process's cost: ``Unpacker`` (a forked, confined worker per
-    package) against :func:`cachesvc.extract.extract` called in this process."""
+    package) against :func:`cachesvc.unpack.extract.extract` called in this process."""
     limits = codec.Limits()
     for package in packages:
         digest = Digest.parse(hashlib.sha256(package.read_bytes()).hexdigest())

@@ -4,7 +4,7 @@ Command (from the repository root; deterministic, ~2 s, no network)::
 
     .venv/bin/python bench/ring_moves.py [--keys 100000]
 
-Builds the real :class:`cachesvc.ring.Ring` (uhashring, md5, 160 vnodes per
+Builds the real :class:`cachesvc.upstream.ring.Ring` (uhashring, md5, 160 vnodes per
 peer) for the peer URLs the deployments use (the Kubernetes base advertises pod
 IPs, compose uses service names), and for ``--keys`` digests (sha256 of
 ``0``, ``1``, ...) compares the owner before and after each change: a peer
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachesvc.digest import Digest  # noqa: E402
-from cachesvc.ring import Ring  # noqa: E402
+from cachesvc.upstream.ring import Ring  # noqa: E402
 
 KEYS = 100_000
 # Peer URLs as the deployments name them: pod IPs behind the headless Service

@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import corpus  # noqa: E402
 from bench.procs import publish_report  # noqa: E402
-from cachesvc import repack  # noqa: E402
 from cachesvc.config import parse_size  # noqa: E402
-from cachesvc.origin import make_origin  # noqa: E402
-from cachesvc.publish import publish_blob  # noqa: E402
+from cachesvc.publish import repack  # noqa: E402
+from cachesvc.publish.upload import publish_blob  # noqa: E402
+from cachesvc.upstream.origin import make_origin  # noqa: E402
 from loadtest.origin_proxy import S3Proxy  # noqa: E402
 from loadtest.procs import Child, free_port, spawn, venv_tool, wait_ready  # noqa: E402
 from loadtest.stack import AWS_ENV, BUCKET, start_moto  # noqa: E402

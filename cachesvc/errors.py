@@ -24,7 +24,7 @@
 
     ConfigError                        not a request error: a service cannot start
 
-Every class carries ``status`` and ``code``; :mod:`cachesvc.http` turns them into
+Every class carries ``status`` and ``code``; :mod:`cachesvc.serve.http` turns them into
 ``{"error": code, "detail": str(exc)}``. This module knows nothing of HTTP.
 """
 

@@ -53,9 +53,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cachesvc.config import parse_size
 from cachesvc.digest import Digest
-from cachesvc.egress import parse_rate
-from cachesvc.origin import make_origin
-from cachesvc.ring import Ring
+from cachesvc.serve.egress import parse_rate
+from cachesvc.upstream.origin import make_origin
+from cachesvc.upstream.ring import Ring
 from loadtest.fanout_report import Row, predict, write_outputs
 from loadtest.hashstorm import Fetch, storm
 from loadtest.origin_proxy import S3Proxy

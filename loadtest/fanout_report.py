@@ -5,7 +5,7 @@ The simulator is calibrated only with physical quantities measured in the
 same run: the origin's time to first byte and bandwidth (one GET of a
 calibration package through the proxy) and the per-hop latency (the solo
 fetch's time to first byte minus the origin's). Its chunk is the egress
-bucket's slice (:data:`cachesvc.egress.SLICE`), the unit in which a host
+bucket's slice (:data:`cachesvc.serve.egress.SLICE`), the unit in which a host
 sends; nothing is fitted to the storm's own result.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachesvc.egress import SLICE
+from cachesvc.serve.egress import SLICE
 from sim.model import Params, simulate
 
 SIM_ERROR_NS = (8, 16, 24)  # where the prediction must be within 25 %

@@ -1,7 +1,7 @@
 """Seeding the origin for a load-test run.
 
 Packages are random bytes (incompressible; cachesvc serves ``/pkg`` without
-looking inside), published with ``cachesvc.publish`` straight to the S3 server
+looking inside), published with ``cachesvc.publish.upload`` straight to the S3 server
 (not through the counting proxy, so seeding never shows up as origin GETs),
 and made public-read so the origin and nginx baselines can GET them unsigned.
 """
@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import boto3
 
-from cachesvc.origin import blob_key, make_origin
-from cachesvc.publish import publish
+from cachesvc.publish.upload import publish
+from cachesvc.upstream.origin import blob_key, make_origin
 
 TENANT = "loadtest"
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 The same :func:`make_app` serves the CLI (``cachesvc agent``), ``cachesvc up``
 and the tests. Reads walk L1 → the ring's owners → the origin
-(:mod:`cachesvc.tiers`); this module only wires routes. With fan-out, it
+(:mod:`cachesvc.readpath.tiers`); this module only wires routes. With fan-out, it
 also feeds other agents what it holds or is filling (:func:`feed_host`).
 """
 
@@ -15,13 +15,13 @@ from aiohttp import web
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.errors import NotHere
-from cachesvc.fanout import check_requester
-from cachesvc.fastpath import FORWARDED_HEADER, REFUSED_HEADERS, HitRoute
-from cachesvc.http import refuse_unrouted, route_digest, send_package, serve_package, timed
-from cachesvc.peer_client import FORWARDED, VIA
-from cachesvc.service import CORE, Core, make_base_app, offer_hit_path, require_token
-from cachesvc.warm_api import add_routes as add_warm_routes
-from cachesvc.warm_api import prefetch_signal
+from cachesvc.fanout.parents import check_requester
+from cachesvc.serve.fastpath import FORWARDED_HEADER, REFUSED_HEADERS, HitRoute
+from cachesvc.serve.http import refuse_unrouted, route_digest, send_package, serve_package, timed
+from cachesvc.serve.service import CORE, Core, make_base_app, offer_hit_path, require_token
+from cachesvc.serve.warm_routes import add_routes as add_warm_routes
+from cachesvc.serve.warm_routes import prefetch_signal
+from cachesvc.upstream.peer_client import FORWARDED, VIA
 from node_agent.packages import add_routes as add_package_routes
 
 FEED_START_WAIT = 5.0  # seconds another host waits for this host's own fill to start

@@ -3,8 +3,8 @@
 Both first make the package present and verified in L1 (the same read-through
 walk as ``GET /pkg``), then work from the *open* store file (through
 ``/proc/self/fd``), so an eviction in between cannot pull the bytes away.
-Layers are peeled by :mod:`cachesvc.codec`, trees extracted by
-:mod:`cachesvc.unpack`; an evicted package takes its unpacked tree with it.
+Layers are peeled by :mod:`cachesvc.unpack.codec`, trees extracted by
+:mod:`cachesvc.unpack.unpacker`; an evicted package takes its unpacked tree with it.
 Packages over ``--max-package-size`` are refused from their size alone (a HEAD),
 before any download.
 """
@@ -18,16 +18,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cachesvc.codec import Limits, archive_stream
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.dirlock import DirLock
 from cachesvc.errors import CachesvcError, ConfigError, InvalidRequest, TooLarge
-from cachesvc.http import route_digest, stream_body, timed
-from cachesvc.service import CORE, SETTINGS, Core
-from cachesvc.store import Blob
-from cachesvc.unpack import Unpacker
-from cachesvc.unpack_worker import Budget
+from cachesvc.serve.http import route_digest, stream_body, timed
+from cachesvc.serve.service import CORE, SETTINGS, Core
+from cachesvc.store.castore import Blob
+from cachesvc.unpack.codec import Limits, archive_stream
+from cachesvc.unpack.unpacker import Unpacker
+from cachesvc.unpack.worker import Budget
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ async def _unpacker_lifetime(app: web.Application) -> AsyncIterator[None]:
         lock.release()
         raise
     loop = asyncio.get_running_loop()
-    # Not asyncio.to_thread: the default pool is the store's (see cachesvc.unpack).
+    # Not asyncio.to_thread: the default pool is the store's (see cachesvc.unpack.unpacker).
     swept = await loop.run_in_executor(unpacker.disk, unpacker.sweep_temp)
     if swept:
         log.warning("unpack: removed %d leftovers in %s", swept, settings.code_dir)
@@ -146,7 +146,7 @@ async def post_unpack(request: web.Request) -> web.Response:
     try:
         await checked_size(core, digest, limit)
         # The worker reads the package as it arrives; its tree becomes visible
-        # only after the sha256 verdict (cachesvc.unpack).
+        # only after the sha256 verdict (cachesvc.unpack.unpacker).
         async with core.tiers.open(digest) as package:
             result = await unpacker.unpack(digest, package)
     except CachesvcError as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cachesvc.config import parse_size
-from cachesvc.egress import parse_rate
+from cachesvc.serve.egress import parse_rate
 from sim.model import MODELS, Outcome, Params, simulate
 from sim.report import markdown, plot, rows, write_json
 

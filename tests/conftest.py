@@ -17,8 +17,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from cachesvc.digest import Digest
-from cachesvc.origin import FileOrigin, S3Origin, make_origin
-from cachesvc.publish import publish
+from cachesvc.publish.upload import publish
+from cachesvc.upstream.origin import FileOrigin, S3Origin, make_origin
 from loadtest.seaweedfs import ADMIN, SeaweedFS, SeaweedUnavailable, weed_binary
 from tests.servers import S3Proxy, Stack, digest_of, free_port
 

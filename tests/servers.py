@@ -154,7 +154,7 @@ class Stack:
         return Settings(**values)
 
     async def start_peers(self, n: int, **kw: Any) -> list[str]:
-        from cachesvc.peer import make_app
+        from cachesvc.peer.app import make_app
 
         ports = [free_port() for _ in range(n)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -182,7 +182,7 @@ class Stack:
 
     async def _start(self, url: str, app: web.Application, port: int) -> None:
         """As the command runs it (agents get the L1-hit fast path)."""
-        from cachesvc.runner import start_app
+        from cachesvc.serve.runner import start_app
 
         self.apps[url] = app
         self._runners[url] = await start_app(app, "127.0.0.1", port, grace=5.0)
@@ -194,7 +194,7 @@ class Stack:
     async def kill(self, url: str) -> None:
         """Like a crash: every open connection is cut at once (no graceful
         drain), then the server is gone."""
-        from cachesvc.runner import FastSite
+        from cachesvc.serve.runner import FastSite
 
         runner = self._runners.pop(url)
         transports = [h.transport for h in runner.server.connections] if runner.server else []
@@ -209,8 +209,8 @@ class Stack:
     async def restart(self, url: str, meanwhile: Callable[[Settings], None] | None = None) -> None:
         """Stop, then start the same app settings again on the same port;
         ``meanwhile(settings)`` runs while it is stopped (e.g. to damage its disk)."""
-        from cachesvc.peer import make_app as make_peer
-        from cachesvc.service import SETTINGS
+        from cachesvc.peer.app import make_app as make_peer
+        from cachesvc.serve.service import SETTINGS
         from node_agent.app import make_app as make_agent
 
         settings = self.apps[url][SETTINGS]

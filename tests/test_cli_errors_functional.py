@@ -24,7 +24,7 @@ def cachesvc(
     bounds a command that wrongly starts serving (then the test fails)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")}
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "cachesvc.cli", *args],
+        [*prefix, sys.executable, "-m", "cachesvc", *args],
         capture_output=True, text=True, env={**clean, **(env or {})}, timeout=60,
     )  # fmt: skip
 

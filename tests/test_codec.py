@@ -15,9 +15,9 @@ import lz4.frame
 import pytest
 import zstandard
 
-from cachesvc import codec
-from cachesvc.codec import Limits
 from cachesvc.errors import TooLarge, UnsupportedFormat
+from cachesvc.unpack import codec
+from cachesvc.unpack.codec import Limits
 
 MiB = 1024 * 1024
 

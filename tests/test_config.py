@@ -23,7 +23,7 @@ from cachesvc.config import (
     parse_size,
 )
 from cachesvc.errors import ConfigError
-from cachesvc.origin import make_origin
+from cachesvc.upstream.origin import make_origin
 
 
 @pytest.mark.parametrize(

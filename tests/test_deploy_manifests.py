@@ -11,7 +11,7 @@ contract and each other, checked offline in well under a second.
 - Command lines and CACHESVC_* variables of every cachesvc container in the
   manifests and in docker-compose.yml map to flags: once against the
   contract's flag table (shared/CONTRACT.md), once against the real parser
-  `cachesvc.cli.build_parser()`, which must also accept each command line
+  `cachesvc.cli.main.build_parser()`, which must also accept each command line
   with its environment.
 - Wiring: probes, ports, scrape annotations, Secret and ConfigMap keys,
   the headless Service, NetworkPolicy reachability (simulated from the pod
@@ -222,7 +222,7 @@ def check_flags(args: list[str], env: dict[str, str], known: set[str]) -> list[s
 
 
 def real_parser() -> argparse.ArgumentParser:
-    from cachesvc.cli import build_parser  # the lead's parser (shared/CONTRACT.md)
+    from cachesvc.cli.main import build_parser  # the lead's parser (shared/CONTRACT.md)
 
     return build_parser()
 

@@ -55,7 +55,7 @@ import boto3
 import pytest
 
 from cachesvc.digest import Digest
-from cachesvc.ring import Ring
+from cachesvc.upstream.ring import Ring
 from tests.manifests import (
     DOCKERFILE,
     Doc,

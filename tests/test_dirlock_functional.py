@@ -13,7 +13,7 @@ from tests.test_processes_functional import AgentProcess
 
 
 def agent_args(origin: str, cache: Path, code: Path) -> list[str]:
-    return [sys.executable, "-m", "cachesvc.cli", "agent", "--listen", "127.0.0.1:0",
+    return [sys.executable, "-m", "cachesvc", "agent", "--listen", "127.0.0.1:0",
             "--cache-dir", str(cache), "--code-dir", str(code), "--origin", origin]  # fmt: skip
 
 

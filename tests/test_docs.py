@@ -28,11 +28,11 @@ import pytest
 import yaml
 
 from bench.ring_moves import all_moves, table
-from cachesvc.cli import build_parser
+from cachesvc.cli.main import build_parser
 from cachesvc.config import Settings
 from cachesvc.errors import CachesvcError
 from cachesvc.metrics import Metrics
-from cachesvc.peer import make_app as make_peer
+from cachesvc.peer.app import make_app as make_peer
 from node_agent.app import make_app as make_agent
 from tests.manifests import COMPOSE, ROOT, generated_secrets
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cachesvc.egress import SLICE, TokenBucket, parse_rate
+from cachesvc.serve.egress import SLICE, TokenBucket, parse_rate
 
 MiB = 1 << 20
 

@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 
 from cachesvc.digest import Digest
-from cachesvc.fanout import ADVERTISE, FANOUT
-from cachesvc.flight import Flight
-from cachesvc.peer_client import FORWARDED
-from cachesvc.ring import Ring
-from cachesvc.service import CORE
+from cachesvc.fanout.parents import ADVERTISE, FANOUT
+from cachesvc.readpath.flight import Flight
+from cachesvc.serve.service import CORE
+from cachesvc.upstream.peer_client import FORWARDED
+from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually, free_port, metric, metrics_of, payload, start_server
 

@@ -12,7 +12,7 @@ import os
 import aiohttp
 
 from cachesvc.digest import Digest
-from cachesvc.service import CORE
+from cachesvc.serve.service import CORE
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually, metric, metrics_of, payload
 

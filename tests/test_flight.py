@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from cachesvc.errors import DigestMismatch, Overloaded, UpstreamError
-from cachesvc.flight import Flight, Flights, Follower
-from cachesvc.package import FileSpan, Span
-from cachesvc.store import Store
+from cachesvc.readpath.flight import Flight, Flights, Follower
+from cachesvc.readpath.package import FileSpan, Span
+from cachesvc.store.castore import Store
 from tests.servers import digest_of, payload
 
 CHUNK = 64 * 1024

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cachesvc.membership import Membership, parse_base_url, parse_peers, peer_list
-from cachesvc.ring import Ring
+from cachesvc.upstream.membership import Membership, parse_base_url, parse_peers, peer_list
+from cachesvc.upstream.ring import Ring
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ forgotten after it, and the table stays bounded (injected clock)."""
 from __future__ import annotations
 
 from cachesvc.digest import Digest
-from cachesvc.tiers import NEGATIVE_MAX, NegativeCache
+from cachesvc.readpath.tiers import NEGATIVE_MAX, NegativeCache
 from tests.test_ring import Clock
 
 

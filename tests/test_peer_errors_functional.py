@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from cachesvc.errors import PeerFailed
-from cachesvc.peer_client import REASON_MAX, PeerClient
+from cachesvc.upstream.peer_client import REASON_MAX, PeerClient
 from tests.conftest import OriginFixture
 from tests.servers import S3Proxy, Stack, digest_of, payload, start_fake_peer, start_server
 
@@ -75,7 +75,7 @@ async def test_the_agent_log_says_why_a_peer_whose_origin_is_broken_answered_502
     try:
         [peer] = await stack.start_peers(1, s3_endpoint=broken.url)
         agent = await stack.start_agent()
-        with caplog.at_level(logging.WARNING, logger="cachesvc.tiers"):
+        with caplog.at_level(logging.WARNING, logger="cachesvc.readpath.tiers"):
             async with aiohttp.ClientSession() as s, s.get(f"{agent}/pkg/{digest}") as r:
                 assert (r.status, r.headers["X-Cache-Tier"]) == (200, "ORIGIN")
                 assert await r.read() == data

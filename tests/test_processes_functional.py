@@ -36,7 +36,7 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> AgentProcess:
-        args = [sys.executable, "-m", "cachesvc.cli", "agent",
+        args = [sys.executable, "-m", "cachesvc", "agent",
                 "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.root / "cache"),
                 "--cache-size", "1GiB", "--origin", self.origin, "--peers", self.peers,
                 "--shutdown-grace", "10", "--peer-connect-timeout", "0.5"]  # fmt: skip
@@ -137,7 +137,10 @@ async def test_sigterm_finishes_the_transfer_in_flight_and_keeps_the_store_consi
 
 def test_the_cli_explains_itself() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "cachesvc.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "cachesvc", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for command in ("agent", "peer", "up", "publish", "fetch"):
         assert command in out
@@ -150,7 +153,7 @@ async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
     origin = f"file://{tmp_path / 'origin'}"
     env = {**os.environ, "CACHESVC_ORIGIN": origin}
     pub = subprocess.run(
-        [sys.executable, "-m", "cachesvc.cli", "publish", str(package), "--tenant", "t1",
+        [sys.executable, "-m", "cachesvc", "publish", str(package), "--tenant", "t1",
          "--function", "f", "--version", "1"], capture_output=True, text=True, env=env)  # fmt: skip
     assert pub.returncode == 0, pub.stderr
     digest = pub.stdout.strip()
@@ -163,11 +166,11 @@ async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
         out = tmp_path / "fetched.zip"
         fetch = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "cachesvc.cli", "fetch", digest, "--agent", agent.url,
+            [sys.executable, "-m", "cachesvc", "fetch", digest, "--agent", agent.url,
              "-o", str(out)], capture_output=True, text=True)  # fmt: skip
         assert fetch.returncode == 0, fetch.stderr
         assert out.read_bytes() == package.read_bytes() and "from ORIGIN" in fetch.stderr
-        bad = subprocess.run([sys.executable, "-m", "cachesvc.cli", "fetch", "sha256:nope"],
+        bad = subprocess.run([sys.executable, "-m", "cachesvc", "fetch", "sha256:nope"],
                              capture_output=True, text=True)  # fmt: skip
         assert bad.returncode == 1 and "is not sha256:<64 lowercase hex>" in bad.stderr
     finally:
@@ -177,7 +180,7 @@ async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
 async def test_up_runs_a_stack_that_serves_its_sample_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     agent_port, peer_port = free_port(), free_port_run(3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachesvc.cli", "up", "--dir", str(tmp_path),
+        [sys.executable, "-m", "cachesvc", "up", "--dir", str(tmp_path),
          "--agent-port", str(agent_port), "--peer-port", str(peer_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -213,7 +216,7 @@ def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         out = subprocess.run(
-            [sys.executable, "-m", "cachesvc.cli", "peer", "--listen", f"127.0.0.1:{port}",
+            [sys.executable, "-m", "cachesvc", "peer", "--listen", f"127.0.0.1:{port}",
              "--cache-dir", str(tmp_path / "c"), "--origin", f"file://{tmp_path}"],
             capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 1
@@ -223,7 +226,7 @@ def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
 def test_publish_repack_uploads_a_smaller_tar_zst_and_reports_sizes(tmp_path: Path) -> None:
     import zipfile
 
-    from cachesvc.codec import detect_layers
+    from cachesvc.unpack.codec import detect_layers
 
     package = tmp_path / "app.zip"
     common = os.urandom(64 * 1024)  # the same library vendored in many places
@@ -232,7 +235,7 @@ def test_publish_repack_uploads_a_smaller_tar_zst_and_reports_sizes(tmp_path: Pa
             zf.writestr(f"vendor/copy{i}/lib.so", common)
         zf.writestr("handler.py", "def handler(e, c):\n    return 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "cachesvc.cli", "publish", str(package), "--repack",
+        [sys.executable, "-m", "cachesvc", "publish", str(package), "--repack",
          "--tenant", "t", "--function", "f", "--version", "1",
          "--origin", f"file://{tmp_path / 'origin'}"], capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr

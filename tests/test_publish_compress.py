@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc import codec, repack
+from cachesvc.publish import repack
+from cachesvc.unpack import codec
 from tests.test_repack import python_like_zip
 
 
@@ -90,7 +91,7 @@ def test_a_level_outside_the_codecs_range_is_refused_naming_the_range(
 
 
 def publish(tmp_path: Path, package: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "cachesvc.cli", "publish", str(package),
+    argv = [sys.executable, "-m", "cachesvc", "publish", str(package),
             "--origin", f"file://{tmp_path / 'origin'}", *flags]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 

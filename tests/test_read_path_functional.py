@@ -248,7 +248,7 @@ async def test_dead_owner_fails_over_to_the_next_peer(stack: Stack, s3_origin) -
     agent = await stack.start_agent()
     data = payload(MiB, seed=8)
     digest = await s3_origin.put(data)
-    from cachesvc.ring import Ring
+    from cachesvc.upstream.ring import Ring
 
     owner = Ring(peers).owners(digest)[0]
     await stack.stop(owner)
@@ -384,7 +384,7 @@ async def test_a_disk_that_fills_mid_download_still_serves_the_request(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, buf, offset)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("cachesvc.store.os.pwrite", fills_up)
+    monkeypatch.setattr("cachesvc.store.castore.os.pwrite", fills_up)
     status, headers, body = await get(f"{agent}/pkg/{digest}")
     assert (status, body) == (200, data)
     monkeypatch.undo()

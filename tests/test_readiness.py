@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cachesvc.origin import FileOrigin
-from cachesvc.readiness import OriginCheck, Readiness
+from cachesvc.serve.readiness import OriginCheck, Readiness
+from cachesvc.upstream.origin import FileOrigin
 
 
 class Clock:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc import codec, repack
 from cachesvc.errors import UnsafeArchive, UnsupportedFormat
-from cachesvc.extract import extract
+from cachesvc.publish import repack
+from cachesvc.unpack import codec
+from cachesvc.unpack.extract import extract
 
 SOURCE = {f"pkg/mod{i}.py": f"def f{i}(x):\n    return x * {i}\n".encode() * 40 for i in range(200)}
 

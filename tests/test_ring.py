@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 
 from cachesvc.digest import Digest
-from cachesvc.ring import Ring
+from cachesvc.upstream.ring import Ring
 
 PEERS = [f"http://10.0.0.{i}:8701" for i in range(1, 6)]
 

@@ -86,7 +86,7 @@ def zstd_over_zip(size: int, corrupt: bool = False) -> tuple[bytes, bytes]:
 
 async def fetch(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "cachesvc.cli", "fetch", *args],
+        subprocess.run, [sys.executable, "-m", "cachesvc", "fetch", *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from cachesvc.errors import ConfigError
-from cachesvc.runner import run_until_signal
+from cachesvc.serve.runner import run_until_signal
 from tests.servers import free_port
 
 

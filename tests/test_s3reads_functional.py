@@ -1,4 +1,4 @@
-"""Signed blob reads on a custom endpoint (cachesvc/s3reads.py): against moto
+"""Signed blob reads on a custom endpoint (cachesvc/upstream/s3reads.py): against moto
 and SeaweedFS they run in the read-path tests; here against real servers that
 misbehave in ways those stores do not."""
 
@@ -12,7 +12,7 @@ from aiohttp import web
 
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, UpstreamError
-from cachesvc.origin import S3Origin, blob_key
+from cachesvc.upstream.origin import S3Origin, blob_key
 from tests.servers import digest_of, free_port, start_server
 
 DATA = os.urandom(300_000)

@@ -13,10 +13,10 @@ import pytest
 
 from cachesvc.config import parse_duration
 from cachesvc.errors import ConfigError
-from cachesvc.index import Index
 from cachesvc.metrics import Metrics
-from cachesvc.scrub import BLOCK, Scrubber
-from cachesvc.store import Store
+from cachesvc.store.castore import Store
+from cachesvc.store.index import Index
+from cachesvc.store.scrub import BLOCK, Scrubber
 from tests.servers import digest_of, flip_byte, payload
 from tests.test_store import put, writable
 from tests.test_store_mayhem import failing
@@ -209,7 +209,7 @@ def test_bad_durations_say_what_is_accepted(text: str) -> None:
 
 
 def test_the_scrub_flags_parse_and_a_bad_one_is_one_line_naming_it() -> None:
-    from cachesvc.cli import build_parser
+    from cachesvc.cli.main import build_parser
 
     args = build_parser().parse_args(
         ["agent", "--origin", "file:///x", "--scrub-interval", "6h", "--scrub-rate", "8MiB"]

@@ -29,9 +29,9 @@ import botocore.exceptions
 from aiohttp import web
 
 from cachesvc.digest import Digest
-from cachesvc.origin import S3Origin
-from cachesvc.readiness import ORIGIN_TTL, OriginCheck
-from cachesvc.service import READINESS
+from cachesvc.serve.readiness import ORIGIN_TTL, OriginCheck
+from cachesvc.serve.service import READINESS
+from cachesvc.upstream.origin import S3Origin
 from loadtest.seaweedfs import ADMIN, Identity, SeaweedFS
 from tests.conftest import SEAWEED_BUCKET, OriginFixture
 from tests.servers import Stack, eventually, free_port, start_server
@@ -52,7 +52,7 @@ def real_zip(size: int) -> bytes:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "cachesvc.cli", *args]
+    argv = [sys.executable, "-m", "cachesvc", *args]
     env = {**os.environ, **(env or {})}
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
 
@@ -70,7 +70,7 @@ class Service:
     async def start(self, env: dict[str, str] | None = None) -> Service:
         """Start it; returns once it answers ``/healthz`` (ready or not)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "cachesvc.cli", self.role,
+        argv = [sys.executable, "-m", "cachesvc", self.role,
                 "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.root / "cache"),
                 "--cache-size", "1GiB", "--origin", self.origin.url,
                 "--s3-endpoint", str(self.origin.endpoint), "--peers", self.peers or self.url,

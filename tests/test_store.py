@@ -15,8 +15,8 @@ import pytest
 
 from cachesvc.digest import Digest
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
-from cachesvc.ingest import MIN_BATCH, Ingest
-from cachesvc.store import Store, StoreFull
+from cachesvc.store.castore import Store, StoreFull
+from cachesvc.store.ingest import MIN_BATCH, Ingest
 from tests.servers import digest_of, flip_byte, payload, store_files
 
 KiB = 1024
@@ -128,7 +128,7 @@ async def test_enospc_mid_write_spills_but_still_verifies(tmp_path: Path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, buf, offset)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("cachesvc.store.os.pwrite", flaky)
+    monkeypatch.setattr("cachesvc.store.castore.os.pwrite", flaky)
     ingest = await store.begin(digest_of(data), len(data))
     for i in range(0, len(data), 2**20):
         await ingest.write(data[i : i + 2**20])

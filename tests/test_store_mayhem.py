@@ -16,10 +16,10 @@ from unittest import mock
 
 import pytest
 
-from cachesvc.blob import READ_FLAGS
 from cachesvc.digest import Digest
-from cachesvc.scrub import Scrubber
-from cachesvc.store import Store
+from cachesvc.store.blob import READ_FLAGS
+from cachesvc.store.castore import Store
+from cachesvc.store.scrub import Scrubber
 from tests.servers import digest_of, payload, store_files
 from tests.test_fsutil import _deep
 from tests.test_store import put, writable

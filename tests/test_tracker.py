@@ -4,7 +4,7 @@ never a cycle, self-healing, bounded."""
 from __future__ import annotations
 
 from cachesvc.digest import Digest
-from cachesvc.tracker import Tracker
+from cachesvc.fanout.tracker import Tracker
 
 P = "http://peer"
 D = Digest("ab" * 32)

@@ -12,9 +12,9 @@ from unittest import mock
 
 import pytest
 
-from cachesvc.codec import Limits
 from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
-from cachesvc.tree import Tree, member_parts, sane_mtime
+from cachesvc.unpack.codec import Limits
+from cachesvc.unpack.tree import Tree, member_parts, sane_mtime
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,11 @@ from unittest import mock
 import pytest
 import zstandard
 
-from cachesvc.codec import Limits
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
-from cachesvc.extract import extract
-from cachesvc.unpack import Unpacker
+from cachesvc.unpack.codec import Limits
+from cachesvc.unpack.extract import extract
+from cachesvc.unpack.unpacker import Unpacker
 from tests import hostile
 from tests.codedir_mayhem import fake_hex, manifest_for, planted, snapshot
 from tests.test_codec import COMPRESS

@@ -8,7 +8,7 @@ Two properties, each run on every drawn package:
   (a sibling directory is snapshotted), the code dir holds only finished
   trees (no links, no setuid bits, no temp leftovers), ``/healthz`` answers
   and a cold GET of another package is still served;
-* in this process, :func:`cachesvc.extract.extract` raises nothing but
+* in this process, :func:`cachesvc.unpack.extract.extract` raises nothing but
   :class:`TooLarge`, :class:`UnsafeArchive` or :class:`UnsupportedFormat`
   (fast, so it tries many more cases).
 
@@ -40,12 +40,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 
-from cachesvc.codec import Limits
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
-from cachesvc.extract import Extracted, extract
 from cachesvc.fsutil import remove_tree
-from cachesvc.unpack_feed import GrowingFile
+from cachesvc.unpack.codec import Limits
+from cachesvc.unpack.extract import Extracted, extract
+from cachesvc.unpack.feed import GrowingFile
 from tests import mutants
 from tests.codedir_mayhem import snapshot
 from tests.servers import Stack, digest_of

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import aiohttp
 import zstandard
 
-from cachesvc.service import CORE
+from cachesvc.serve.service import CORE
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually
 from tests.test_packages_functional import make_zip

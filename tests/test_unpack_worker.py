@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.codec import Limits
 from cachesvc.errors import (
     CachesvcError,
     Overloaded,
@@ -25,9 +24,10 @@ from cachesvc.errors import (
     UnsafeArchive,
     UnsupportedFormat,
 )
-from cachesvc.extract import Extracted
-from cachesvc.unpack import Unpacker
-from cachesvc.unpack_worker import Budget, Workers, _decode
+from cachesvc.unpack.codec import Limits
+from cachesvc.unpack.extract import Extracted
+from cachesvc.unpack.unpacker import Unpacker
+from cachesvc.unpack.worker import Budget, Workers, _decode
 from tests import hostile
 from tests.servers import eventually
 from tests.test_unpack import FILES, expected_modes, store, tar_of, tree_of, wrap
@@ -189,8 +189,8 @@ def test_a_worker_does_not_run_the_agents_main_module_again(tmp_path: Path) -> N
             """
             import asyncio, sys
             from pathlib import Path
-            from cachesvc.codec import Limits
-            from cachesvc.unpack_worker import Workers
+            from cachesvc.unpack.codec import Limits
+            from cachesvc.unpack.worker import Workers
 
             print("main ran", file=sys.stderr)
             async def main():

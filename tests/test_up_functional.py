@@ -26,7 +26,7 @@ async def running_up(root: Path, **env: str) -> AsyncIterator[tuple[str, int]]:
     agent_port, peer_port = free_port(), free_port_run(3)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachesvc.cli", "up", "--dir", str(root),
+        [sys.executable, "-m", "cachesvc", "up", "--dir", str(root),
          "--agent-port", str(agent_port), "--peer-port", str(peer_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**clean, **env},
     )  # fmt: skip
@@ -80,7 +80,7 @@ async def test_up_passes_the_tokens_so_warm_can_be_tried_locally(tmp_path: Path)
         command = shlex.split(hint.split("#")[0])
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHESVC_")}
         warm = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "cachesvc.cli", *command[1:]],
+            subprocess.run, [sys.executable, "-m", "cachesvc", *command[1:]],
             capture_output=True, text=True, timeout=120, env={**clean, **tokens},
         )  # fmt: skip
         assert warm.returncode == 0, warm.stdout + warm.stderr

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from cachesvc.cli.warm import Outcome, Progress
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, Overloaded
-from cachesvc.flight import Flights
 from cachesvc.metrics import Metrics
-from cachesvc.origin import Body, FileOrigin
-from cachesvc.prefetch import QUEUE_CAP, Prefetcher
-from cachesvc.references import ReferenceIndex, natural_key, parse_key
-from cachesvc.ring import Ring
-from cachesvc.store import Store
-from cachesvc.tiers import OriginSource, Tiers
-from cachesvc.warm import Job, Scope, WarmJobs
-from cachesvc.warm_cli import Outcome, Progress
+from cachesvc.readpath.flight import Flights
+from cachesvc.readpath.tiers import OriginSource, Tiers
+from cachesvc.store.castore import Store
+from cachesvc.upstream.origin import Body, FileOrigin
+from cachesvc.upstream.ring import Ring
+from cachesvc.warm.jobs import Job, Scope, WarmJobs
+from cachesvc.warm.prefetch import QUEUE_CAP, Prefetcher
+from cachesvc.warm.references import ReferenceIndex, natural_key, parse_key
 from tests.servers import digest_of, payload
 
 

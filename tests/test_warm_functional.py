@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 
 from cachesvc.digest import Digest
-from cachesvc.publish import publish
-from cachesvc.ring import Ring
-from cachesvc.service import CORE
+from cachesvc.publish.upload import publish
+from cachesvc.serve.service import CORE
+from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually, metric, payload
 
@@ -62,7 +62,7 @@ async def warm(url: str, body: dict[str, Any]) -> dict[str, Any]:
 async def cli(*args: str, token: str = TOKEN) -> tuple[int, str, str]:
     env = {**os.environ, "CACHESVC_TOKEN": token}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cachesvc.cli", *args,
+        sys.executable, "-m", "cachesvc", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

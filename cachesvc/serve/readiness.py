@@ -1,0 +1,146 @@
+"""Readiness: whether a service should be sent traffic now, and if not, why.
+
+``GET /readyz`` asks :meth:`Readiness.report`. A service is **not ready**
+(503 ``{"status": "not_ready", "reason": ...}``) when:
+
+* its store is not open, or its directory does not take a write (checked on
+  every probe: one small local file);
+* its origin *refused* it: the origin answered and said no — a wrong secret
+  (``SignatureDoesNotMatch``), an unknown key, no permission, no such bucket,
+  a ``file://`` directory that is missing or unreadable. Such a service would
+  answer 502 to every miss; not ready, a rolling update with a wrong Secret
+  stops at its first pod, and the reason says what to fix.
+
+An origin that does *not answer* (connection refused, timeout, 5xx) leaves the
+service ready, with ``"origin": "unreachable: ..."`` in the answer and a
+warning in the log. An outage hits every replica at once: pulling them all out
+of their Service would also take the peers off the agents' ring (the headless
+Service publishes ready addresses only) and lose the hits they can still
+serve from their caches. Rejected: not ready on any origin failure, for that
+reason.
+
+The origin check is cached (:class:`OriginCheck`): at most one request to the
+origin per ``ttl`` seconds however often probes come, and none when nobody
+probes. It is refreshed *on probe*: a probe that finds the verdict older than
+``ttl`` starts one check and waits for it at most ``wait`` seconds (under the
+probe's own timeout), answering with the previous verdict if the check takes
+longer. Rejected: a background timer (it asks the origin when nobody looks)
+and asking on every probe (a request per probe, and probes wait on S3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cachesvc.upstream.origin import Origin, Probe
+
+log = logging.getLogger(__name__)
+
+ORIGIN_TTL = 10.0  # seconds a verdict of the origin is reused
+PROBE_WAIT = 1.0  # seconds a probe waits for a fresh check (k8s probes time out at 2 s here)
+
+
+class OriginCheck:
+    """The origin's last :class:`Probe`, refreshed on demand; clock injected.
+
+    Guarantees: at most one check runs at a time; a new one starts only when
+    the last verdict is at least ``ttl`` old (by ``clock``); :meth:`current`
+    never raises and never waits more than ``wait`` seconds."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        ttl: float = ORIGIN_TTL,
+        wait: float = PROBE_WAIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.origin = origin
+        self.ttl = ttl
+        self.wait = wait
+        self.clock = clock
+        self.checks = 0  # origin checks finished, for tests and logs
+        self._last: Probe | None = None
+        self._at = -math.inf
+        self._task: asyncio.Task[None] | None = None
+
+    async def current(self) -> Probe | None:
+        """The freshest verdict available within ``wait``; None before the first."""
+        if self._task is None and self.clock() - self._at >= self.ttl:
+            self._task = asyncio.create_task(self._refresh())
+        task = self._task
+        if task is not None:
+            # shield: a probe that gives up must not cancel the check others share
+            await asyncio.wait({asyncio.shield(task)}, timeout=self.wait)
+        return self._last
+
+    async def _refresh(self) -> None:
+        try:
+            probe = await self.origin.probe()
+            self._log_change(probe)
+            self._last, self._at = probe, self.clock()
+            self.checks += 1
+        finally:
+            self._task = None
+
+    def _log_change(self, probe: Probe) -> None:
+        """One line when the verdict changes, not one per check."""
+        if self._last is not None and probe.reason == self._last.reason:
+            return
+        if probe.ok:
+            log.info("readiness: origin %s accepts us", self.origin.url)
+        else:
+            log.warning("readiness: %s", probe.reason)
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class Readiness:
+    """The verdict of ``/readyz`` from the store's directory and the origin."""
+
+    def __init__(self, store_tmp: Path, origin: OriginCheck) -> None:
+        self.store_tmp = store_tmp
+        self.origin = origin
+
+    async def report(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body): 200 ``{"status": "ready", "origin": ...}``
+        or 503 ``{"status": "not_ready", "reason": ...}`` (with the contract's
+        ``error``/``detail`` keys too, as every error answer has them)."""
+        # A name per probe: concurrent probes writing and unlinking one shared
+        # name fail each other's unlink ("store not writable" on a healthy disk).
+        probe_file = self.store_tmp / f".readyz.{secrets.token_hex(4)}"
+        try:
+            await asyncio.to_thread(_write_probe, probe_file)
+        except OSError as exc:
+            return not_ready(f"store not writable: {exc}")
+        origin = await self.origin.current()
+        if origin is None:
+            return not_ready(f"origin {self.origin.origin.url}: first check still running")
+        if origin.refused:
+            return not_ready(origin.reason)
+        state = "ok" if origin.ok else f"unreachable: {origin.reason}"
+        return 200, {"status": "ready", "origin": state}
+
+    async def close(self) -> None:
+        await self.origin.close()
+
+
+def not_ready(reason: str) -> tuple[int, dict[str, Any]]:
+    return 503, {"status": "not_ready", "reason": reason, "error": "not_ready", "detail": reason}
+
+
+def _write_probe(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(b"ok")
+    os.unlink(path)

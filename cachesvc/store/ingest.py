@@ -1,0 +1,195 @@
+"""One package being written into the store, and the one digest comparison.
+
+:class:`Ingest` hashes bytes as they are written to ``tmp/`` and, at the end,
+checks size and sha256 before :class:`cachesvc.store.castore.Store` may commit them.
+:func:`compare` is the only place in cachesvc where a computed sha256 is
+compared with the expected one: ingests, start-up adoption and re-hashes of
+stored blobs (:class:`cachesvc.store.recheck.Recheck`) all ask it. There is no
+switch to skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cachesvc.digest import Digest
+from cachesvc.errors import DigestMismatch, UpstreamError
+
+if TYPE_CHECKING:
+    from cachesvc.store.castore import Store
+
+log = logging.getLogger(__name__)
+
+MIN_BATCH = 256 << 10  # bytes gathered before a thread hop hashes + writes them, if idle
+WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is written
+
+
+def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
+    """The one comparison of computed and expected sha256 in cachesvc.
+    Raises :class:`DigestMismatch` (``what``: ingest, recheck, adopt, ...)."""
+    actual = hashed.hexdigest()
+    if actual != digest.hex:
+        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")
+
+
+class Ingest:
+    """One package being written: :meth:`write`, then :meth:`commit`, then :meth:`close`.
+
+    The temp file at ``path`` is created by the first batch's thread (one
+    thread hop less per package). ``file`` is readable while writing: followers
+    of a coalesced fetch read ``[0, on_disk)`` from it, so it stays open until
+    :meth:`close`, even after commit renamed it. When the disk refuses the file
+    or a write (ENOSPC), or the store had no room to begin with
+    (:meth:`Store.begin_unstored`, no ``path``), the ingest keeps hashing but
+    stops writing: ``on_disk`` freezes, ``spilled`` is set, and :meth:`commit`
+    then only verifies.
+    """
+
+    def __init__(self, store: Store, digest: Digest, size: int, path: Path | None):
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.path = path
+        self.fd = -1  # -1: not created yet; -2: closed
+        self.file: io.FileIO | None = None
+        self.received = 0
+        self.on_disk = 0
+        self.spilled = path is None
+        self.verified = False
+        self.committed = False
+        self._closing = False
+        self._reservation = size if path is not None else 0
+        self._writing: asyncio.Future[None] | None = None
+        self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
+        self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+
+    async def write(self, chunk: bytes) -> None:
+        """Append bytes; they are hashed and written in batches off the loop.
+
+        One batch is hashed and written in a thread while the next one is
+        gathered (at most one in flight: memory stays bounded), so receiving,
+        hashing and writing overlap. Batches are small while the writer is idle
+        (bytes reach the disk, and followers, soon) and grow while it is busy
+        (fewer thread hops)."""
+        if self.received + len(chunk) > self.size:
+            raise UpstreamError(f"ingest {self.digest.short}: upstream sent over {self.size} bytes")
+        self.received += len(chunk)
+        self._pending.append(chunk)
+        self._pending_len += len(chunk)
+        idle = self._writing is None or self._writing.done()
+        if self._pending_len >= WRITE_BATCH or (idle and self._pending_len >= MIN_BATCH):
+            await self._flush()
+
+    async def drain(self) -> None:
+        """Hash and write everything pending (and make the file, even for an
+        empty package); afterwards ``on_disk`` covers it."""
+        await self._flush(make_file=True)
+        await self._wait_writing()
+
+    async def _flush(self, make_file: bool = False) -> None:
+        """Start hashing and writing what is pending, once the batch before it is done."""
+        await self._wait_writing()
+        if not self._pending and not (make_file and self.fd == -1 and not self.spilled):
+            return
+        batch, self._pending, self._pending_len = self._pending, [], 0
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_batch, batch))
+        self._writing.add_done_callback(self._written)
+
+    def _written(self, _future: asyncio.Future[None]) -> None:
+        if self.on_written is not None:
+            self.on_written()
+
+    async def _wait_writing(self) -> None:
+        if self._writing is not None and not self._writing.done():
+            await asyncio.shield(self._writing)
+        elif self._writing is not None:
+            self._writing.result()  # a failed write raises here
+
+    def _write_batch(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self._hash.update(chunk)
+        if self.spilled:
+            return
+        try:
+            if self.fd == -1:
+                self._create()
+            for chunk in batch:
+                view = memoryview(chunk)
+                while view:  # pwrite may write less than asked
+                    n = os.pwrite(self.fd, view, self.on_disk)
+                    self.on_disk += n
+                    view = view[n:]
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("store: disk full writing %s; passing it through", self.digest.short)
+            self.spilled = True
+
+    def _create(self) -> None:
+        """The temp file; in the first batch's thread. ``file`` is set before
+        ``on_disk`` can grow, so followers never see bytes without a file."""
+        assert self.path is not None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.file = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115
+        self.fd = fd
+
+    async def commit(self) -> None:
+        """:meth:`verify`, then :meth:`persist`."""
+        await self.verify()
+        await self.persist()
+
+    async def verify(self) -> None:
+        """Check size and sha256 of everything written (:func:`compare`).
+        Raises :class:`DigestMismatch`, or :class:`UpstreamError` for a short body.
+        """
+        await self.drain()
+        if self.received != self.size:
+            raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
+        compare(self.digest, self._hash, "ingest")
+        self.verified = True
+
+    async def persist(self) -> None:
+        """Make verified bytes visible (chmod, rename, index); a
+        spilled ingest keeps nothing."""
+        if not self.verified:
+            raise DigestMismatch(f"ingest {self.digest.short}: persist before verify")
+        if not self.spilled:
+            await self.store._commit(self)
+            self.committed = True
+            self._release_reservation()  # the bytes are counted as stored now
+
+    async def close(self) -> None:
+        """Release the reservation and the file; idempotent. An uncommitted
+        temp file is removed. Waits for a write still running in its thread,
+        so the fd is never closed (and reused) under it, and a temp file that
+        write makes is removed too."""
+        if self._closing:
+            return
+        self._closing = True
+        self._release_reservation()
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
+        fd, self.fd = self.fd, -2
+        if fd >= 0:
+            await asyncio.to_thread(self._close, fd)
+
+    def _release_reservation(self) -> None:
+        self.store._reserved -= self._reservation
+        self._reservation = 0
+
+    def _close(self, fd: int) -> None:
+        assert self.file is not None and self.path is not None
+        self.file.close()  # fd >= 0: the file was created
+        os.close(fd)
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
