@@ -20,6 +20,7 @@ up: $(BIN)/cachesvc
 test: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 ## make fuzz: the long fuzz of unpacking, in rounds until FUZZ_MINUTES (default 30) are
@@ -30,7 +31,7 @@ fuzz: $(BIN)/cachesvc
 	while [ $$(date +%s) -lt $$end ]; do \
 		round=$$((round + 1)); echo "== fuzz round $$round, $$(date)"; \
 		HYPOTHESIS_PROFILE=long nice -n 10 $(BIN)/python -m pytest -p no:cacheprovider \
-			--hypothesis-show-statistics -q tests/test_unpack_fuzz.py || exit 1; \
+			--hypothesis-show-statistics -q tests/unpack/test_unpack_fuzz.py || exit 1; \
 	done
 
 lint: $(BIN)/cachesvc

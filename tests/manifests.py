@@ -12,8 +12,8 @@ files made by ``deploy/generate-secrets.sh`` in a temporary directory, as an
 operator makes them before deploying (a ``secrets.env`` of their own in the
 checkout is never read).
 
-Shared by tests/test_deploy_manifests.py (offline checks) and
-tests/test_deploy_processes.py (the same processes, run for real).
+Shared by tests/deploy/test_deploy_manifests.py (offline checks) and
+tests/deploy/test_deploy_processes.py (the same processes, run for real).
 """
 
 from __future__ import annotations

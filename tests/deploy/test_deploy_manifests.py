@@ -19,7 +19,7 @@ contract and each other, checked offline in well under a second.
   Prometheus targets, the Grafana dashboard's metric names and the image.
 
 Secrets (none committed, generated) and the image tag (one everywhere) are
-checked in tests/test_deploy_secrets_and_tags.py; the builds here use freshly
+checked in tests/deploy/test_deploy_secrets_and_tags.py; the builds here use freshly
 generated secrets (tests/manifests.py).
 """
 

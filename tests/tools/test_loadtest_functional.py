@@ -25,11 +25,11 @@ import pytest
 from loadtest.nginx import nginx_binary
 from loadtest.tools import ToolUnavailable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("hit", "storm", "waves", "burst", "warm")
 TARGETS = ("origin", "nginx", "cachesvc")
 NOBODY = 65534
-THIS = "tests/test_loadtest_functional.py"
+THIS = "tests/tools/test_loadtest_functional.py"
 # The nginx tests, as a child pytest selects them.
 NGINX_TESTS = (
     f"{THIS}::test_cold_storm_costs_one_origin_get_through_nginx",

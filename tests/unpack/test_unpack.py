@@ -29,7 +29,7 @@ from cachesvc.unpack.extract import extract
 from cachesvc.unpack.unpacker import Unpacker
 from tests import hostile
 from tests.codedir_mayhem import fake_hex, manifest_for, planted, snapshot
-from tests.test_codec import COMPRESS
+from tests.unpack.test_codec import COMPRESS
 
 MiB = 1024 * 1024
 MTIME = time.mktime((2021, 6, 1, 12, 30, 0, 0, 0, -1))

@@ -17,7 +17,7 @@ from tests import hostile
 from tests.codedir_mayhem import planted, snapshot
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually, payload
-from tests.test_unpack import tar_bytes, tar_member
+from tests.unpack.test_unpack import tar_bytes, tar_member
 
 pytestmark = pytest.mark.timeout(240)
 

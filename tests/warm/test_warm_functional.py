@@ -21,7 +21,7 @@ from tests.servers import Stack, eventually, metric, payload
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def call(

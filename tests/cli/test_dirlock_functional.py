@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.cli.test_processes_functional import AgentProcess
 from tests.servers import eventually
-from tests.test_processes_functional import AgentProcess
 
 
 def agent_args(origin: str, cache: Path, code: Path) -> list[str]:

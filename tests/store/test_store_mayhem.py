@@ -21,8 +21,8 @@ from cachesvc.store.blob import READ_FLAGS
 from cachesvc.store.castore import Store
 from cachesvc.store.scrub import Scrubber
 from tests.servers import digest_of, payload, store_files
+from tests.store.test_store import put, writable
 from tests.test_fsutil import _deep
-from tests.test_store import put, writable
 
 KiB = 1024
 CAP = 10 * 2**20

@@ -20,7 +20,7 @@ import zstandard
 from cachesvc.serve.service import CORE
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually
-from tests.test_packages_functional import make_zip
+from tests.unpack.test_packages_functional import make_zip
 
 FILES = {f"lib/m{i}.bin": os.urandom(100_000) for i in range(30)}  # ~3 MB compressed
 

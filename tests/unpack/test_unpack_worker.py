@@ -30,9 +30,9 @@ from cachesvc.unpack.unpacker import Unpacker
 from cachesvc.unpack.worker import Budget, Workers, _decode
 from tests import hostile
 from tests.servers import eventually
-from tests.test_unpack import FILES, expected_modes, store, tar_of, tree_of, wrap
+from tests.unpack.test_unpack import FILES, expected_modes, store, tar_of, tree_of, wrap
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def job(tmp_path: Path, data: bytes, name: str = "pkg") -> tuple[Path, Path]:

@@ -34,8 +34,8 @@ from cachesvc.serve.service import READINESS
 from cachesvc.upstream.origin import S3Origin
 from loadtest.seaweedfs import ADMIN, Identity, SeaweedFS
 from tests.conftest import SEAWEED_BUCKET, OriginFixture
+from tests.serve.test_readiness import Clock
 from tests.servers import Stack, eventually, free_port, start_server
-from tests.test_readiness import Clock
 
 WRONG = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
 REFUSED = "origin refused: SignatureDoesNotMatch: The request signature we calculated"

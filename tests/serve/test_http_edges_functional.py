@@ -112,7 +112,7 @@ async def test_a_blob_that_shrank_on_disk_aborts_the_response(
     file_stack: Stack, file_origin: OriginFixture
 ) -> None:
     # A blob that shrank while closed is dropped at open and refetched
-    # (tests/test_scrub_functional.py); here its file is open (hot) when it shrinks.
+    # (tests/store/test_scrub_functional.py); here its file is open (hot) when it shrinks.
     digest = await file_origin.put(os.urandom(4 * MiB))
     agent = await file_stack.start_agent(peers=[], name="a")
     assert (await get(f"{agent}/pkg/{digest}"))[0] == 200

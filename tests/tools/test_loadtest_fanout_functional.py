@@ -16,7 +16,7 @@ from loadtest.fanout_report import Row, checks, predict
 from loadtest.hashstorm import Fetch, storm
 from loadtest.origin_proxy import start_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 

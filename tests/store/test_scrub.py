@@ -18,8 +18,8 @@ from cachesvc.store.castore import Store
 from cachesvc.store.index import Index
 from cachesvc.store.scrub import BLOCK, Scrubber
 from tests.servers import digest_of, flip_byte, payload
-from tests.test_store import put, writable
-from tests.test_store_mayhem import failing
+from tests.store.test_store import put, writable
+from tests.store.test_store_mayhem import failing
 
 MiB = 1 << 20
 
