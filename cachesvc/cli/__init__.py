@@ -1,0 +1,1 @@
+"""The ``cachesvc`` command line. Holds no service logic."""
