@@ -1,12 +1,5 @@
 """Publisher transforms: add a compression layer, or repack a zip as tar.zst.
 
-Public API::
-
-    add_layer(src, dst, fmt="zstd", level=None) -> LayerReport  # dst kept only if smaller
-    compress(src, dst, fmt="zstd", level=None) -> int           # dst size, always written
-    repack(src_zip, dst, level=19) -> RepackReport
-    check_level(fmt, level) -> int                              # the level to use, or ValueError
-
 Both stream (nothing whole in memory) and write ``dst`` atomically (a temp
 file beside it, then rename): a failure leaves no partial ``dst``. Both
 block: ``cachesvc publish`` calls them before uploading, from a thread if it

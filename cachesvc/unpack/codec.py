@@ -6,13 +6,6 @@ first (``["zstd", "gzip", "tar"]``, the contract's ``X-Package-Layers``), and
 peels them as a stream. It never trusts a file name, and never touches archive
 members or paths inside the archive (that is :mod:`cachesvc.unpack.unpacker`).
 
-Public API::
-
-    Limits(max_package_size, max_unpacked_size, max_files, max_ratio, max_depth)
-    detect_layers(path, limits) -> list[str]          # reads headers only
-    open_archive(path, limits, spool_dir=None)        # sync context manager -> Archive
-    archive_stream(path, limits, chunk_size)          # async context manager -> ArchiveStream
-
 Guarantees:
 
 * Detection is by magic bytes: zstd, gzip, xz, bzip2 and lz4 (frame format)

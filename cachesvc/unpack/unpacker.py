@@ -1,17 +1,5 @@
 """Unpacked packages: a package extracted safely into ``<code_dir>/<hex>/``, once.
 
-Public API::
-
-    Unpacker(code_dir, limits, workers=2, budget=Budget(timeout, memory))
-        .start()                                         # async: starts the worker forkserver
-        async with Unpacker(...) as unpacker:            # start(), then aclose()
-        .unpack(digest, package_path) -> UnpackResult   # async, coalesced
-        .remove(digest)                                  # async, with the package's eviction
-        .path_for(digest) -> Path
-        .sweep_temp() -> int                             # at startup, before serving
-        .aclose()                                        # kills workers, waits for the rest
-    UnpackResult(digest, path, files, bytes, layers).as_json()
-
 Layout of ``code_dir``: ``<hex>/`` is the tree, exactly the archive's
 members; ``<hex>.json`` beside it is the manifest (files, bytes, layers);
 ``.tmp-*`` are work in progress or leftovers of a crash. Other names are
