@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from cachesvc.digest import Digest
+from cachesvc.digest import Digest, Hashed
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 HASH_BLOCK = 1 << 20
@@ -68,7 +68,7 @@ def open_file(path: Path, size: int) -> io.FileIO:
         raise
 
 
-def file_sha256(path: Path) -> tuple[hashlib._Hash, int]:
+def file_sha256(path: Path) -> tuple[Hashed, int]:
     """Hash a file (never through a link); returns the hash and the bytes read.
     Raises OSError. Blocking."""
     sha256 = hashlib.sha256()

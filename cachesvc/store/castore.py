@@ -12,7 +12,7 @@ Guarantees:
 
 * **Only verified bytes are ever committed.** :meth:`Ingest.verify` checks
   them, and :class:`Recheck` bytes read back from disk, both with
-  :func:`cachesvc.store.ingest.compare`, the one comparison of computed and
+  :func:`cachesvc.digest.compare`, the one comparison of computed and
   expected digests; there is no switch to skip it. Commit is temp file ->
   verify -> chmod 0444 -> rename -> index, so a process crash at any moment
   (kill -9 included) leaves either nothing or a complete verified blob. No

@@ -1,11 +1,8 @@
-"""One package being written into the store, and the one digest comparison.
+"""One package being written into the store.
 
 :class:`Ingest` hashes bytes as they are written to ``tmp/`` and, at the end,
-checks size and sha256 before :class:`cachesvc.store.castore.Store` may commit them.
-:func:`compare` is the only place in cachesvc where a computed sha256 is
-compared with the expected one: ingests, start-up adoption and re-hashes of
-stored blobs (:class:`cachesvc.store.recheck.Recheck`) all ask it. There is no
-switch to skip it.
+checks size and sha256 (:func:`cachesvc.digest.compare`) before
+:class:`cachesvc.store.castore.Store` may commit them.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cachesvc.digest import Digest
+from cachesvc.digest import Digest, compare
 from cachesvc.errors import DigestMismatch, UpstreamError
 
 if TYPE_CHECKING:
@@ -30,14 +27,6 @@ log = logging.getLogger(__name__)
 
 MIN_BATCH = 256 << 10  # bytes gathered before a thread hop hashes + writes them, if idle
 WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is written
-
-
-def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
-    """The one comparison of computed and expected sha256 in cachesvc.
-    Raises :class:`DigestMismatch` (``what``: ingest, recheck, adopt, ...)."""
-    actual = hashed.hexdigest()
-    if actual != digest.hex:
-        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")
 
 
 class Ingest:

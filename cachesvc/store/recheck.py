@@ -25,9 +25,9 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from cachesvc.digest import compare
 from cachesvc.errors import DigestMismatch
 from cachesvc.store.blob import Blob
-from cachesvc.store.ingest import compare
 
 if TYPE_CHECKING:
     from cachesvc.store.castore import Store
