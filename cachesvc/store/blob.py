@@ -1,8 +1,10 @@
 """A committed package file, open and shared by the requests that read it.
 
 Handed out by :meth:`cachesvc.store.castore.Store.lease`; the store alone calls
-:meth:`Blob.acquire`, :meth:`Blob.release` and :meth:`Blob.retire`. Files are
-opened and hashed here without ever following a link or blocking on a fifo.
+:meth:`Blob.acquire` and :meth:`Blob.retire`, and a lease is given back with
+:meth:`Blob.release` (through ``Store.release``, or by the
+:class:`~cachesvc.store.recheck.Recheck` that took it over). Files are opened
+and hashed here without ever following a link or blocking on a fifo.
 """
 
 from __future__ import annotations
