@@ -158,9 +158,12 @@ class Ingest:
         if self.closed:
             return
         self.closed = True
+        # The store forgets a closed ingest when it next counts its reservations;
+        # until then the ingest holds no bytes and no flight.
         self._pending, self._pending_len = [], 0
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
+        self.on_written = None  # the last batch's callback ran before the gather returned
         fd, self.fd = self.fd, -2
         if fd >= 0:
             await asyncio.to_thread(self._close, fd)
