@@ -433,9 +433,9 @@ class Store:
         and the ingest's reservation is released (its bytes count as stored
         now). Its index row is written with the next flush, within
         :data:`ROW_DELAY` (a crash before that leaves a blob without a row,
-        which start-up re-hashes and adopts). A spilled ingest's (no ``path``)
-        keeps nothing. Raises ValueError for a path that is not an open ingest
-        of this store, and OSError when the disk refuses the rename."""
+        which start-up re-hashes and adopts). What a spilled ingest verified
+        (no ``path``) is not kept. Raises ValueError for a path that is not an
+        open ingest of this store, and OSError when the disk refuses the rename."""
         if verified.path is None:
             return
         ingest = self._writing.get(verified.path)
