@@ -157,6 +157,12 @@ class Metrics:
         self.cache_bytes.set_function(lambda: usage()[1])
         self.cache_capacity.set_function(lambda: usage()[2])
 
+    def requests_served(self, tier: str) -> int:
+        """``cachesvc_requests_total`` for ``tier`` as the registry reports it
+        (call :meth:`sync` first to include the fast path's tallies)."""
+        value = self.registry.get_sample_value("cachesvc_requests_total", {"tier": tier})
+        return int(value or 0)
+
     def sync(self) -> None:
         """Bring in counts kept elsewhere for speed (the fast path's tallies)."""
         for flush in self.on_sync:
@@ -175,6 +181,7 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
     ``_sum``, unchanged since prometheus_client 0.4); without them it falls
     back to one ``observe`` per value.
     """
+    # No public API observes many values at once: see the docstring for the fallback.
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)

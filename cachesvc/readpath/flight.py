@@ -29,7 +29,9 @@ Guarantees: the fill runs in its own task, owned by :class:`Flights`, so a
 follower's disconnect never cancels it; :meth:`Flights.close` cancels and
 awaits them all. The temp file stays open until the fill is over *and* the
 last follower is gone. This module does not know where bytes come from, and
-never judges them: :meth:`Ingest.verify` (or :meth:`Recheck.verify`) does.
+never judges them: :meth:`Ingest.verify` (or :meth:`Recheck.verdict`) does,
+and the store keeps what they found right (:meth:`Store.commit`,
+:meth:`Store.settle`).
 """
 
 from __future__ import annotations
@@ -135,13 +137,22 @@ class Flight:
     async def finish(self) -> None:
         """All bytes are in: verify, release followers' last bytes, then keep
         (rename and index are off the followers' critical path). Raises what
-        :meth:`Ingest.verify` and :meth:`Ingest.persist` raise."""
+        :meth:`Ingest.verify`, :meth:`Store.commit` and :meth:`Store.settle` raise
+        (a recheck's wrong bytes are dropped by the store first)."""
         assert self.ingest is not None
-        await self.ingest.verify()
+        if isinstance(self.ingest, Recheck):
+            await self.store.settle(self.ingest.verdict())
+            self._verdict_in()
+            return
+        verified = await self.ingest.verify()
+        self._verdict_in()
+        await self.store.commit(verified)
+        self._trim()
+
+    def _verdict_in(self) -> None:
+        """The bytes are right: followers may send their last byte."""
         _settle(self.done)
         self._wake()
-        await self.ingest.persist()
-        self._trim()
 
     def fail(self, exc: BaseException) -> None:
         """End the flight without a good verdict; followers abort."""

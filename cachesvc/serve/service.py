@@ -269,10 +269,7 @@ async def stats(request: web.Request) -> web.Response:
     usage = core.store.usage()
     local = core.tiers.local_tier
     core.metrics.sync()
-    served = {
-        tier: int(core.metrics.requests.labels(tier)._value.get())
-        for tier in ("L1", "L2", "ORIGIN")
-    }
+    served = {tier: core.metrics.requests_served(tier) for tier in ("L1", "L2", "ORIGIN")}
     return web.json_response(
         {
             "tier": local,

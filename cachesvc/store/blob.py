@@ -1,8 +1,10 @@
 """A committed package file, open and shared by the requests that read it.
 
 Handed out by :meth:`cachesvc.store.castore.Store.lease`; the store alone calls
-:meth:`Blob.acquire`, :meth:`Blob.release` and :meth:`Blob.retire`. Files are
-opened and hashed here without ever following a link or blocking on a fifo.
+:meth:`Blob.acquire` and :meth:`Blob.retire`, and a lease is given back with
+:meth:`Blob.release` (through ``Store.release``, or by the
+:class:`~cachesvc.store.recheck.Recheck` that took it over). Files are opened
+and hashed here without ever following a link or blocking on a fifo.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from cachesvc.digest import Digest
+from cachesvc.digest import Digest, Hashed
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 HASH_BLOCK = 1 << 20
@@ -68,7 +70,7 @@ def open_file(path: Path, size: int) -> io.FileIO:
         raise
 
 
-def file_sha256(path: Path) -> tuple[hashlib._Hash, int]:
+def file_sha256(path: Path) -> tuple[Hashed, int]:
     """Hash a file (never through a link); returns the hash and the bytes read.
     Raises OSError. Blocking."""
     sha256 = hashlib.sha256()

@@ -41,12 +41,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cachesvc.digest import HEX, Digest
+from cachesvc.digest import HEX, Digest, compare
 from cachesvc.errors import DigestMismatch
 from cachesvc.fsutil import remove_tree
 from cachesvc.store.blob import file_sha256
 from cachesvc.store.index import Entry, Index
-from cachesvc.store.ingest import compare
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ Guarantees:
   scrubber is cancelled, the block in its thread finishes before the lease is
   released, so the descriptor is never closed under a read.
 * A mismatch, a short file or a read error drops the entry
-  (:meth:`cachesvc.store.castore.Store.drop_corrupt`, counted as found by ``scrub``);
+  (:meth:`cachesvc.store.castore.Store.settle`, counted as found by ``scrub``);
   the next request refetches it. A match marks it verified.
 
 Clock and sleep are injected: tests never wait for real intervals.
@@ -125,8 +125,7 @@ class Scrubber:
         recheck = self._store.recheck(blob, found_by="scrub")
         try:
             await self._hash(recheck)
-            await recheck.verify()  # drops the entry and raises when the bytes are wrong
-            await recheck.persist()
+            await self._store.settle(recheck.verdict())  # wrong bytes: dropped, and it raises
         except DigestMismatch:
             pass  # dropped and counted by the store
         finally:

@@ -16,7 +16,7 @@ origin keeps aiobotocore, which knows regions, virtual hosting and redirects.
 
 Failures are raised as botocore's ``ClientError`` (code, message and status
 read from the store's XML error body; a HEAD has none, so its code is the
-status), so :func:`cachesvc.upstream.origin._mapped` maps them in one place as before.
+status), so :mod:`cachesvc.upstream.origin` maps them in one place as before.
 Connection failures and 5xx answers (a store restarting says "try again")
 are tried three times, 0.1 s and 0.4 s apart, but only before the first body
 byte.

@@ -33,7 +33,7 @@ async def put(store: Store, data: bytes, digest: Digest | None = None) -> None:
     try:
         for i in range(0, len(data), 100 * KiB):
             await ingest.write(data[i : i + 100 * KiB])
-        await ingest.commit()
+        await store.commit(await ingest.verify())
     finally:
         await ingest.close()
 
@@ -89,7 +89,7 @@ async def test_a_short_body_is_refused(tmp_path: Path) -> None:
     ingest = await store.begin(digest_of(data), len(data) + 1)
     await ingest.write(data)
     with pytest.raises(UpstreamError, match="got 10240 of 10241"):
-        await ingest.commit()
+        await ingest.verify()
     await ingest.close()
     assert store_files(tmp_path) == []
     await store.close()
@@ -132,8 +132,9 @@ async def test_enospc_mid_write_spills_but_still_verifies(tmp_path: Path, monkey
     ingest = await store.begin(digest_of(data), len(data))
     for i in range(0, len(data), 2**20):
         await ingest.write(data[i : i + 2**20])
-    await ingest.commit()  # verified, not kept
-    assert ingest.spilled and not ingest.committed
+    verified = await ingest.verify()
+    assert ingest.spilled and verified.path is None
+    await store.commit(verified)  # keeps nothing
     await ingest.close()
     assert digest_of(data) not in store and store_files(tmp_path) == []
     await store.close()
@@ -218,13 +219,42 @@ async def test_concurrent_begins_never_reserve_more_than_the_capacity(tmp_path: 
     await store.close()
 
 
+async def test_an_ingest_closed_without_a_commit_gives_its_room_back(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 100)
+    first = await store.begin(digest_of(b"a"), 60)
+    with pytest.raises(StoreFull):
+        await store.begin(digest_of(b"b"), 60)
+    await first.close()
+    second = await store.begin(digest_of(b"b"), 60)
+    await second.close()
+    await store.close()
+
+
+async def test_the_store_commits_only_what_its_own_open_ingests_verified(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "one", 10 * 2**20)
+    other = await Store.open(tmp_path / "two", 10 * 2**20)
+    data = payload(KiB)
+    ingest = await other.begin(digest_of(data), len(data))
+    await ingest.write(data)
+    verified = await ingest.verify()
+    with pytest.raises(ValueError, match="not an ingest this store writes"):
+        await store.commit(verified)  # another store's temp file
+    await ingest.close()
+    with pytest.raises(ValueError, match="not an ingest this store writes"):
+        await other.commit(verified)  # closed: its temp file is gone
+    assert digest_of(data) not in store and digest_of(data) not in other
+    assert store_files(tmp_path / "one") == store_files(tmp_path / "two") == []
+    await store.close()
+    await other.close()
+
+
 async def test_a_committed_entry_still_streaming_is_counted_once(tmp_path: Path) -> None:
     store = await Store.open(tmp_path, 100)
     a, b, c = b"a" * 40, b"b" * 50, b"c" * 10
     await put(store, a)
     ingest_b = await store.begin(digest_of(b), 50)
     await ingest_b.write(b)
-    await ingest_b.commit()  # left open: a follower still reads its temp fd
+    await store.commit(await ingest_b.verify())  # left open: a follower still reads its temp fd
     ingest_c = await store.begin(digest_of(c), 10)  # 40 + 50 + 10 fits exactly
     assert digest_of(a) in store and digest_of(b) in store
     for ingest in (ingest_c, ingest_b):
@@ -270,8 +300,7 @@ async def recheck(store: Store, data: bytes) -> bool:
     try:
         while await check.step():
             pass
-        await check.verify()
-        await check.persist()
+        await store.settle(check.verdict())
         return True
     except DigestMismatch:
         return False
@@ -294,6 +323,28 @@ async def test_a_recheck_drops_rotten_bytes_counts_them_and_marks_good_ones(
     assert store.is_verified(digest_of(good)) and digest_of(rotten) not in store
     assert not store.path_of(digest_of(rotten)).exists()
     assert found == ["scrub"]
+    await store.close()
+
+
+async def test_a_recheck_only_reports_and_the_store_acts_on_its_verdict(tmp_path: Path) -> None:
+    found: list[str] = []
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    data = payload(KiB)
+    await put(store, data)
+    flip_byte(store.path_of(digest_of(data)), 7)
+    blob = await store.lease(digest_of(data))
+    assert blob is not None
+    check = store.recheck(blob, found_by="serve")
+    while await check.step():
+        pass
+    verdict = check.verdict()
+    assert verdict.problem is not None and "recheck" in verdict.problem
+    assert digest_of(data) in store and found == []  # nothing happened yet
+    with pytest.raises(DigestMismatch):
+        await store.settle(verdict)
+    assert digest_of(data) not in store and found == ["serve"]
+    await check.close()
+    assert blob.file.closed  # the lease was the last user of the dropped file
     await store.close()
 
 
