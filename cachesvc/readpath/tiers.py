@@ -50,6 +50,7 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flight, Flights
 from cachesvc.readpath.package import BlobPackage, Package
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier, Upstream
 from cachesvc.upstream.origin import Origin
 from cachesvc.upstream.peer_client import PeerClient
 from cachesvc.upstream.ring import Ring
@@ -67,13 +68,13 @@ class Source(Protocol):
     def name(self) -> str: ...
 
     @property
-    def tier(self) -> str:
+    def tier(self) -> Tier:
         """What X-Cache-Tier says when this source served the bytes."""
         ...
 
     @property
-    def upstream(self) -> str:
-        """Metric label of who sends the bytes now: "peer", "agent" or "origin"."""
+    def upstream(self) -> Upstream:
+        """Who sends the bytes now (a metric label)."""
         ...
 
     def open(self, digest: Digest, offset: int) -> Any: ...
@@ -100,8 +101,8 @@ class PeerSource:
     client: PeerClient
     ring: Ring
     name: str
-    tier: str = "L2"
-    upstream: str = "peer"
+    tier: Tier = Tier.L2
+    upstream: Upstream = Upstream.PEER
 
     def open(self, digest: Digest, offset: int) -> Any:
         return self.client.open(self.name, digest, offset)
@@ -126,8 +127,8 @@ class PeerSource:
 class OriginSource:
     origin: Origin
     name: str = "origin"
-    tier: str = "ORIGIN"
-    upstream: str = "origin"
+    tier: Tier = Tier.ORIGIN
+    upstream: Upstream = Upstream.ORIGIN
 
     def open(self, digest: Digest, offset: int) -> Any:
         return self.origin.open(digest, offset)
@@ -176,7 +177,8 @@ class NegativeCache:
 
 
 class Tiers:
-    """The walk. ``local_tier`` is this service's own tier label (L1 or L2)."""
+    """The walk. ``local_tier`` is the tier of what this service serves from
+    its own store (L1 on agents, L2 on peers)."""
 
     def __init__(
         self,
@@ -184,7 +186,7 @@ class Tiers:
         flights: Flights,
         sources: Callable[[Digest], Sequence[Source]],
         metrics: Metrics,
-        local_tier: str,
+        local_tier: Tier,
         negative: NegativeCache | None = None,
     ) -> None:
         self.store = store
@@ -246,13 +248,13 @@ class Tiers:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         return self.flights.start(digest, self._fill)
 
-    def _tier_of(self, flight: Flight) -> str:
+    def _tier_of(self, flight: Flight) -> Tier:
         """X-Cache-Tier for a request following ``flight`` (once it started):
         this service's own tier once the bytes are verified and being kept."""
         assert flight.tier is not None
         return self.local_tier if flight.local else flight.tier
 
-    async def fetch(self, digest: Digest) -> tuple[int, str]:
+    async def fetch(self, digest: Digest) -> tuple[int, Tier]:
         """Make sure the package is here and verified (kept, when the store can
         keep it): for warm, prefetch and unpack. Returns (size, tier the bytes
         came from; this service's own tier if they were already here)."""
@@ -260,7 +262,7 @@ class Tiers:
             await package.complete()
             return package.size, package.tier
 
-    async def head(self, digest: Digest) -> tuple[int, str]:
+    async def head(self, digest: Digest) -> tuple[int, Tier]:
         """Size and tier without downloading the body."""
         size = self.store.size_of(digest)
         if size is not None:
@@ -364,7 +366,7 @@ class Tiers:
         self.metrics.digest_mismatch.inc()
         log.error("fetch %s via %s refused: %s", flight.digest.short, source.name, exc)
         source.refused()
-        if source.upstream != "origin":  # the origin may still have the right bytes
+        if source.upstream is not Upstream.ORIGIN:  # the origin may still have the right bytes
             asyncio.get_running_loop().call_soon(self._refill, flight.digest)
 
     def _refill(self, digest: Digest) -> None:

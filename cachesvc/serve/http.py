@@ -47,6 +47,7 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.package import SMALL, FileSpan, Package, Span
 from cachesvc.readpath.tiers import Tiers
 from cachesvc.serve.egress import TokenBucket
+from cachesvc.tier import Tier
 from cachesvc.upstream.peer_client import FORWARDED
 
 log = logging.getLogger(__name__)
@@ -162,14 +163,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _headers(digest: Digest, tier: str | None) -> dict[str, str]:
+def _headers(digest: Digest, tier: Tier | None) -> dict[str, str]:
     headers = {
         "ETag": digest.etag,
         "Cache-Control": CACHE_CONTROL,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
-    if tier:
+    if tier is not None:
         headers["X-Cache-Tier"] = tier
     return headers
 
@@ -182,7 +183,7 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
 
 
 def _start(
-    request: web.Request, digest: Digest, size: int, tier: str
+    request: web.Request, digest: Digest, size: int, tier: Tier
 ) -> tuple[int, dict[str, str], int, int]:
     """Status, headers and the byte span ``[start, end)`` for a body of ``size`` bytes."""
     if_range = request.headers.get("If-Range")

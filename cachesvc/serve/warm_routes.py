@@ -41,6 +41,7 @@ from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, InvalidRequest, Unauthorized, UnknownTenant
 from cachesvc.publish.upload import check_name
 from cachesvc.serve.service import CORE, SETTINGS, Core, require_token
+from cachesvc.tier import Role
 from cachesvc.warm.jobs import MAX_ITEMS, SIGNALS, Scope, WarmJobs
 from cachesvc.warm.prefetch import Prefetcher
 from cachesvc.warm.references import ReferenceIndex
@@ -104,7 +105,7 @@ def _open(core: Core, prefetch: bool) -> Warm:
 
 
 def _scope(core: Core) -> Scope:
-    if core.tiers.local_tier == "L1":
+    if core.role is Role.AGENT:
         return Scope()
     return Scope(core.ring, core.settings.advertise or core.settings.listen_url)
 

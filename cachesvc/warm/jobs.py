@@ -47,6 +47,7 @@ from cachesvc.errors import CachesvcError, NotFound, Overloaded
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.tiers import Tiers
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier
 from cachesvc.upstream.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Item:
     digest: Digest
     outcome: str = "pending"
     bytes: int = 0
-    tier: str | None = None
+    tier: Tier | None = None
     pinned: bool = False
     owner: str | None = None
     error: str | None = None

@@ -19,6 +19,7 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flights
 from cachesvc.readpath.tiers import OriginSource, Tiers
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier
 from cachesvc.upstream.origin import Body, FileOrigin
 from cachesvc.upstream.ring import Ring
 from cachesvc.warm.jobs import Job, Scope, WarmJobs
@@ -59,7 +60,7 @@ async def parts(tmp_path: Path) -> AsyncIterator[tuple[FileOrigin, Store, Tiers,
     store = await Store.open(tmp_path / "store", 10 << 20)
     metrics = Metrics()
     flights = Flights(store)
-    tiers = Tiers(store, flights, lambda _d: [OriginSource(origin)], metrics, "L1")
+    tiers = Tiers(store, flights, lambda _d: [OriginSource(origin)], metrics, Tier.L1)
     yield origin, store, tiers, metrics
     await flights.close()
     await store.close()
@@ -119,7 +120,7 @@ async def test_running_jobs_never_expire_and_the_job_count_is_bounded(parts, tmp
     origin, store, _, metrics = parts
     gate, clock = asyncio.Event(), Clock()
     flights = Flights(store)
-    tiers = Tiers(store, flights, lambda _d: [GatedOrigin(origin, gate)], metrics, "L1")
+    tiers = Tiers(store, flights, lambda _d: [GatedOrigin(origin, gate)], metrics, Tier.L1)
     jobs = WarmJobs(tiers, store, metrics, Scope(), 0.5, clock=clock, ttl=10, max_jobs=2)
     digests = [await put(origin, payload(100, i)) for i in range(3)]
     running = [jobs.start([digests[0]]), jobs.start([digests[1]])]
