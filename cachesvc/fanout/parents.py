@@ -37,9 +37,9 @@ from cachesvc.errors import CachesvcError, FanoutBusy, LoopRefused, PeerFailed
 from cachesvc.fanout.tracker import Tracker
 from cachesvc.tier import Tier, Upstream
 from cachesvc.upstream.membership import parse_base_url
-from cachesvc.upstream.origin import Body
 from cachesvc.upstream.peer_client import PARENT, PeerClient, Redirect
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Body
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from cachesvc.digest import Digest
 from cachesvc.errors import (
@@ -54,46 +53,12 @@ from cachesvc.tier import Tier, Upstream
 from cachesvc.upstream.origin import Origin
 from cachesvc.upstream.peer_client import PeerClient
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Opened, Source
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 10.0
 NEGATIVE_MAX = 10_000
-
-
-class Source(Protocol):
-    """One upstream, as the walk sees it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def tier(self) -> Tier:
-        """What X-Cache-Tier says when this source served the bytes."""
-        ...
-
-    @property
-    def upstream(self) -> Upstream:
-        """Who sends the bytes now (a metric label)."""
-        ...
-
-    def open(self, digest: Digest, offset: int) -> Any: ...
-
-    async def head(self, digest: Digest) -> int: ...
-
-    def retry(self, exc: CachesvcError) -> bool:
-        """Whether to ask this source again, resuming, after ``exc`` mid-body."""
-        ...
-
-    def failed(self) -> None:
-        """It failed (down, error, broke off): skip it for a while."""
-        ...
-
-    def refused(self) -> None:
-        """Bytes it delivered did not match the digest."""
-        ...
-
-    def succeeded(self) -> None: ...
 
 
 @dataclass
@@ -104,7 +69,7 @@ class PeerSource:
     tier: Tier = Tier.L2
     upstream: Upstream = Upstream.PEER
 
-    def open(self, digest: Digest, offset: int) -> Any:
+    def open(self, digest: Digest, offset: int) -> Opened:
         return self.client.open(self.name, digest, offset)
 
     async def head(self, digest: Digest) -> int:
@@ -130,7 +95,7 @@ class OriginSource:
     tier: Tier = Tier.ORIGIN
     upstream: Upstream = Upstream.ORIGIN
 
-    def open(self, digest: Digest, offset: int) -> Any:
+    def open(self, digest: Digest, offset: int) -> Opened:
         return self.origin.open(digest, offset)
 
     async def head(self, digest: Digest) -> int:

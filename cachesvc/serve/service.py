@@ -25,7 +25,7 @@ from cachesvc.fanout.parents import Avoided, FanoutSource, Feeds
 from cachesvc.fanout.tracker import Tracker
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flights
-from cachesvc.readpath.tiers import OriginSource, PeerSource, Source, Tiers
+from cachesvc.readpath.tiers import OriginSource, PeerSource, Tiers
 from cachesvc.serve.egress import TokenBucket
 from cachesvc.serve.fastpath import HIT_PATH, HitFactory, HitRoute, HitServer, hit_path_available
 from cachesvc.serve.http import METRICS, error_middleware, json_error
@@ -37,6 +37,7 @@ from cachesvc.upstream.membership import Membership
 from cachesvc.upstream.origin import Origin, make_origin
 from cachesvc.upstream.peer_client import PeerClient
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Source
 
 log = logging.getLogger(__name__)
 

@@ -37,19 +37,9 @@ from cachesvc.config import parse_origin
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, UpstreamError, UpstreamTimeout
 from cachesvc.upstream.s3reads import SignedReads
+from cachesvc.upstream.source import Body, Opened
 
 CHUNK = 1 << 20
-
-
-@dataclass
-class Body:
-    """An open upstream body: ``size`` of the whole package, bytes from ``offset``;
-    ``via``: the agents these bytes come through, nearest first (fan-out)."""
-
-    size: int
-    offset: int
-    chunks: AsyncIterator[bytes]
-    via: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,8 +63,8 @@ class Origin(Protocol):
     async def probe(self) -> Probe:
         """Whether the origin answers and accepts us; never raises."""
 
-    def open(self, digest: Digest, offset: int = 0) -> Any:
-        """Async context manager yielding a :class:`Body`; :class:`NotFound` if absent."""
+    def open(self, digest: Digest, offset: int = 0) -> Opened:
+        """The body from byte ``offset``; :class:`NotFound` if absent."""
 
     async def head(self, digest: Digest) -> int:
         """The package's size; :class:`NotFound` if absent."""

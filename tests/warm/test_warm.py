@@ -20,8 +20,9 @@ from cachesvc.readpath.flight import Flights
 from cachesvc.readpath.tiers import OriginSource, Tiers
 from cachesvc.store.castore import Store
 from cachesvc.tier import Tier
-from cachesvc.upstream.origin import Body, FileOrigin
+from cachesvc.upstream.origin import FileOrigin
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Body, Opened
 from cachesvc.warm.jobs import Job, Scope, WarmJobs
 from cachesvc.warm.prefetch import QUEUE_CAP, Prefetcher
 from cachesvc.warm.references import ReferenceIndex, natural_key, parse_key
@@ -43,7 +44,7 @@ class GatedOrigin(OriginSource):
         super().__init__(origin)
         self.gate = gate
 
-    def open(self, digest: Digest, offset: int) -> object:
+    def open(self, digest: Digest, offset: int) -> Opened:
         @asynccontextmanager
         async def opened() -> AsyncIterator[Body]:
             await self.gate.wait()
