@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from cachesvc.errors import ConfigError
@@ -170,7 +170,7 @@ FROM_COMMAND_LINE = "from the command line"
 
 # What the builtin types' own messages would say ("invalid literal for int() with
 # base 10"), said as the accepted forms; for flags added with type=int or float.
-_BUILTIN_FORMS: dict[Any, str] = {
+_BUILTIN_FORMS: dict[Callable[[str], object], str] = {
     int: "not a whole number; use digits, e.g. 64",
     float: "not a number; use e.g. 30 or 0.5",
 }
@@ -190,16 +190,19 @@ class _Given(str):
         return given
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
-class FlagValue:
+class FlagValue(Generic[_T]):
     """The ``type`` of a flag added by :func:`add_flag`: converts with ``parse``,
     and turns its ValueError into a :class:`ConfigError` of one line naming the
     flag, the value, its source and the accepted forms."""
 
     flag: str
-    parse: Callable[[str], Any]
+    parse: Callable[[str], _T]
 
-    def __call__(self, text: str) -> Any:
+    def __call__(self, text: str) -> _T:
         try:
             return self.parse(text)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:

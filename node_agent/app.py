@@ -21,16 +21,17 @@ from cachesvc.serve.http import refuse_unrouted, route_digest, send_package, ser
 from cachesvc.serve.service import CORE, Core, make_base_app, offer_hit_path, require_token
 from cachesvc.serve.warm_routes import add_routes as add_warm_routes
 from cachesvc.serve.warm_routes import prefetch_signal
+from cachesvc.tier import Role
 from cachesvc.upstream.peer_client import FORWARDED, VIA
 from node_agent.packages import add_routes as add_package_routes
 
 FEED_START_WAIT = 5.0  # seconds another host waits for this host's own fill to start
 # Requests from other hosts are fan-out feeds (capped, never a fetch): aiohttp's.
-AGENT_HITS = HitRoute(b"/pkg/", "L1", "pkg", REFUSED_HEADERS | {FORWARDED_HEADER})
+AGENT_HITS = HitRoute(b"/pkg/", Role.AGENT.local_tier, "pkg", REFUSED_HEADERS | {FORWARDED_HEADER})
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = make_base_app(settings, local_tier="L1")
+    app = make_base_app(settings, Role.AGENT)
     app.router.add_get("/pkg/{digest}", timed("pkg", get_package))
     add_package_routes(app)
     app.router.add_route("*", "/pkg/{rest:.*}", bad_pkg_path)

@@ -45,6 +45,7 @@ from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, Overloaded, UpstreamError
 from cachesvc.readpath.package import FileSpan, Span, span_len
 from cachesvc.store.castore import Ingest, Recheck, Store, StoreFull
+from cachesvc.tier import Tier
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Flight:
         self.digest = digest
         self.stall_timeout = stall_timeout
         self.size: int | None = None
-        self.tier: str | None = None
+        self.tier: Tier | None = None
         self.via: tuple[str, ...] = ()  # agents the current source's bytes come through
         self.ingest: Ingest | Recheck | None = None
         self.started: asyncio.Future[None] = _future()
@@ -78,7 +79,7 @@ class Flight:
 
     # -- the fill side ---------------------------------------------------------
 
-    async def begin(self, size: int, tier: str) -> None:
+    async def begin(self, size: int, tier: Tier) -> None:
         """The first source answered: size and tier are known; followers may start."""
         self.size, self.tier = size, tier
         try:
@@ -89,7 +90,7 @@ class Flight:
         self.ingest.on_written = self._on_disk
         _settle(self.started)
 
-    def begin_recheck(self, recheck: Recheck, tier: str) -> None:
+    def begin_recheck(self, recheck: Recheck, tier: Tier) -> None:
         """A committed entry is re-verified in place: followers read the bytes
         hashed so far straight from its file (:meth:`grew` after each step)."""
         self.size, self.tier, self.ingest = recheck.size, tier, recheck
@@ -280,9 +281,18 @@ class Follower:
     def __init__(self, flight: Flight) -> None:
         self.flight = flight
         self.digest = flight.digest
-        self.tier = ""
         self.position = 0
+        self._tier: Tier | None = None
         self._gone = False
+
+    @property
+    def tier(self) -> Tier:
+        assert self._tier is not None, "the read path sets the tier once the flight started"
+        return self._tier
+
+    @tier.setter
+    def tier(self, tier: Tier) -> None:
+        self._tier = tier
 
     @property
     def size(self) -> int:

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from cachesvc.digest import Digest
 from cachesvc.store.castore import Blob
+from cachesvc.tier import Tier
 
 SMALL = 64 << 10
 """Bodies up to this size are read and sent with their response headers in
@@ -60,7 +61,7 @@ class Package(Protocol):
     def size(self) -> int: ...
 
     @property
-    def tier(self) -> str:
+    def tier(self) -> Tier:
         """X-Cache-Tier: where the bytes of this request come from."""
         ...
 
@@ -82,7 +83,7 @@ class Package(Protocol):
 class BlobPackage:
     """A verified entry of the store, leased by ``Tiers.open`` for the request."""
 
-    def __init__(self, blob: Blob, tier: str) -> None:
+    def __init__(self, blob: Blob, tier: Tier) -> None:
         self.blob = blob
         self.digest = blob.digest
         self.size = blob.size

@@ -34,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from cachesvc.digest import Digest
 from cachesvc.errors import (
@@ -50,9 +49,11 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flight, Flights
 from cachesvc.readpath.package import BlobPackage, Package
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier, Upstream
 from cachesvc.upstream.origin import Origin
 from cachesvc.upstream.peer_client import PeerClient
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Opened, Source
 
 log = logging.getLogger(__name__)
 
@@ -60,50 +61,15 @@ NEGATIVE_TTL = 10.0
 NEGATIVE_MAX = 10_000
 
 
-class Source(Protocol):
-    """One upstream, as the walk sees it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def tier(self) -> str:
-        """What X-Cache-Tier says when this source served the bytes."""
-        ...
-
-    @property
-    def upstream(self) -> str:
-        """Metric label of who sends the bytes now: "peer", "agent" or "origin"."""
-        ...
-
-    def open(self, digest: Digest, offset: int) -> Any: ...
-
-    async def head(self, digest: Digest) -> int: ...
-
-    def retry(self, exc: CachesvcError) -> bool:
-        """Whether to ask this source again, resuming, after ``exc`` mid-body."""
-        ...
-
-    def failed(self) -> None:
-        """It failed (down, error, broke off): skip it for a while."""
-        ...
-
-    def refused(self) -> None:
-        """Bytes it delivered did not match the digest."""
-        ...
-
-    def succeeded(self) -> None: ...
-
-
 @dataclass
 class PeerSource:
     client: PeerClient
     ring: Ring
     name: str
-    tier: str = "L2"
-    upstream: str = "peer"
+    tier: Tier = Tier.L2
+    upstream: Upstream = Upstream.PEER
 
-    def open(self, digest: Digest, offset: int) -> Any:
+    def open(self, digest: Digest, offset: int) -> Opened:
         return self.client.open(self.name, digest, offset)
 
     async def head(self, digest: Digest) -> int:
@@ -126,10 +92,10 @@ class PeerSource:
 class OriginSource:
     origin: Origin
     name: str = "origin"
-    tier: str = "ORIGIN"
-    upstream: str = "origin"
+    tier: Tier = Tier.ORIGIN
+    upstream: Upstream = Upstream.ORIGIN
 
-    def open(self, digest: Digest, offset: int) -> Any:
+    def open(self, digest: Digest, offset: int) -> Opened:
         return self.origin.open(digest, offset)
 
     async def head(self, digest: Digest) -> int:
@@ -176,7 +142,8 @@ class NegativeCache:
 
 
 class Tiers:
-    """The walk. ``local_tier`` is this service's own tier label (L1 or L2)."""
+    """The walk. ``local_tier`` is the tier of what this service serves from
+    its own store (L1 on agents, L2 on peers)."""
 
     def __init__(
         self,
@@ -184,7 +151,7 @@ class Tiers:
         flights: Flights,
         sources: Callable[[Digest], Sequence[Source]],
         metrics: Metrics,
-        local_tier: str,
+        local_tier: Tier,
         negative: NegativeCache | None = None,
     ) -> None:
         self.store = store
@@ -246,13 +213,13 @@ class Tiers:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         return self.flights.start(digest, self._fill)
 
-    def _tier_of(self, flight: Flight) -> str:
+    def _tier_of(self, flight: Flight) -> Tier:
         """X-Cache-Tier for a request following ``flight`` (once it started):
         this service's own tier once the bytes are verified and being kept."""
         assert flight.tier is not None
         return self.local_tier if flight.local else flight.tier
 
-    async def fetch(self, digest: Digest) -> tuple[int, str]:
+    async def fetch(self, digest: Digest) -> tuple[int, Tier]:
         """Make sure the package is here and verified (kept, when the store can
         keep it): for warm, prefetch and unpack. Returns (size, tier the bytes
         came from; this service's own tier if they were already here)."""
@@ -260,7 +227,7 @@ class Tiers:
             await package.complete()
             return package.size, package.tier
 
-    async def head(self, digest: Digest) -> tuple[int, str]:
+    async def head(self, digest: Digest) -> tuple[int, Tier]:
         """Size and tier without downloading the body."""
         size = self.store.size_of(digest)
         if size is not None:
@@ -364,7 +331,7 @@ class Tiers:
         self.metrics.digest_mismatch.inc()
         log.error("fetch %s via %s refused: %s", flight.digest.short, source.name, exc)
         source.refused()
-        if source.upstream != "origin":  # the origin may still have the right bytes
+        if source.upstream is not Upstream.ORIGIN:  # the origin may still have the right bytes
             asyncio.get_running_loop().call_soon(self._refill, flight.digest)
 
     def _refill(self, digest: Digest) -> None:

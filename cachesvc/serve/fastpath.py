@@ -53,6 +53,7 @@ from cachesvc.metrics import Metrics, observe_many
 from cachesvc.readpath.package import SMALL
 from cachesvc.serve.http import CACHE_CONTROL, sendfile_now
 from cachesvc.store.castore import Blob, Store
+from cachesvc.tier import Tier
 from cachesvc.upstream.peer_client import FORWARDED
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class HitRoute:
     """What one service's fast path answers, and how it is labelled."""
 
     prefix: bytes  # b"/pkg/" (agents) or b"/blob/" (peers)
-    tier: str  # X-Cache-Tier of a hit: L1 on agents, L2 on peers
+    tier: Tier  # X-Cache-Tier of a hit: L1 on agents, L2 on peers
     label: str  # cachesvc_request_seconds{route}
     refused: frozenset[bytes] = REFUSED_HEADERS  # headers that send a request to aiohttp
     decide: Callable[[Head, Digest], str | None] | None = None

@@ -23,6 +23,7 @@ The package's spans hold back the last byte of every body until the digest check
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from functools import partial
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 from aiohttp import web
 
@@ -47,6 +48,7 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.package import SMALL, FileSpan, Package, Span
 from cachesvc.readpath.tiers import Tiers
 from cachesvc.serve.egress import TokenBucket
+from cachesvc.tier import Tier
 from cachesvc.upstream.peer_client import FORWARDED
 
 log = logging.getLogger(__name__)
@@ -162,14 +164,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _headers(digest: Digest, tier: str | None) -> dict[str, str]:
+def _headers(digest: Digest, tier: Tier | None) -> dict[str, str]:
     headers = {
         "ETag": digest.etag,
         "Cache-Control": CACHE_CONTROL,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
-    if tier:
+    if tier is not None:
         headers["X-Cache-Tier"] = tier
     return headers
 
@@ -182,7 +184,7 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
 
 
 def _start(
-    request: web.Request, digest: Digest, size: int, tier: str
+    request: web.Request, digest: Digest, size: int, tier: Tier
 ) -> tuple[int, dict[str, str], int, int]:
     """Status, headers and the byte span ``[start, end)`` for a body of ``size`` bytes."""
     if_range = request.headers.get("If-Range")
@@ -339,7 +341,7 @@ async def _write_span(
 
 
 async def _sendfile(
-    request: web.Request, resp: web.StreamResponse, file: Any, offset: int, count: int
+    request: web.Request, resp: web.StreamResponse, file: io.FileIO, offset: int, count: int
 ) -> None:
     """Zero-copy: one direct ``sendfile(2)`` first, then the loop's machinery
     for whatever did not fit. Where the loop has no sendfile (uvloop, TLS),
@@ -361,7 +363,7 @@ async def _sendfile(
         raise OSError(f"file ended after {sent} of {count} bytes")
 
 
-def sendfile_now(transport: asyncio.Transport, file: Any, offset: int, count: int) -> int:
+def sendfile_now(transport: asyncio.Transport, file: io.FileIO, offset: int, count: int) -> int:
     """One non-blocking ``sendfile(2)`` straight on the socket, when nothing is
     queued ahead of it. ``loop.sendfile`` costs ~100 µs of Python and four
     ``epoll_ctl`` calls per response even when one syscall sends it all (measured:
@@ -377,7 +379,7 @@ def sendfile_now(transport: asyncio.Transport, file: Any, offset: int, count: in
         return 0
 
 
-async def _copy(resp: web.StreamResponse, file: Any, offset: int, count: int) -> None:
+async def _copy(resp: web.StreamResponse, file: io.FileIO, offset: int, count: int) -> None:
     end = offset + count
     while offset < end:
         n = min(FALLBACK_CHUNK, end - offset)

@@ -38,7 +38,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Required, TypedDict
 
 from cachesvc.upstream.origin import Origin, Probe
 
@@ -46,6 +46,18 @@ log = logging.getLogger(__name__)
 
 ORIGIN_TTL = 10.0  # seconds a verdict of the origin is reused
 PROBE_WAIT = 1.0  # seconds a probe waits for a fresh check (k8s probes time out at 2 s here)
+
+
+class ReadyzJSON(TypedDict, total=False):
+    """The body of ``/readyz``: ``origin`` when ready (and ``peers``, which the
+    service adds); ``reason``, ``error`` and ``detail`` when not."""
+
+    status: Required[str]
+    origin: str
+    peers: int
+    reason: str
+    error: str
+    detail: str
 
 
 class OriginCheck:
@@ -113,7 +125,7 @@ class Readiness:
         self.store_tmp = store_tmp
         self.origin = origin
 
-    async def report(self) -> tuple[int, dict[str, Any]]:
+    async def report(self) -> tuple[int, ReadyzJSON]:
         """(HTTP status, JSON body): 200 ``{"status": "ready", "origin": ...}``
         or 503 ``{"status": "not_ready", "reason": ...}`` (with the contract's
         ``error``/``detail`` keys too, as every error answer has them)."""
@@ -136,7 +148,7 @@ class Readiness:
         await self.origin.close()
 
 
-def not_ready(reason: str) -> tuple[int, dict[str, Any]]:
+def not_ready(reason: str) -> tuple[int, ReadyzJSON]:
     return 503, {"status": "not_ready", "reason": reason, "error": "not_ready", "detail": reason}
 
 

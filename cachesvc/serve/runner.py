@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -103,7 +102,7 @@ async def _cleanup_quietly(runner: web.AppRunner) -> None:
 async def run_until_signal(
     apps: list[tuple[web.Application, tuple[str, int]]],
     grace: float,
-    banner: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    banner: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Serve ``apps`` until SIGINT/SIGTERM. Returns 1 when an address cannot be
     bound; raises :class:`ConfigError` when a service cannot start."""

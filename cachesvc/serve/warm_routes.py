@@ -33,7 +33,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -41,6 +40,7 @@ from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, InvalidRequest, Unauthorized, UnknownTenant
 from cachesvc.publish.upload import check_name
 from cachesvc.serve.service import CORE, SETTINGS, Core, require_token
+from cachesvc.tier import Role
 from cachesvc.warm.jobs import MAX_ITEMS, SIGNALS, Scope, WarmJobs
 from cachesvc.warm.prefetch import Prefetcher
 from cachesvc.warm.references import ReferenceIndex
@@ -104,7 +104,7 @@ def _open(core: Core, prefetch: bool) -> Warm:
 
 
 def _scope(core: Core) -> Scope:
-    if core.tiers.local_tier == "L1":
+    if core.role is Role.AGENT:
         return Scope()
     return Scope(core.ring, core.settings.advertise or core.settings.listen_url)
 
@@ -186,14 +186,14 @@ async def post_unpin(request: web.Request) -> web.Response:
     return web.json_response({"unpinned": unpinned, "total": len(digests)})
 
 
-async def _json(request: web.Request) -> Any:
+async def _json(request: web.Request) -> object:
     try:
         return await request.json()
     except ValueError as exc:
         raise InvalidRequest(f"the body must be a JSON object: {exc}") from exc
 
 
-def parse_body(body: Any, allow: tuple[str, ...]) -> WarmRequest:
+def parse_body(body: object, allow: tuple[str, ...]) -> WarmRequest:
     """Validate a warm/unpin body; raises :class:`InvalidRequest`/``InvalidDigest``."""
     if not isinstance(body, dict):
         raise InvalidRequest('the body must be a JSON object: {"tenant": T} or {"digests": [...]}')
@@ -215,7 +215,7 @@ def parse_body(body: Any, allow: tuple[str, ...]) -> WarmRequest:
     return WarmRequest(name, digests, pin, signal)
 
 
-def _parse_digests(value: Any) -> list[Digest]:
+def _parse_digests(value: object) -> list[Digest]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(d, str) for d in value):

@@ -41,9 +41,9 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack import codec
@@ -80,7 +80,7 @@ class Extracted(NamedTuple):
     layers: tuple[str, ...]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Extracted | None:
+    def from_json(cls, data: Mapping[str, object]) -> Extracted | None:
         """The counts and layers a worker's answer or a manifest records, if
         well formed (counts >= 0, at least one known layer); else None."""
         files, size, layers = data.get("files"), data.get("bytes"), data.get("layers")
@@ -178,12 +178,12 @@ class _StrictTarInfo(tarfile.TarInfo):
         except _BAD_HEADERS as exc:
             raise UnsupportedFormat(f"corrupt tar header: {exc}") from exc
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _TAR_META_TYPES and not 0 <= self.size <= TAR_META_MAX:
             raise UnsupportedFormat(f"tar metadata record of {self.size} bytes")
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise UnsupportedFormat(f"sparse tar member: {show(self.name)}")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
 
     def _refuse_sparse(self, *_args: object) -> None:
         raise UnsupportedFormat("sparse tar member (PAX GNU.sparse)")

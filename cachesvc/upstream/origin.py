@@ -30,26 +30,18 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
+
+import aiohttp
 
 from cachesvc.config import parse_origin
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, UpstreamError, UpstreamTimeout
 from cachesvc.upstream.s3reads import SignedReads
+from cachesvc.upstream.source import Body, Opened
 
 CHUNK = 1 << 20
-
-
-@dataclass
-class Body:
-    """An open upstream body: ``size`` of the whole package, bytes from ``offset``;
-    ``via``: the agents these bytes come through, nearest first (fan-out)."""
-
-    size: int
-    offset: int
-    chunks: AsyncIterator[bytes]
-    via: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,8 +65,8 @@ class Origin(Protocol):
     async def probe(self) -> Probe:
         """Whether the origin answers and accepts us; never raises."""
 
-    def open(self, digest: Digest, offset: int = 0) -> Any:
-        """Async context manager yielding a :class:`Body`; :class:`NotFound` if absent."""
+    def open(self, digest: Digest, offset: int = 0) -> Opened:
+        """The body from byte ``offset``; :class:`NotFound` if absent."""
 
     async def head(self, digest: Digest) -> int:
         """The package's size; :class:`NotFound` if absent."""
@@ -173,7 +165,7 @@ class S3Origin:
         self.endpoint = endpoint
         self.timeout = timeout
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
-        self._client: Any = None
+        self._client: Any = None  # aioboto3's S3 client and its __aexit__: untyped
         self._exit: Any = None
         self._reads: SignedReads | None = None  # blob reads on a custom endpoint
 
@@ -256,11 +248,14 @@ class S3Origin:
                 size = _signed_size(resp, offset, what)
                 yield Body(size, offset, self._signed_chunks(resp, digest))
 
-    async def _signed_chunks(self, resp: Any, digest: Digest) -> AsyncIterator[bytes]:
+    async def _signed_chunks(
+        self, resp: aiohttp.ClientResponse, digest: Digest
+    ) -> AsyncIterator[bytes]:
         with _mapped(f"read {self.url}/{blob_key(digest)}"):
             while chunk := (await resp.content.readchunk())[0]:  # as received, no join
                 yield chunk
 
+    # stream: botocore's StreamingBody (untyped)
     async def _chunks(self, stream: Any, digest: Digest) -> AsyncIterator[bytes]:
         with _mapped(f"read {self.url}/{blob_key(digest)}"):
             async for chunk in stream.iter_chunks(CHUNK):
@@ -322,7 +317,7 @@ class S3Origin:
             await client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=text.encode())
 
 
-def _signed_size(resp: Any, offset: int, what: str) -> int:
+def _signed_size(resp: aiohttp.ClientResponse, offset: int, what: str) -> int:
     """The whole package's size from a signed GET's answer; a store that
     ignored our range would send the wrong bytes from the wrong place."""
     if not offset:
@@ -345,7 +340,7 @@ def range_total(content_range: str, offset: int) -> int | None:
     return int(total)
 
 
-def _total_size(resp: dict[str, Any]) -> int:
+def _total_size(resp: dict[str, Any]) -> int:  # botocore's GetObject answer
     content_range = resp.get("ContentRange")  # "bytes a-b/total" on ranged GETs
     if content_range:
         return int(content_range.rsplit("/", 1)[1])
@@ -389,7 +384,7 @@ class FileOrigin:
         finally:
             f.close()
 
-    async def _chunks(self, f: Any, path: Path) -> AsyncIterator[bytes]:
+    async def _chunks(self, f: BinaryIO, path: Path) -> AsyncIterator[bytes]:
         with _mapped(f"read {path}"):
             while chunk := await asyncio.to_thread(f.read, CHUNK):
                 yield chunk

@@ -25,7 +25,8 @@ import aiohttp
 
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, PeerFailed
-from cachesvc.upstream.origin import Body, range_total
+from cachesvc.upstream.origin import range_total
+from cachesvc.upstream.source import Body
 
 FORWARDED = "X-Cachesvc-Forwarded"
 PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)

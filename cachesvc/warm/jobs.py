@@ -40,13 +40,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, Overloaded
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.tiers import Tiers
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier
 from cachesvc.upstream.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,36 @@ MAX_ITEMS = 10_000
 SIGNALS = ("warm", "publish")
 
 
+class ItemJSON(TypedDict):
+    """One item in ``GET /warm/{job}``."""
+
+    digest: str
+    outcome: str
+    bytes: int
+    tier: Tier | None
+    pinned: bool
+    error: str | None
+    owner: NotRequired[str]
+
+
+class JobJSON(TypedDict):
+    """The answer of ``GET /warm/{job}``."""
+
+    job: str
+    state: str
+    tenant: str | None
+    pin: bool
+    total: int
+    done: int
+    failed: int
+    fetched: int
+    cached: int
+    skipped: int
+    bytes: int
+    seconds: float
+    items: NotRequired[list[ItemJSON]]
+
+
 @dataclass
 class Item:
     """One digest of a job and what became of it."""
@@ -65,13 +96,13 @@ class Item:
     digest: Digest
     outcome: str = "pending"
     bytes: int = 0
-    tier: str | None = None
+    tier: Tier | None = None
     pinned: bool = False
     owner: str | None = None
     error: str | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def as_json(self) -> ItemJSON:
+        out: ItemJSON = {
             "digest": str(self.digest),
             "outcome": self.outcome,
             "bytes": self.bytes,
@@ -106,11 +137,11 @@ class Job:
     def count(self, outcome: str) -> int:
         return sum(1 for item in self.items if item.outcome == outcome)
 
-    def summary(self, now: float, items: str = "all") -> dict[str, Any]:
+    def summary(self, now: float, items: str = "all") -> JobJSON:
         """The job as JSON. ``items``: "all", "failed" (only failed items) or "none".
         ``done`` counts finished items whatever their outcome; ``bytes`` counts
         what this job fetched (cached items add nothing)."""
-        out: dict[str, Any] = {
+        out: JobJSON = {
             "job": self.id,
             "state": self.state,
             "tenant": self.tenant,

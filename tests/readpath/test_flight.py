@@ -12,6 +12,7 @@ from cachesvc.errors import DigestMismatch, Overloaded, UpstreamError
 from cachesvc.readpath.flight import Flight, Flights, Follower
 from cachesvc.readpath.package import FileSpan, Span
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier
 from tests.servers import digest_of, payload
 
 CHUNK = 64 * 1024
@@ -44,7 +45,7 @@ async def read_all(flight: Flight) -> bytes:
 def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None, claim=None):
     async def fill(flight: Flight) -> None:
         calls.append(1)
-        await flight.begin(len(data), "ORIGIN")
+        await flight.begin(len(data), Tier.ORIGIN)
         for i in range(0, len(data), CHUNK):
             if gate is not None and i >= len(data) // 2:
                 await gate.wait()
@@ -230,7 +231,7 @@ async def test_a_follower_gets_a_range_and_the_last_byte_only_after_the_verdict(
     gate = asyncio.Event()
 
     async def fill(flight: Flight) -> None:
-        await flight.begin(len(data), "ORIGIN")
+        await flight.begin(len(data), Tier.ORIGIN)
         await flight.feed(data)
         await gate.wait()  # every byte is in; the verdict waits
         await flight.finish()

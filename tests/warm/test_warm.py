@@ -19,8 +19,10 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flights
 from cachesvc.readpath.tiers import OriginSource, Tiers
 from cachesvc.store.castore import Store
-from cachesvc.upstream.origin import Body, FileOrigin
+from cachesvc.tier import Tier
+from cachesvc.upstream.origin import FileOrigin
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Body, Opened
 from cachesvc.warm.jobs import Job, Scope, WarmJobs
 from cachesvc.warm.prefetch import QUEUE_CAP, Prefetcher
 from cachesvc.warm.references import ReferenceIndex, natural_key, parse_key
@@ -42,7 +44,7 @@ class GatedOrigin(OriginSource):
         super().__init__(origin)
         self.gate = gate
 
-    def open(self, digest: Digest, offset: int) -> object:
+    def open(self, digest: Digest, offset: int) -> Opened:
         @asynccontextmanager
         async def opened() -> AsyncIterator[Body]:
             await self.gate.wait()
@@ -59,7 +61,7 @@ async def parts(tmp_path: Path) -> AsyncIterator[tuple[FileOrigin, Store, Tiers,
     store = await Store.open(tmp_path / "store", 10 << 20)
     metrics = Metrics()
     flights = Flights(store)
-    tiers = Tiers(store, flights, lambda _d: [OriginSource(origin)], metrics, "L1")
+    tiers = Tiers(store, flights, lambda _d: [OriginSource(origin)], metrics, Tier.L1)
     yield origin, store, tiers, metrics
     await flights.close()
     await store.close()
@@ -119,7 +121,7 @@ async def test_running_jobs_never_expire_and_the_job_count_is_bounded(parts, tmp
     origin, store, _, metrics = parts
     gate, clock = asyncio.Event(), Clock()
     flights = Flights(store)
-    tiers = Tiers(store, flights, lambda _d: [GatedOrigin(origin, gate)], metrics, "L1")
+    tiers = Tiers(store, flights, lambda _d: [GatedOrigin(origin, gate)], metrics, Tier.L1)
     jobs = WarmJobs(tiers, store, metrics, Scope(), 0.5, clock=clock, ttl=10, max_jobs=2)
     digests = [await put(origin, payload(100, i)) for i in range(3)]
     running = [jobs.start([digests[0]]), jobs.start([digests[1]])]
