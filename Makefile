@@ -16,7 +16,7 @@ up: $(BIN)/cachesvc
 	$(BIN)/cachesvc up
 
 ## make test: install, then run the linter, the type checker (mypy --strict on
-## cachesvc and node_agent, see pyproject.toml) and the whole test suite
+## cachesvc, node_agent, loadtest, sim and bench, see pyproject.toml) and the whole test suite
 test: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/mypy

@@ -147,7 +147,7 @@ class FanoutSource:
         for parent in self.senders:
             self.avoided.add(parent)
         if not self.senders:
-            self.ring.mark_down(self.name)
+            self.ring.mark_refused(self.name)
 
     def succeeded(self) -> None:
         self.ring.mark_up(self.name)

@@ -19,7 +19,7 @@ How a request for a digest is answered (the README's "loading process"):
    moves the walk on.
 5. **Verify.** The flight's ingest checks size and sha256 before anything is
    kept or the last byte is released to followers. Wrong bytes from a peer
-   mark it down and start a fresh fill from the next source, so the request
+   mark it refused and start a fresh fill from the next source, so the request
    after a refused one is served correctly.
 
 This module does not hash, parse HTTP or pick status codes.
@@ -82,7 +82,7 @@ class PeerSource:
         self.ring.mark_down(self.name)
 
     def refused(self) -> None:
-        self.ring.mark_down(self.name)
+        self.ring.mark_refused(self.name)
 
     def succeeded(self) -> None:
         self.ring.mark_up(self.name)

@@ -167,10 +167,10 @@ def _sources_for(
     me = settings.self_url
 
     def walk(digest: Digest) -> list[Source]:
-        # Peers marked down are skipped: after them only the origin would be
-        # asked anyway, and its answer is authoritative. The owner is asked
-        # as the digest's fan-out tracker: it may name another agent to use.
-        owners = ring.up_owners(digest)
+        # Peers marked down come last but are still asked before the origin
+        # (why: cachesvc.upstream.ring). The first is asked as the digest's
+        # fan-out tracker: it may name another agent to use.
+        owners = ring.owners(digest)
         peers: list[Source] = [PeerSource(client, ring, url) for url in owners[1:]]
         if owners:
             peers.insert(0, FanoutSource(client, ring, owners[0], me, settings.fanout, avoided))

@@ -62,11 +62,11 @@ class Source(Protocol):
         ...
 
     def failed(self) -> None:
-        """It failed (down, error, broke off): skip it for a while."""
+        """It failed (down, error, broke off): prefer the others for a while."""
         ...
 
     def refused(self) -> None:
-        """Bytes it delivered did not match the digest."""
+        """Bytes it delivered did not match the digest: leave it out for a while."""
         ...
 
     def succeeded(self) -> None: ...

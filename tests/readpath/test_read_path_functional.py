@@ -269,6 +269,31 @@ async def test_all_peers_down_falls_back_to_the_origin(stack: Stack, s3_origin) 
     assert (status, headers["x-cache-tier"], body) == (200, "ORIGIN", data)
 
 
+async def test_peers_marked_down_by_an_origin_blip_still_coalesce_the_az_on_the_owner(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """While the origin is down every peer answers 502, so each agent marks
+    them all down. Right after, the agents must still go through the owner
+    (one origin GET for the AZ), not each straight to the origin."""
+    peers = await stack.start_peers(2)
+    agents = [await stack.start_agent(), await stack.start_agent()]
+    data = payload(MiB, seed=13)
+    digest = await s3_origin.put(data)
+
+    s3_origin.proxy.mode = "down"
+    during = await asyncio.gather(*(get(f"{a}/pkg/{digest}") for a in agents))
+    assert all(status in (502, 504) for status, _, _ in during)
+    for a in agents:
+        assert sorted((await settled(a))["peers_down"]) == sorted(peers)
+
+    s3_origin.proxy.mode = "ok"
+    before = s3_origin.origin_gets(digest)
+    for a in agents:
+        status, headers, body = await get(f"{a}/pkg/{digest}")
+        assert (status, body) == (200, data) and headers["x-cache-tier"] != "ORIGIN"
+    assert s3_origin.origin_gets(digest) - before == 1
+
+
 async def test_a_hanging_peer_costs_a_bounded_wait(stack: Stack, s3_origin) -> None:
     runner, hung = await start_fake_peer("hang", {})
     try:
