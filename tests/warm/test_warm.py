@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.cli.warm import Outcome, Progress
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, Overloaded
 from cachesvc.metrics import Metrics
@@ -21,6 +20,7 @@ from cachesvc.readpath.tiers import OriginSource, Tiers
 from cachesvc.store.castore import Store
 from cachesvc.upstream.origin import Body, FileOrigin
 from cachesvc.upstream.ring import Ring
+from cachesvc.warm.client import Outcome, Progress
 from cachesvc.warm.jobs import Job, Scope, WarmJobs
 from cachesvc.warm.prefetch import QUEUE_CAP, Prefetcher
 from cachesvc.warm.references import ReferenceIndex, natural_key, parse_key
