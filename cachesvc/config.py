@@ -4,7 +4,8 @@ Every flag can be given as ``CACHESVC_<FLAG>`` (upper case, ``-`` as ``_``);
 a flag on the command line wins over the environment. Secrets are read from the
 environment only, here and nowhere else: ``CACHESVC_TOKEN`` (operator API) and
 ``CACHESVC_PEER_TOKEN`` (between tiers). Sizes accept ``512MiB``, ``10GiB``,
-``2G``, plain bytes.
+``2G``, plain bytes; durations (every time flag, :func:`parse_duration`) accept
+seconds (``30``, ``0.5``) or ``500ms``, ``2s``, ``90m``, ``6h``, ``1d``.
 
 A value that does not parse is a :class:`ConfigError` of one line that names
 the flag, the value, where it came from (the command line, a ``CACHESVC_*``
@@ -22,7 +23,6 @@ converter itself raises :class:`ConfigError`, which argparse does not catch.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 from collections.abc import Callable
@@ -55,17 +55,21 @@ def parse_size(text: str | int) -> int:
 
 
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+DURATION_FORMS = "seconds (30, 0.5) or 500ms, 2s, 90m, 6h, 1d"
 
 
-def parse_duration(text: str | float) -> float:
-    """``"2s"``, ``"6h"``, ``"1d"``, ``"500ms"``, ``"90"`` (seconds) → seconds,
-    more than 0. Raises ValueError for anything else."""
-    if isinstance(text, int | float):
-        return float(text)
+def parse_duration(text: str, *, zero: bool = False) -> float:
+    """The one parser of every time flag: ``"30"``, ``"0.5"`` (a bare number is
+    seconds), ``"500ms"``, ``"2s"``, ``"90m"``, ``"6h"``, ``"1d"`` → seconds, more
+    than 0; 0 too with ``zero`` (``--shutdown-grace 0``: do not wait). Raises
+    ValueError for anything else (``"-1"``, ``"nan"``, ``"1e3"``, ``"1w"``)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*", text.lower())
-    if m is None or float(m[1]) <= 0:
-        raise ValueError("not a duration; use e.g. 2s, 90m, 6h or 1d")
-    return float(m[1]) * _SECONDS[m[2]]
+    if m is None:
+        raise ValueError(f"not a duration; use {DURATION_FORMS}")
+    seconds = float(m[1]) * _SECONDS[m[2]]
+    if seconds == 0 and not zero:
+        raise ValueError(f"not a positive duration; use {DURATION_FORMS}")
+    return seconds
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -89,17 +93,6 @@ def parse_port(text: str) -> int:
     if not re.fullmatch(r"\s*[0-9]{1,5}\s*", text) or not 1 <= int(text) <= 65535:
         raise ValueError("not a port; use a number from 1 to 65535")
     return int(text)
-
-
-def parse_seconds(text: str) -> float:
-    """``"30"``, ``"0.5"`` → seconds (finite, ≥ 0)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("not a number of seconds; use e.g. 30 or 0.5")
-    return value
 
 
 def parse_log_level(text: str) -> str:

@@ -4,6 +4,8 @@ On SIGINT or SIGTERM: stop accepting connections, let in-flight requests run
 for up to ``grace`` seconds, then cancel what is left and run every app's
 cleanup (fills cancelled, temp files removed, store order flushed). Several apps
 share one loop: that is how ``cachesvc up`` runs a whole stack in one process.
+:func:`serve` is the blocking entry the commands call; :func:`run_until_signal`
+is the same inside a running loop.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from cachesvc.errors import ConfigError
 from cachesvc.serve.fastpath import HIT_PATH, HitFactory, HitServer
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+Banner = Callable[[], Awaitable[None]]
 
 
 class ListenError(Exception):
@@ -102,7 +108,7 @@ async def _cleanup_quietly(runner: web.AppRunner) -> None:
 async def run_until_signal(
     apps: list[tuple[web.Application, tuple[str, int]]],
     grace: float,
-    banner: Callable[[], Awaitable[None]] | None = None,
+    banner: Banner | None = None,
 ) -> int:
     """Serve ``apps`` until SIGINT/SIGTERM. Returns 1 when an address cannot be
     bound; raises :class:`ConfigError` when a service cannot start."""
@@ -128,3 +134,16 @@ async def run_until_signal(
             await runner.cleanup()
     log.info("stopped cleanly")
     return 0
+
+
+def serve(
+    apps: list[tuple[web.Application, tuple[str, int]]],
+    grace: float,
+    log_level: str = "INFO",
+    banner: Banner | None = None,
+) -> int:
+    """Log at ``log_level`` (a name: ``DEBUG`` ... ``ERROR``) to stderr, then run
+    ``apps`` in a new event loop until SIGINT/SIGTERM (see
+    :func:`run_until_signal`); blocks, and returns the exit status."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    return asyncio.run(run_until_signal(apps, grace, banner))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.cli.warm import Outcome, Progress
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, Overloaded
 from cachesvc.metrics import Metrics
@@ -23,6 +22,7 @@ from cachesvc.tier import Tier
 from cachesvc.upstream.origin import FileOrigin
 from cachesvc.upstream.ring import Ring
 from cachesvc.upstream.source import Body, Opened
+from cachesvc.warm.client import Outcome, Progress
 from cachesvc.warm.jobs import Job, Scope, WarmJobs
 from cachesvc.warm.prefetch import QUEUE_CAP, Prefetcher
 from cachesvc.warm.references import ReferenceIndex, natural_key, parse_key
