@@ -1,10 +1,8 @@
-"""A committed package file, open and shared by the requests that read it.
-
-Handed out by :meth:`cachesvc.store.castore.Store.lease`; the store alone calls
-:meth:`Blob.acquire` and :meth:`Blob.retire`, and a lease is given back with
-:meth:`Blob.release` (through ``Store.release``, or by the
-:class:`~cachesvc.store.recheck.Recheck` that took it over). Files are opened
-and hashed here without ever following a link or blocking on a fifo.
+"""A committed package file, open and shared by the requests that lease it. The
+store alone acquires and retires it; a lease is given back with
+:meth:`Blob.release`. The file closes when it is neither kept hot nor leased.
+Files are opened and hashed here without following a link or blocking on a
+fifo; :func:`open_file` refuses anything but a regular file of the expected size.
 """
 
 from __future__ import annotations

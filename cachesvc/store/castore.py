@@ -1,43 +1,21 @@
-"""The content-addressed package store on local disk.
+"""The content-addressed package store on local disk: reservations, commit of
+what an ingest verified, LRU eviction, pins, leases on open blobs. Owns
+``blobs/sha256/<hex>`` (read-only, the only files served), ``tmp/``,
+``index/`` and ``quarantine/`` under its root. Knows nothing of HTTP, peers,
+origins or the ring; it does not hash (ingest and recheck report, it acts).
 
-Layout under the store's root::
-
-    .lock                 the owner's flock and pid (cachesvc.dirlock)
-    blobs/sha256/<hex>    committed packages, read-only (0444): the only files served
-    tmp/<hex>.<random>    ingests in progress; swept at every start
-    index/                diskcache: hex -> Entry(size, last_access, pinned)
-    quarantine/           indexes found corrupt at start, kept for a post-mortem
-
-Guarantees:
-
-* **Only verified bytes are ever committed.** :meth:`Ingest.verify` checks
-  them, and :class:`Recheck` bytes read back from disk, both with
-  :func:`cachesvc.digest.compare`, the one comparison of computed and
-  expected digests; there is no switch to skip it. The store acts on what
-  they report (:meth:`commit` a :class:`Verified`, :meth:`settle` a
-  :class:`Verdict`); neither calls the store. Commit is temp file ->
-  verify -> chmod 0444 -> rename -> index, so a process crash at any moment
-  (kill -9 included) leaves either nothing or a complete verified blob. No
-  fsync: after an OS crash a file may be short or garbage, and every entry is
-  re-hashed before it is served again (first serve, scrub), so it is dropped.
-* **The disk is not trusted.** :meth:`Store.open` never raises for anything
-  found on disk and never follows a link; :mod:`cachesvc.store.recovery` says what
-  start-up checks and what it leaves to the scrubber and the first serve. An
-  entry is ``verified`` once this process hashed its bytes (ingest, adoption
-  at start, scrub, first serve); wrong bytes are dropped by :meth:`drop_corrupt`.
-* **One owner.** The store holds an advisory lock on its directory from
-  open to close; a second store on it (any process) fails with
-  :class:`~cachesvc.errors.ConfigError` naming the pid that holds it.
-* **Size-capped, least-recently-used eviction.** Recency lives in memory (an
-  ``OrderedDict``, so a hit costs no disk write) and is flushed to the index
-  periodically and on close, so the order survives restarts. Eviction
-  removes one victim at a time down to a low-water mark; pinned entries are
-  skipped. diskcache's own culling is off (see :mod:`cachesvc.store.index`).
-* **Open handles outlive eviction.** A :class:`Blob` lease keeps its file open;
-  an evicted file is unlinked, and its space is freed when the last lease ends.
-
-The store knows nothing of HTTP, peers, origins or the ring. Blocking calls
-(diskcache, rename, hashing, open) run in threads.
+* Only what :meth:`Ingest.verify` returned is committed: chmod 0444, rename,
+  then the index row within :data:`ROW_DELAY`; a kill -9 at any moment leaves
+  nothing or a complete verified blob (a blob without a row is adopted at start).
+* No fsync (1-12 ms per miss): after an OS crash a short file is caught by the
+  re-hash before its first serve (README "Trust").
+* One owner per directory (:mod:`cachesvc.dirlock`); opening never raises for
+  what is on disk (:mod:`cachesvc.store.recovery`).
+* Recency lives in memory (a hit writes nothing) and reaches the index when
+  flushed (by the service, and on close); pinned entries are never evicted.
+* A lease outlives eviction; verdicts land only on the file the lease read.
+* Blocking work (diskcache, rename, open, unlink) runs in threads, except
+  :meth:`Store.check`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """One package being written into the store's ``tmp/``, hashed as it is written.
+:meth:`Ingest.verify` checks size and sha256 (:func:`cachesvc.digest.compare`)
+and returns a :class:`Verified`, the only thing ``Store.commit`` keeps. The
+ingest never calls the store: the store reserves, commits and releases.
 
-:class:`Ingest` writes and hashes; :meth:`Ingest.verify` checks size and sha256
-(:func:`cachesvc.digest.compare`) and hands back a :class:`Verified`, the only
-thing :meth:`cachesvc.store.castore.Store.commit` keeps. The ingest never
-touches the store: the store reserves room before it makes one, and commits
-and releases that reservation itself.
+* Hashing and writing run in a thread, one batch in flight: memory is bounded.
+* Disk full (ENOSPC, EDQUOT): it keeps hashing, stops writing (``spilled``).
+* :meth:`Ingest.close` is idempotent, waits for a running write, and removes
+  the temp file unless a commit renamed it away.
 """
 
 from __future__ import annotations

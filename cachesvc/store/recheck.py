@@ -1,19 +1,14 @@
-"""A committed entry re-hashed in place: by its first serve since this process
-started (followers read it while it is hashed), or by the scrubber.
+"""A committed entry re-hashed in place, by its first serve since this process
+started or by the scrubber. Only reports (:meth:`Recheck.verdict`);
+:meth:`cachesvc.store.castore.Store.settle` acts on it.
 
-:class:`Recheck` is shaped like :class:`~cachesvc.store.ingest.Ingest` for
-:class:`~cachesvc.readpath.flight.Flight`: ``file``, ``on_disk`` (bytes hashed so far,
-readable by followers), ``received``, :meth:`close`. It holds its own lease on
-the blob, so eviction cannot pull the file away. It only reports: :meth:`verdict`
-says whether the file it read matched (:func:`cachesvc.digest.compare`), and
-:meth:`cachesvc.store.castore.Store.settle` acts on that: a mismatch, a short
-file or an unreadable block drops the entry (counted as found by
-``found_by``), a match marks it verified, and either lands only on the file
-the lease read, never on a fresh copy committed meanwhile.
-
-Every block is read in a thread; if the caller is cancelled meanwhile, the read
-still finishes before the cancellation goes on, so :meth:`close` never closes
-the descriptor under it.
+* Shaped like an :class:`~cachesvc.store.ingest.Ingest` for a flight
+  (``file``, ``on_disk``, ``received``, ``close``): followers read what is hashed.
+* Holds its own lease: eviction cannot pull the file away; the verdict names
+  that lease, so it never lands on a fresh copy committed meanwhile.
+* A short file or an unreadable block is a problem, like a mismatch.
+* Every block is read in a thread that finishes even if the caller is
+  cancelled, so :meth:`Recheck.close` never closes the descriptor under it.
 """
 
 from __future__ import annotations
