@@ -1,8 +1,6 @@
 """cachesvc: a distributed, tiered, content-addressed cache for serverless code packages.
 
-The subpackages are the rooms of the house, in layers (README.md, "Layout"):
-``cli`` over the apps (``node_agent``, ``peer``) over ``serve`` over ``warm``,
-``publish``, ``unpack`` over ``readpath`` and ``fanout`` over ``store`` and
-``upstream`` over the base modules ``digest``, ``errors``, ``config``,
-``metrics``, ``fsutil`` and ``dirlock``. Lower layers never import upper ones.
+One subpackage per concern, in layers; a module imports only from its own
+room or a room below it (README "Layout", held by import-linter). cachesvc
+never imports ``node_agent``.
 """

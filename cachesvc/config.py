@@ -1,23 +1,16 @@
-"""Settings: one frozen :class:`Settings` per command, from flags and ``CACHESVC_*``.
+"""Settings: one frozen :class:`Settings` per command; :func:`add_flag` and the
+common value parsers (sizes, durations, counts, listen addresses, origins).
+Reads the environment (``CACHESVC_*``, the only source of the secrets
+``CACHESVC_TOKEN`` and ``CACHESVC_PEER_TOKEN``); builds no parser (each
+command module adds its own flags). Accepted forms: README "Configuration".
 
-Every flag can be given as ``CACHESVC_<FLAG>`` (upper case, ``-`` as ``_``);
-a flag on the command line wins over the environment. Secrets are read from the
-environment only, here and nowhere else: ``CACHESVC_TOKEN`` (operator API) and
-``CACHESVC_PEER_TOKEN`` (between tiers). Sizes accept ``512MiB``, ``10GiB``,
-``2G``, plain bytes; durations (every time flag, :func:`parse_duration`) accept
-seconds (``30``, ``0.5``) or ``500ms``, ``2s``, ``90m``, ``6h``, ``1d``.
-
-A value that does not parse is a :class:`ConfigError` of one line that names
-the flag, the value, where it came from (the command line, a ``CACHESVC_*``
-variable or the built-in default) and the accepted forms::
-
-    --cache-size '10XB' (from CACHESVC_CACHE_SIZE): not a size; use 512MiB, 10GiB or bytes
-
-Why not argparse's own conversion errors: argparse converts an environment
-default with the flag's ``type`` and then blames the flag ("argument
---cache-size: invalid parse_size value"), after a usage dump that does not
-help with a variable. :func:`add_flag` wraps every ``type`` so that the
-converter itself raises :class:`ConfigError`, which argparse does not catch.
+* A flag made with :func:`add_flag` can be given as ``CACHESVC_<FLAG>``; the
+  command line wins over the variable.
+* Every time flag is parsed by :func:`parse_duration`.
+* A value that does not parse is a one-line :class:`ConfigError` naming the
+  flag, the value, where it came from and the accepted forms. Rejected:
+  argparse's own conversion errors, which blame the flag for a variable's
+  value after a usage dump; :func:`add_flag` wraps every ``type`` instead.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The package digest: the one place a digest string is validated.
-
-A :class:`Digest` is ``sha256:<64 lowercase hex>`` of a package's bytes exactly
-as stored in the origin. Everything below the HTTP/CLI edge takes a ``Digest``,
-never a ``str``. :func:`compare` is the only place in cachesvc where a
-computed sha256 is checked against the expected one: ingests, re-hashes of
-stored blobs and start-up adoption all ask it, and there is no switch to skip
-it. This module does not hash bodies (the store does that).
+"""The package digest: :class:`Digest`, the one validator of ``sha256:<64 lowercase
+hex>``, and :func:`compare`, the one place a computed sha256 is checked against
+the expected one (ingest, re-hash, adoption; no switch skips it). Below the
+HTTP/CLI edge functions take a ``Digest``, never a ``str``. Hashes no bodies.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@
 
     ConfigError                        not a request error: a service cannot start
 
-Every class carries ``status`` and ``code``; :mod:`cachesvc.serve.http` turns them into
-``{"error": code, "detail": str(exc)}``. This module knows nothing of HTTP.
+Every class carries ``status`` and ``code``; knows nothing of HTTP
+(:mod:`cachesvc.serve.http` turns them into JSON).
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
-"""Every ``cachesvc_*`` Prometheus metric, defined once per service instance.
+"""Every ``cachesvc_*`` Prometheus metric, defined once per service instance, in
+that instance's own registry (several services may share a process: tests,
+``cachesvc up``).
 
-Each app gets its own registry (several services can share one process: tests,
-``cachesvc up``). Labels are bounded: ``tier`` (L1, L2, ORIGIN), ``upstream``
-(peer, agent, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
-``route`` (a fixed set), ``signal`` (warm, calls, publish), ``found_by``
-(startup, scrub, serve). Digests, peers and
-tenants never become labels (they go in log lines), except the per-tenant warm
-counters, which are capped at :data:`MAX_TENANT_LABELS` distinct tenants
-(beyond that they count under ``tenant="_other"``).
+Labels take values from fixed sets only (tiers, upstreams, routes, signals,
+``found_by``, outcomes, job states, error codes); digests, peers and tenants
+go in log lines, except the per-tenant warm counter, capped at
+:data:`MAX_TENANT_LABELS` tenants (then ``tenant="_other"``).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""The nouns of the read path every layer shares: the tier a response came
-from, who sends a fill its bytes, and the role a service plays.
+"""The nouns of the read path every layer shares: :class:`Tier` (``X-Cache-Tier``),
+:class:`Upstream` (who sends a fill its bytes) and :class:`Role` (agent or peer).
 
-:class:`Tier` and :class:`Upstream` are ``StrEnum`` s whose values are the
-contract's strings (``X-Cache-Tier``, metric labels, ``/stats``): ``str()``,
-``%s``, f-strings, ``json`` and metric labels give exactly the wire text.
-
-Bytes another agent feeds this one by fan-out have no tier of their own: the
-contract calls them ``L2`` (the AZ's tier); only the upstream label
-(:attr:`Upstream.AGENT`) tells them from a peer's.
+``Tier`` and ``Upstream`` are ``StrEnum`` s whose values are the contract's
+strings: ``str()``, f-strings, ``json`` and metric labels give the wire text.
+Bytes fed by another agent are ``L2`` (the AZ's tier); only
+:attr:`Upstream.AGENT` tells them from a peer's.
 """
 
 from __future__ import annotations
