@@ -1,23 +1,18 @@
-"""The origin: where every package lives for good.
+"""The origin, where every package lives for good: the :class:`Origin` protocol
+over one layout (``blobs/sha256/<hex>``,
+``tenants/<tenant>/<function>/<version>.json``), as :class:`S3Origin`
+(``s3://BUCKET[/PREFIX]``, aioboto3; blob reads on a custom endpoint through
+:mod:`cachesvc.upstream.s3reads`) and :class:`FileOrigin` (``file:///DIR``,
+the default of ``cachesvc up``). Neither verifies nor keeps bytes.
 
-One protocol, :class:`Origin`, with two implementations over the same layout
-(``blobs/sha256/<hex>``, ``tenants/<tenant>/<function>/<version>.json``):
-
-* :class:`S3Origin`: ``s3://BUCKET[/PREFIX]`` through aioboto3; path-style
-  addressing for custom endpoints (MinIO); bodies streamed with
-  ``iter_chunks()``, never read whole. Credentials come from the standard AWS
-  variables and files.
-* :class:`FileOrigin`: ``file:///DIR``, the embedded default of ``cachesvc up``.
-
-Every call has a timeout, and every botocore/OS failure is mapped in one place
-(:func:`_mapped`) to :class:`NotFound`, :class:`UpstreamTimeout` or
-:class:`UpstreamError`, whose text says what we asked and what the store said
-(its own error code, e.g. ``SignatureDoesNotMatch``, and what to check when
-it refused our credentials). The origin neither verifies nor caches nor
-retries beyond botocore's small bounded retry.
-
-``probe()`` answers whether the origin accepts us at all (readiness asks it;
-:mod:`cachesvc.serve.readiness` caches the answer).
+* Bodies are streamed, never read whole.
+* Every S3 call has a timeout; retries are bounded (botocore's standard mode,
+  2 attempts; s3reads' 3 before the first body byte).
+* Every botocore/OS failure is mapped in one place (:func:`_mapped`) to
+  ``NotFound``, ``UpstreamTimeout`` or ``UpstreamError``, saying what we asked
+  and what the store said, with a hint when it refused our credentials.
+* :meth:`Origin.probe` never raises; readiness caches its answer.
+* ``FileOrigin`` writes atomically (temp beside the target, then rename).
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
-"""The consistent-hash ring of L2 peers, with down-marking.
+"""The consistent-hash ring of L2 peers (uhashring: md5, 160 vnodes, the same
+owner in every process), with down-marking. No network, no membership (that
+is :mod:`cachesvc.upstream.membership`).
 
-:meth:`Ring.owners` gives, for a digest, every peer in the order to try: the
-owner first, then exactly the peers that would own it if the ones before left
-(uhashring, md5, 160 vnodes per node: deterministic across processes, so every
-agent and peer computes the same owner). Peers marked down in the last
-:data:`DOWN_FOR` seconds move to the end of that order, keeping it among
-themselves; they never disappear from it.
-
-Why last and not skipped: down-marks are one process's view, and they are
-often wrong together. An origin blip makes every peer answer 502, so an agent
-marks them all down; skipping them would send each agent straight to the
-origin for the next 10 s (one origin GET per agent instead of one per AZ, just
-as the origin recovers). Tried last, the owner is still asked first when every
-peer looks down, and stays the digest's coalescing point. The price: a peer
-that is really gone costs a refused connect, or the peer connect timeout when
-its host does not answer, and only when every peer before it failed too.
-
-A peer that sent bytes that did not match their digest is another matter: it
-is marked refused and left out of the order for :data:`DOWN_FOR` seconds, so
-the refill that follows goes to the next source (asking it again would only
-fetch its wrong bytes again, as many times as there are refills).
-
-Ring changes (:meth:`Ring.set_nodes`) move only the keys they must: consistent
-hashing. The clock is injected so tests never sleep for a TTL. No network here.
+* :meth:`Ring.owners` is the try order: the owner, then exactly the peers
+  that would own the digest if the ones before left.
+* Peers that failed in the last :data:`DOWN_FOR` s move to the end, never
+  out. Rejected: skipping them. An origin blip makes every peer answer 502,
+  and skipping would send every agent to the origin (one GET per agent, not
+  per AZ); README "How a request is answered", step 5.
+* Peers that sent wrong bytes are left out for :data:`DOWN_FOR` s, so the
+  refill goes elsewhere.
+* :meth:`Ring.set_nodes` moves only the keys it must. The clock is injected.
 """
 
 from __future__ import annotations

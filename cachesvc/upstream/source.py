@@ -1,10 +1,8 @@
-"""The seam between the read walk and where bytes come from.
-
-A :class:`Source` is one upstream as the walk (:mod:`cachesvc.readpath.tiers`)
-asks it: the owner peer (as a fan-out tracker, :mod:`cachesvc.fanout.parents`),
-another peer, or the origin. Opening one gives a :class:`Body`: the package's
-size and its bytes from an offset, as they arrive. Nothing here verifies or
-keeps bytes: the flight's ingest does, whatever the source.
+"""The seam between the read walk and where bytes come from: a :class:`Source`
+is one upstream as :mod:`cachesvc.readpath.tiers` asks it (the owner peer as
+fan-out tracker, another peer, the origin); opening one gives a :class:`Body`
+(the package's size, its bytes from an offset as they arrive). Nothing here
+verifies or keeps bytes: the flight's ingest does, whatever the source.
 """
 
 from __future__ import annotations
