@@ -1,22 +1,14 @@
-"""What the read path hands to whoever sends or consumes a package.
+"""What the read path hands out: a :class:`Package`, one request's view of one
+package (``size``, ``tier``, ``via``, and :meth:`Package.spans`: a range as
+:class:`FileSpan` s for ``sendfile`` or ``bytes``). Every package comes from
+``Tiers.open``, which owns its lifetime; this module fetches and verifies nothing.
 
-A :class:`Package` is one request's view of one package: its ``size``, the
-``tier`` its bytes come from, and :meth:`Package.spans`, the bytes of a range
-as a sequence of :data:`Span` s, each either a :class:`FileSpan` (bytes of an
-open file, for ``sendfile``) or ``bytes``. The HTTP layer only writes spans
-and aborts on failure; warm, prefetch and unpack only wait for
-:meth:`Package.complete`. Every package comes from :meth:`Tiers.open
-<cachesvc.readpath.tiers.Tiers.open>`, which owns its lifetime.
-
-Guarantee of every implementation: the last byte of a range is yielded only
-after the package's sha256 verdict is good; a bad verdict raises
-(:class:`~cachesvc.errors.CachesvcError`) instead. So a consumer that writes
-every span it got and finishes only when :meth:`spans` ends has sent a
-complete body only of verified bytes.
-
-Two implementations: :class:`BlobPackage` here (a verified entry of the
-store: one span of the open file), and :class:`cachesvc.readpath.flight.Follower` (a
-body growing while it is fetched or re-verified).
+Guarantee of every implementation (:class:`BlobPackage` here, ``Follower`` in
+:mod:`cachesvc.readpath.flight`): the last byte of a range is yielded only
+after a good sha256 verdict; a bad one raises instead. A consumer that
+finishes only when :meth:`Package.spans` ends has sent only verified bytes.
+The HTTP layer and a cold unpack consume spans; warm and prefetch wait for
+:meth:`Package.complete` (``Tiers.fetch``).
 """
 
 from __future__ import annotations
