@@ -1,12 +1,11 @@
 """The services ``cachesvc`` can run, found by name: the entry points of the
-group ``cachesvc.services`` (declared in pyproject.toml), each an
-:class:`AppFactory`.
+group ``cachesvc.services`` (pyproject.toml), each an :class:`AppFactory`.
+Builds nothing and runs nothing.
 
-Why entry points: the node agent's routes live in ``node_agent``, which
-imports ``cachesvc``; finding the agent by name keeps the imports one way
-(``cachesvc`` never imports ``node_agent``, a contract in pyproject.toml). A
-service is loaded only when it is about to run, so ``cachesvc --help`` never
-imports one. This module builds nothing and runs nothing.
+Why entry points: the agent's routes live in ``node_agent``, which imports
+``cachesvc``; finding it by name keeps imports one way (a contract in
+pyproject.toml). A service is loaded only when about to run: ``cachesvc
+--help`` imports none.
 """
 
 from __future__ import annotations

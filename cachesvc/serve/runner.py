@@ -1,11 +1,12 @@
-"""Running aiohttp apps until a signal, with a graceful stop.
+"""Running aiohttp apps until a signal: several apps share one loop (that is how
+``cachesvc up`` runs a stack in one process); an app that offers the hit fast
+path is bound through it (:class:`FastSite`). Builds no app.
 
-On SIGINT or SIGTERM: stop accepting connections, let in-flight requests run
-for up to ``grace`` seconds, then cancel what is left and run every app's
-cleanup (fills cancelled, temp files removed, store order flushed). Several apps
-share one loop: that is how ``cachesvc up`` runs a whole stack in one process.
-:func:`serve` is the blocking entry the commands call; :func:`run_until_signal`
-is the same inside a running loop.
+* On SIGINT or SIGTERM: stop accepting, let in-flight requests run up to
+  ``grace`` s (0: no wait), then cancel the rest and run every app's cleanup.
+* A failed start is one line: a directory or lock problem is a
+  ``ConfigError`` naming the path; a bind failure exits 1 naming the address.
+  Whatever had started is cleaned up first.
 """
 
 from __future__ import annotations

@@ -1,11 +1,18 @@
-"""What the agent and the peer have in common: the core objects, their
-lifetimes, and the operational endpoints.
+"""What the agent and the peer share: the :class:`Core` (origin, ring and
+membership, peer client, store and scrubber, flights, tiers, egress bucket,
+fan-out tracker and feeds), its lifetime in the app's ``cleanup_ctx``, the
+order of the walk's sources per role (README "How a request is answered",
+step 5), the bearer-token check, the hit fast path's offer, and
+``/healthz`` ``/readyz`` ``/metrics`` ``/stats``. No package route here
+(:mod:`cachesvc.peer.app`, :mod:`node_agent.app`).
 
-:func:`make_base_app` returns an aiohttp app whose ``cleanup_ctx`` opens the
-store, the origin client, the peer client and membership, and closes them in
-reverse on shutdown (running fills are cancelled and their temp files removed;
-the store's access order is flushed). Both services add their own routes on
-top: :mod:`cachesvc.peer.app` and :mod:`node_agent.app`. No request logic here.
+* Shutdown closes in reverse: running fills cancelled (temp files removed),
+  the store's access order flushed; it is also flushed every
+  :data:`FLUSH_EVERY` s, a failed flush retried, never the end of flushing.
+* Token comparison is constant-time; no token configured means open (callers
+  decide whether that is allowed).
+* The fast path is offered only without an egress limit (its bucket lives in
+  the aiohttp path) and on loops with native ``sendfile``.
 """
 
 from __future__ import annotations

@@ -1,29 +1,14 @@
-"""The operator API for warm jobs and pins, shared by the agent and the peer.
+"""The operator routes (``/warm``, ``/warm/{job}``, ``/warm/unpin``), shared by
+agent and peer: body validation, the bearer check, and on agents (``prefetch``
+and ``Settings.prefetch_calls``) the reference refresher and the prefetch hook. No
+warm logic lives here (:mod:`cachesvc.warm`); bodies, answers and codes:
+docs/API.md; story: README "Operators".
 
-Routes (every one needs ``Authorization: Bearer $CACHESVC_TOKEN``; a service
-started without ``CACHESVC_TOKEN`` answers 401 "operator API disabled"):
-
-``POST /warm``
-    Body: ``{"tenant": T}`` and/or ``{"digests": [D, ...]}``, optional
-    ``"pin": true`` and ``"signal": "warm"|"publish"`` (which
-    ``cachesvc_prefetches_total`` label the fills count under). A tenant means
-    every reference under ``tenants/T/`` plus its layers, listed from the
-    origin now. Answers ``202 {"job": ID, "total": N}`` with ``Location``.
-    400 ``invalid_request`` (body, tenant name, over 10000 digests),
-    400 ``invalid_digest``, 404 ``unknown_tenant`` (no references), 503
-    ``overloaded`` (too many jobs running).
-``GET /warm/{job}[?items=all|failed|none]``
-    ``{"job", "state": "running"|"done"|"failed", "total", "done", "failed",
-    "fetched", "cached", "skipped", "bytes", "seconds", "items": [...]}``;
-    404 ``not_found`` for unknown or expired jobs.
-``POST /warm/unpin``
-    Same body as ``POST /warm`` (``pin``/``signal`` not allowed): unpins those
-    packages here. Answers ``200 {"unpinned": n, "total": N}``; idempotent.
-
-On agents, :func:`add_routes` with ``prefetch=True`` also starts the reference
-index refresher and the prefetcher along ``calls``, and registers an
-``on_response_prepare`` hook that hands each served digest to it (a dict
-lookup; see :mod:`cachesvc.warm.prefetch`). No warm logic lives here.
+* Every route needs ``Authorization: Bearer $CACHESVC_TOKEN``; a service
+  without it refuses them all (401).
+* A job holds at most :data:`~cachesvc.warm.jobs.MAX_ITEMS` digests, a
+  tenant's packages and layers first, duplicates dropped.
+* The prefetch hook is a dict lookup after a 200/206 ``GET``: no I/O, never raises.
 """
 
 from __future__ import annotations
