@@ -1,34 +1,17 @@
-"""Warm jobs: a list of digests made present in this service's store, with progress.
+"""Warm jobs: a fixed list of digests made present in this service's store, with
+progress. Owns no HTTP route and reads no reference
+(:mod:`cachesvc.serve.warm_routes` builds the list). Story: README "Operators".
 
-A job is a fixed list of digests (a tenant's references and their layers, or
-an explicit list; the HTTP edge in :mod:`cachesvc.serve.warm_routes` builds it). Each
-digest becomes one :class:`Item` whose outcome is one of:
-
-* ``fetched``: brought in from an upstream by this job (``bytes`` = its size);
-* ``cached``: already in this store;
-* ``skipped``: another peer owns it on the ring (``owner`` names it). On an L2
-  peer a job fills only the digests it owns, so warming every peer puts each
-  digest in the L2 tier exactly once; agents (L1) warm every digest;
-* ``failed``: ``error`` says why (not in the origin, upstream failed, no room
-  to keep it, pin refused).
-
-Guarantees:
-
-* Fills go through :meth:`Tiers.fetch`: verified, coalesced with concurrent
-  requests for the same digest. At most :data:`CONCURRENCY` warm fills run at
-  once in a service, whatever the number of jobs, so warming never takes more
-  than a small share of the fetch slots that requests use.
-* With ``pin``, each warmed package is pinned in the store while pinned bytes
-  stay within ``pin_share`` of capacity; a pin over that budget fails the item
-  (the package stays cached, evictable).
-* A job's state is ``running`` until every item has an outcome, then ``done``
-  (no item failed) or ``failed`` (at least one did).
-* Finished jobs are kept :data:`JOB_TTL` seconds (injected clock), then
-  forgotten; at most :data:`MAX_JOBS` jobs are kept: the oldest finished job
-  makes room, and when all of them are running a new one is refused
-  (:class:`Overloaded`).
-
-This module owns no HTTP routes and reads no references.
+* Each digest ends ``fetched``, ``cached``, ``skipped`` (a peer fills only
+  the digests it owns on the ring; agents fill all) or ``failed`` (with why;
+  every item, on a peer that is not on its own ring).
+* Fills go through ``Tiers.fetch`` (verified, coalesced); at most
+  :data:`CONCURRENCY` warm fills at once in a service, whatever the jobs.
+* With ``pin``, pinned bytes stay within ``pin_share``; a pin over it fails
+  the item (the package stays, evictable).
+* A job is ``running``, then ``done`` or ``failed`` (any item failed); kept
+  :data:`JOB_TTL` after it ends (injected clock); at most :data:`MAX_JOBS`,
+  the oldest finished making room, else ``Overloaded``.
 """
 
 from __future__ import annotations
