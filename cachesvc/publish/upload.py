@@ -1,9 +1,11 @@
-"""Putting packages into the origin layout (``cachesvc publish``).
+"""Putting packages into the origin layout (``cachesvc publish``), and the name
+rule of tenants, functions and versions. Compresses nothing (repack does) and
+warms nothing (the command does, before the reference).
 
-The blob goes to ``blobs/sha256/<hex>`` (skipped when already there: blobs are
-immutable), then the reference ``tenants/<t>/<f>/<v>.json`` is written, in that
-order, so a reference never points at a missing blob. The digest is computed
-here over the exact bytes uploaded (after any added compression layer).
+* The digest is computed over the exact bytes uploaded.
+* The blob goes to ``blobs/sha256/<hex>`` (skipped when the origin has it at
+  that size: blobs are immutable), then the reference
+  ``tenants/<t>/<f>/<v>.json``: a reference never points at a missing blob.
 """
 
 from __future__ import annotations
