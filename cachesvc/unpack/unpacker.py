@@ -3,7 +3,7 @@
 Public API::
 
     Unpacker(code_dir, limits, workers=2, budget=Budget(timeout, memory))
-        .start()                                         # async: starts the worker forkserver
+        .start()                                         # async: starts the workers' fork server
         async with Unpacker(...) as unpacker:            # start(), then aclose()
         .unpack(digest, package_path) -> UnpackResult   # async, coalesced
         .remove(digest)                                  # async, with the package's eviction
@@ -128,7 +128,7 @@ class Unpacker:
         return self.code_dir / digest.hex
 
     async def start(self) -> None:
-        """Start the workers' forkserver now rather than on the first unpack."""
+        """Start the workers' fork server now rather than on the first unpack."""
         await self.workers.start()
 
     async def __aenter__(self) -> Unpacker:
