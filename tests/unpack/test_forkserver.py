@@ -63,6 +63,22 @@ async def test_a_worker_holds_only_its_package_and_its_answer_pipe(tmp_path: Pat
     assert set(own) - set(pipes) == {str(package)}, own  # opened again by the tar reader
 
 
+async def test_the_fork_server_runs_a_single_thread_so_forking_it_is_safe(tmp_path: Path) -> None:
+    """A thread in the server (an import that starts one, say) would make every
+    fork a deadlock risk, and newer Pythons warn about it."""
+    workers = Workers(1, Budget(timeout=60))
+    package, dest = job(tmp_path, hostile.digit_bomb())
+    try:
+        attempt = asyncio.ensure_future(workers.extract(package, dest, Limits()))
+        server = parent_of(await running_pid(workers))
+        threads = os.listdir(f"/proc/{server}/task")
+    finally:
+        await workers.aclose()
+    with pytest.raises(CachesvcError):
+        await attempt
+    assert threads == [str(server)]
+
+
 async def test_a_new_fork_server_starts_after_the_old_one_died(tmp_path: Path) -> None:
     workers = Workers(1, Budget(timeout=60))
     package, dest = job(tmp_path, hostile.digit_bomb(), "bomb")
