@@ -244,11 +244,12 @@ class _Server:
         self.selector.register(status, selectors.EVENT_READ, lambda: self._kill(pid))
 
     def _fork(self, job: bytes, fds: list[int], status: socket.socket) -> int:
+        server = os.getpid()  # read before the fork: the child's parent may be gone already
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                self._become_child(status)
+                self._become_child(server, status)
                 self.main(job, fds)
                 code = 0
             except BaseException:
@@ -259,9 +260,8 @@ class _Server:
                 os._exit(code)
         return pid
 
-    def _become_child(self, status: socket.socket) -> None:
+    def _become_child(self, server: int, status: socket.socket) -> None:
         """Die with the server; drop everything of the server's."""
-        server = os.getppid()
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != server:  # the server died before the prctl
             os._exit(1)

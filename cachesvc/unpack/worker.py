@@ -285,8 +285,9 @@ def _read_answer(answers: int) -> dict[str, Any] | None:
     data = b""
     try:
         os.set_blocking(answers, False)
-        while len(data) <= ANSWER_MAX and (chunk := os.read(answers, ANSWER_MAX + 1)):
-            data += chunk
+        with contextlib.suppress(BlockingIOError):  # a worker killed with its server
+            while len(data) <= ANSWER_MAX and (chunk := os.read(answers, ANSWER_MAX + 1)):
+                data += chunk
         if len(data) > ANSWER_MAX:
             raise ValueError(f"an answer of over {ANSWER_MAX} bytes")
         answer = json.loads(data) if data else None

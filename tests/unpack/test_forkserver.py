@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,6 +35,15 @@ def confined(pid: int) -> bool:
     return "unlimited" not in next(row for row in rows if "Max open files" in row)
 
 
+def open_files(pid: int) -> dict[int, str]:
+    """What each descriptor of ``pid`` points at (one closed meanwhile is left out)."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return found
+
+
 def dead(pid: int) -> bool:
     """Gone, or a zombie nobody reaps yet (an orphan's reaper may be slow)."""
     try:
@@ -52,7 +62,7 @@ async def test_a_worker_holds_only_its_package_and_its_answer_pipe(tmp_path: Pat
         attempt = asyncio.ensure_future(workers.extract(package, dest, Limits()))
         pid = await running_pid(workers)
         await eventually(lambda: confined(pid), "the worker confined itself", step=0.01)
-        fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        fds = open_files(pid)
     finally:
         await workers.aclose()
     with pytest.raises(CachesvcError):
