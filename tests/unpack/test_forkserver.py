@@ -32,7 +32,7 @@ def parent_of(pid: int) -> int:
 def confined(pid: int) -> bool:
     """The worker has set its limits: it dropped the server's descriptors before."""
     rows = Path(f"/proc/{pid}/limits").read_text().splitlines()
-    return "unlimited" not in next(row for row in rows if "Max open files" in row)
+    return "unlimited" not in next(row for row in rows if "Max cpu time" in row)
 
 
 def open_files(pid: int) -> dict[int, str]:
