@@ -138,7 +138,7 @@ class Unpacker:
         return self.code_dir / digest.hex
 
     async def start(self) -> None:
-        """Start the workers' forkserver now rather than on the first unpack."""
+        """Start the workers' fork server now rather than on the first unpack."""
         await self.workers.start()
 
     async def __aenter__(self) -> Unpacker:
