@@ -51,7 +51,8 @@ async def run(root: Path, runs: int) -> None:
     started = time.perf_counter()
     await workers.start()
     print(f"fork server start: {(time.perf_counter() - started) * 1000:.0f} ms")
-    worker, inline = [], []
+    worker: list[float] = []
+    inline: list[float] = []
     try:
         for i in range(runs):  # alternating, so both see the same machine
             for times, way in ((worker, "w"), (inline, "i")):

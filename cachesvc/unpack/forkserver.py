@@ -50,6 +50,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Target = Callable[[bytes, list[int]], None]
 """What a child runs: ``job`` as sent, ``fds`` the descriptors sent with it."""
@@ -68,6 +69,13 @@ _BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from cachesvc.unpack.forkserver import serve; serve(sys.argv[2], int(sys.argv[3]))"
 )
+
+
+def _server_path() -> list[str]:
+    """The agent's ``sys.path`` with the directory holding ``cachesvc`` first: ``-S``
+    skips the ``.pth`` files, and with them the finder of an editable install."""
+    here = str(Path(__file__).resolve().parents[2])
+    return [here, *(p for p in sys.path if p != here)]
 
 
 class Child:
@@ -153,7 +161,7 @@ class ForkServer:
         self._stop()  # it died (or, in a forked agent, it is the parent's)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            command = [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(sys.path)]
+            command = [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(_server_path())]
             self._server = subprocess.Popen(
                 [*command, self.target, str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
