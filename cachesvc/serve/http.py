@@ -2,7 +2,8 @@
 
 * :func:`route_digest`: the route parameter becomes a :class:`Digest` here.
 * :func:`error_middleware`: contract errors (and aiohttp's own 404/405/...)
-  become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500.
+  become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500;
+  HTTP versions other than 1.0 and 1.1 a 505 that closes the connection.
 * :func:`refuse_unrouted`: the answer of a catch-all route: 405 with ``Allow``
   when another route takes the path with other methods, else 400
   ``invalid_digest``.
@@ -34,7 +35,7 @@ from contextlib import aclosing
 from functools import partial
 from typing import NoReturn, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from cachesvc.digest import Digest
 from cachesvc.errors import (
@@ -43,6 +44,7 @@ from cachesvc.errors import (
     MethodNotAllowed,
     Overloaded,
     RangeNotSatisfiable,
+    VersionNotSupported,
 )
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.package import SMALL, FileSpan, Package, Span
@@ -81,13 +83,18 @@ _AIOHTTP_CODES = {404: "not_found", 405: "invalid_request", 413: "too_large"}
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        if request.version not in (HttpVersion10, HttpVersion11):
+            raise VersionNotSupported("{}.{}".format(*request.version))
         return await handler(request)
     except CachesvcError as exc:
         if isinstance(exc, Overloaded) and METRICS in request.app:
             request.app[METRICS].overloaded.inc()
         if exc.status >= 500:
             log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc)
-        return json_error(exc.status, exc.code, str(exc), **exc.headers)
+        resp = json_error(exc.status, exc.code, str(exc), **exc.headers)
+        if exc.headers.get("Connection") == "close":
+            resp.force_close()
+        return resp
     except web.HTTPMethodNotAllowed as exc:  # no catch-all route under this path
         allowed = MethodNotAllowed(exc.method, sorted(exc.allowed_methods))
         return json_error(allowed.status, allowed.code, str(allowed), **allowed.headers)
