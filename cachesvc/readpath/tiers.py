@@ -177,7 +177,7 @@ class Tiers:
         blob = await self.store.lease(digest)
         if blob is not None and self.store.is_verified(digest):
             try:
-                yield BlobPackage(blob, self.local_tier)
+                yield BlobPackage(blob, self.local_tier, self.store)
             finally:
                 self.store.release(blob)
             return

@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import NoReturn, TypeVar
 
@@ -246,11 +246,11 @@ async def send_package(
     metrics.requests.labels(package.tier).inc()
     async with aclosing(package.spans(start, end)) as spans:
         if end - start <= SMALL:
-            resp = await _small(request, spans, status, fields, egress, package.digest)
+            resp = await _small(request, package, spans, status, fields, egress)
         else:
             resp = web.StreamResponse(status=status, headers=fields)
             resp.content_length = end - start
-            if not await _streamed(request, resp, spans, egress, package.digest):
+            if not await _streamed(request, resp, package, spans, egress):
                 return resp  # aborted
     if FORWARDED in request.headers:
         metrics.upload_bytes.inc(end - start)
@@ -260,11 +260,11 @@ async def send_package(
 
 async def _small(
     request: web.Request,
+    package: Package,
     spans: AsyncGenerator[Span, None],
     status: int,
     fields: dict[str, str],
     egress: TokenBucket,
-    digest: Digest,
 ) -> web.StreamResponse:
     """The whole (small) body, read before anything is sent, then one write
     with its headers. The reads are bounded (at most :data:`SMALL` bytes of
@@ -272,9 +272,10 @@ async def _small(
     parts: list[bytes] = []
     async for span in spans:  # a failure here is still a JSON error
         try:
-            parts.append(span if isinstance(span, bytes) else _pread(span))
+            async with _dropping_short(package):
+                parts.append(span if isinstance(span, bytes) else _pread(span))
         except OSError as exc:
-            log.warning("GET %s: aborting the response: %s", digest.short, exc)
+            log.warning("GET %s: aborting the response: %s", package.digest.short, exc)
             abort_stream(request)
             return web.Response()
     body = b"".join(parts)  # one part (a hit) is not copied
@@ -285,9 +286,9 @@ async def _small(
 async def _streamed(
     request: web.Request,
     resp: web.StreamResponse,
+    package: Package,
     spans: AsyncGenerator[Span, None],
     egress: TokenBucket,
-    digest: Digest,
 ) -> bool:
     """Headers at the first span, then every span; False if it had to abort."""
     first = await anext(spans, None)
@@ -298,8 +299,8 @@ async def _streamed(
         async for span in spans:
             yield span
 
-    return await stream_body(request, resp, rest(), partial(_write_span, request, resp, egress),
-                             f"GET {digest.short}")  # fmt: skip
+    write = partial(_write_span, request, resp, egress, package)
+    return await stream_body(request, resp, rest(), write, f"GET {package.digest.short}")
 
 
 async def stream_body(
@@ -324,17 +325,44 @@ async def stream_body(
     return True
 
 
+class ShortFile(OSError):
+    """A file span's file ended before the span did: it shrank on disk."""
+
+
+@asynccontextmanager
+async def _dropping_short(package: Package) -> AsyncIterator[None]:
+    """A short file is the package's to drop (:meth:`Package.cut_short`, as
+    the fast path drops it); the failure goes on, and the response aborts."""
+    try:
+        yield
+    except ShortFile as exc:
+        await package.cut_short(str(exc))
+        raise
+
+
 def _pread(span: FileSpan) -> bytes:
     data = os.pread(span.file.fileno(), span.count, span.offset)
     if len(data) != span.count:
-        raise OSError(f"file ended at {span.offset + len(data)} of {span.offset + span.count}")
+        end = span.offset + span.count
+        raise ShortFile(f"its file ended at byte {span.offset + len(data)} of {end}")
     return data
 
 
 async def _write_span(
-    request: web.Request, resp: web.StreamResponse, egress: TokenBucket, span: Span
+    request: web.Request,
+    resp: web.StreamResponse,
+    egress: TokenBucket,
+    package: Package,
+    span: Span,
 ) -> None:
     """One span out: ``sendfile`` for file spans, in egress-sized slices when limited."""
+    async with _dropping_short(package):
+        await _send_span(request, resp, egress, span)
+
+
+async def _send_span(
+    request: web.Request, resp: web.StreamResponse, egress: TokenBucket, span: Span
+) -> None:
     if isinstance(span, bytes):
         await egress.take(len(span))
         await resp.write(span)
@@ -353,7 +381,7 @@ async def _sendfile(
     """Zero-copy: one direct ``sendfile(2)`` first, then the loop's machinery
     for whatever did not fit. Where the loop has no sendfile (uvloop, TLS),
     ``pread`` + write: never asyncio's fallback, which seeks the shared file
-    object. Raises OSError when the file holds fewer bytes than promised."""
+    object. Raises :class:`ShortFile` when the file holds fewer bytes than promised."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
@@ -367,7 +395,7 @@ async def _sendfile(
         await _copy(resp, file, offset + sent, count - sent)  # "not implemented"; both subclass it
         return
     if sent != count:
-        raise OSError(f"file ended after {sent} of {count} bytes")
+        raise ShortFile(f"its file ended at byte {offset + sent} of {offset + count}")
 
 
 def sendfile_now(transport: asyncio.Transport, file: io.FileIO, offset: int, count: int) -> int:
@@ -392,7 +420,7 @@ async def _copy(resp: web.StreamResponse, file: io.FileIO, offset: int, count: i
         n = min(FALLBACK_CHUNK, end - offset)
         data = await asyncio.to_thread(os.pread, file.fileno(), n, offset)
         if not data:
-            raise OSError(f"file ended at {offset} of {end}")
+            raise ShortFile(f"its file ended at byte {offset} of {end}")
         await resp.write(data)
         offset += len(data)
 
