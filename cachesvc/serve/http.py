@@ -222,8 +222,7 @@ async def serve_package(
         resp = web.StreamResponse(headers=_headers(digest, tier))
         resp.content_length = size
         return resp
-    async with tiers.open(digest) as package:
-        return await send_package(request, tiers.metrics, egress, package)
+    return await tiers.deliver(digest, partial(send_package, request, tiers.metrics, egress))
 
 
 async def send_package(
@@ -235,23 +234,26 @@ async def send_package(
 ) -> web.StreamResponse:
     """The package's bytes for this request's range, paced by ``egress``.
 
-    Headers go out once the first span is ready (a failure before it is a
-    JSON error; an empty body waits for the verdict), then every span; after
-    that a failure aborts the connection. A body of at most :data:`SMALL`
-    bytes is gathered first (so all of it is verified) and goes out with its
-    headers in one write. Bytes to another cachesvc host (a forwarded request)
-    count as upload."""
+    Headers go out once the first span is ready (a failure before it is
+    raised: nothing was answered, so :meth:`Tiers.deliver` may try the next
+    source, else it becomes a JSON error; an empty body waits for the
+    verdict), then every span; after that a failure aborts the connection. A
+    body of at most :data:`SMALL` bytes is gathered first (so all of it is
+    verified) and goes out with its headers in one write. A request is
+    counted once answered. Bytes to another cachesvc host (a forwarded
+    request) count as upload."""
     status, fields, start, end = _start(request, package.digest, package.size, package.tier)
     fields.update(headers or {})
-    metrics.requests.labels(package.tier).inc()
     async with aclosing(package.spans(start, end)) as spans:
         if end - start <= SMALL:
-            resp = await _small(request, package, spans, status, fields, egress)
+            resp, whole = await _small(request, package, spans, status, fields, egress), True
         else:
             resp = web.StreamResponse(status=status, headers=fields)
             resp.content_length = end - start
-            if not await _streamed(request, resp, package, spans, egress):
-                return resp  # aborted
+            whole = await _streamed(request, resp, package, spans, egress)
+    metrics.requests.labels(package.tier).inc()
+    if not whole:
+        return resp  # aborted
     if FORWARDED in request.headers:
         metrics.upload_bytes.inc(end - start)
     metrics.bytes_served.labels(package.tier).inc(end - start)
