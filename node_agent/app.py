@@ -16,6 +16,7 @@ from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.errors import NotHere
 from cachesvc.fanout.parents import check_requester
+from cachesvc.readpath.package import Package
 from cachesvc.serve.fastpath import FORWARDED_HEADER, REFUSED_HEADERS, HitRoute
 from cachesvc.serve.http import refuse_unrouted, route_digest, send_package, serve_package, timed
 from cachesvc.serve.service import CORE, Core, make_base_app, offer_hit_path, require_token
@@ -67,12 +68,14 @@ async def feed_host(request: web.Request, core: Core, digest: Digest) -> web.Str
         raise NotHere("this agent does not feed other hosts (--fanout 0 or no --advertise)")
     if request.method == "HEAD":
         raise NotHere("HEAD is for the owner peer")
+
+    async def send(package: Package) -> web.StreamResponse:
+        check_requester(request, package.via, me)
+        via = {VIA: ",".join((me, *package.via))}
+        return await send_package(request, core.metrics, core.egress, package, via)
+
     with core.feeds.slot(digest):
-        opened = core.tiers.open(digest, local_only=True, start_timeout=FEED_START_WAIT)
-        async with opened as package:
-            check_requester(request, package.via, me)
-            via = {VIA: ",".join((me, *package.via))}
-            return await send_package(request, core.metrics, core.egress, package, via)
+        return await core.tiers.deliver(digest, send, True, FEED_START_WAIT)
 
 
 async def bad_pkg_path(request: web.Request) -> web.StreamResponse:

@@ -337,6 +337,13 @@ class Follower:
         await self.flight.verdict()
         await asyncio.shield(self.flight.ended)
 
+    async def cut_short(self, reason: str) -> None:
+        """Nothing to drop: the flight's verdict is on the bytes it hashed, not
+        on its file. A recheck hashes this very file and finds it short itself;
+        a fill's temp file that lost bytes is kept short, and its first serve
+        finds that and drops it."""
+        log.warning("flight %s: a follower's read came up short: %s", self.digest.short, reason)
+
     async def leave(self) -> None:
         """Stop following; idempotent. The last user closes the temp file."""
         if not self._gone:

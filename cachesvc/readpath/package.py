@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cachesvc.digest import Digest
-from cachesvc.store.castore import Blob
+from cachesvc.store.castore import Blob, Store
 from cachesvc.tier import Tier
 
 SMALL = 64 << 10
@@ -71,11 +71,18 @@ class Package(Protocol):
         """Wait until every byte is verified (and kept, when the store can keep it)."""
         ...
 
+    async def cut_short(self, reason: str) -> None:
+        """A :class:`FileSpan` it gave held fewer bytes than it said (its file
+        shrank on disk): drop what the file belongs to, so the next request
+        refetches it. The consumer aborts its response either way."""
+        ...
+
 
 class BlobPackage:
     """A verified entry of the store, leased by ``Tiers.open`` for the request."""
 
-    def __init__(self, blob: Blob, tier: Tier) -> None:
+    def __init__(self, blob: Blob, tier: Tier, store: Store) -> None:
+        self.store = store
         self.blob = blob
         self.digest = blob.digest
         self.size = blob.size
@@ -88,3 +95,7 @@ class BlobPackage:
 
     async def complete(self) -> None:
         return None
+
+    async def cut_short(self, reason: str) -> None:
+        """Dropped as corrupt (found by "serve"), as the fast path drops it."""
+        await self.store.drop_corrupt(self.digest, reason, lease=self.blob)

@@ -20,7 +20,8 @@ How a request for a digest is answered (the README's "loading process"):
 5. **Verify.** The flight's ingest checks size and sha256 before anything is
    kept or the last byte is released to followers. Wrong bytes from a peer
    mark it refused and start a fresh fill from the next source, so the request
-   after a refused one is served correctly.
+   after a refused one is served correctly, and so is the refused one itself
+   when none of its answer went out yet (:meth:`Tiers.deliver`).
 
 This module does not hash, parse HTTP or pick status codes.
 """
@@ -31,9 +32,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cachesvc.digest import Digest
 from cachesvc.errors import (
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 10.0
 NEGATIVE_MAX = 10_000
+MAX_REFILLS = 3  # refused fills one request walks past before the refusal is its answer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -177,7 +182,7 @@ class Tiers:
         blob = await self.store.lease(digest)
         if blob is not None and self.store.is_verified(digest):
             try:
-                yield BlobPackage(blob, self.local_tier)
+                yield BlobPackage(blob, self.local_tier, self.store)
             finally:
                 self.store.release(blob)
             return
@@ -195,6 +200,39 @@ class Tiers:
             yield follower
         finally:
             await follower.leave()
+
+    async def deliver(
+        self,
+        digest: Digest,
+        send: Callable[[Package], Awaitable[T]],
+        local_only: bool = False,
+        start_timeout: float | None = None,
+    ) -> T:
+        """``send`` the package :meth:`open` yields; ``send`` raises only
+        before any of its answer went out (after that it aborts).
+
+        When it raises :class:`DigestMismatch` and the refusal started a refill
+        from the next source (step 5: a peer, a parent agent or a rotten entry
+        refused, not the origin), the same request follows that refill, at most
+        :data:`MAX_REFILLS` times: a lie caught before answering is invisible
+        to the client.
+        """
+        refills = 0
+        while True:
+            try:
+                async with self.open(digest, local_only, start_timeout) as package:
+                    return await send(package)
+            except DigestMismatch:
+                if refills == MAX_REFILLS or not self._refilled(digest):
+                    raise
+                refills += 1
+                log.info("%s: refused bytes before answering; following the refill", digest.short)
+
+    def _refilled(self, digest: Digest) -> bool:
+        """Whether a refill follows a refusal: it was scheduled (call_soon)
+        before the refused flight failed, so it is running by the time anyone
+        hears of the failure (or already kept what it fetched)."""
+        return self.flights.get(digest) is not None or digest in self.store
 
     def _join(self, digest: Digest, recheck: bool, local_only: bool = False) -> Flight:
         """The running flight for ``digest``, or a new one (no await: the caller

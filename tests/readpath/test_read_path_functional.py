@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 
 import aiohttp
 import pytest
 
 from cachesvc.digest import Digest
+from cachesvc.serve.service import CORE
 from tests.conftest import OriginFixture
 from tests.servers import (
     Stack,
@@ -236,6 +238,28 @@ async def test_a_peer_sending_wrong_bytes_is_refused_and_the_next_source_serves(
         # the refill from the origin runs in the background
         _, headers, body = await eventually(served, "a 200 after the refill", step=0.05)
         assert body == data and headers["x-cache-tier"] in ("ORIGIN", "L1")
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_lie_caught_before_answering_is_invisible_to_the_client(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    # A body of at most 64 KiB is gathered and verified before anything is
+    # sent: a refused source costs the request nothing but the walk to the next.
+    data = payload(40_000, seed=21)
+    digest = await s3_origin.put(data)
+    runner, liar = await start_fake_peer("corrupt", {digest.hex: data})
+    try:
+        agent = await stack.start_agent(peers=[liar])
+        for expected in ("ORIGIN", "L1"):
+            status, headers, body = await get(f"{agent}/pkg/{digest}")
+            assert (status, headers["x-cache-tier"], body) == (200, expected, data)
+            await stack.apps[agent][CORE].flights.wait_idle()  # kept
+        assert metric(await metrics_of(agent), "cachesvc_digest_mismatch_total") == 1
+        stats = json.loads((await get(f"{agent}/stats"))[2])
+        assert stats["peers_down"] == [liar]  # the liar is avoided
+        assert s3_origin.origin_gets(digest) == 1
     finally:
         await runner.cleanup()
 
