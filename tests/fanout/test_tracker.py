@@ -67,6 +67,19 @@ def test_a_requester_is_never_given_itself_or_a_descendant() -> None:
     assert parent not in (a[1], a[2], a[3])
 
 
+def test_a_host_whose_parent_was_dropped_elsewhere_is_not_given_its_own_child() -> None:
+    """K=1: P <- a0 <- a1 <- a2. a3 reports a0 (dropped: P has room again and
+    takes a3); then a1 asks again. The only open members are a2 (a1's own
+    child) and a3: a1 must get a3, never a2 (a cycle that stalls both)."""
+    tracker = Tracker(P, fanout=1)
+    a = hosts(4)
+    assert [tracker.assign(D, h, 1) for h in a[:3]] == [None, a[0], a[1]]
+    assert tracker.assign(D, a[3], 1, avoid=[a[0]]) is None
+    assert tracker.assign(D, a[1], 1, avoid=[a[0]]) == a[3]
+    by_url = {m.url: m for m in tracker.members(D)}
+    assert (by_url[a[1]].parent, by_url[a[2]].parent) == (a[3], a[1])
+
+
 def test_a_host_coming_back_moves_under_its_new_parent() -> None:
     tracker = Tracker(P, fanout=2)
     a = hosts(3)
