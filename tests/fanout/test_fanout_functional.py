@@ -221,6 +221,33 @@ async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
     assert metric(text, "cachesvc_upstream_fetches_total", upstream="agent", outcome="error") >= 1
 
 
+async def test_a_killed_parent_with_slots_left_is_avoided_and_never_named_again(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """K=2: the dead parent still has a free slot in the owner's tree, so only
+    the child's avoid list keeps the owner from naming it again (to this
+    child's next ask and to every newcomer)."""
+    await stack.start_peers(1, fanout=1)  # the owner's one slot: the parent
+    owner = stack.peers[0]
+    parent = await stack.start_agent(fanout=2, egress_limit=4 * MiB)
+    child = await stack.start_agent(fanout=2)
+    data = payload(6 * MiB, seed=91)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{parent}/pkg/{digest}") == (200, data)
+    child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
+    await fill_under_way(stack, child, digest, lambda f: f.via == (parent,) and f.received > MiB)
+    await stack.kill(parent)
+    assert await asyncio.wait_for(child_get, 30) == (200, data)
+    tracker = stack.apps[owner][CORE].tracker
+    assert parent not in [m.url for m in tracker.members(digest)]  # dropped on the child's report
+    assert metric(await metrics_of(owner), "cachesvc_fanout_redirects_total") == 1
+    late = await stack.start_agent(fanout=2)
+    assert await fetch(f"{late}/pkg/{digest}") == (200, data)
+    assert metric(await metrics_of(owner), "cachesvc_fanout_redirects_total") == 2  # to the child
+    assert metric(await metrics_of(late), "cachesvc_upstream_fetches_total", outcome="error") == 0
+    assert s3_origin.origin_gets(digest) == 1
+
+
 async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
     stack: Stack, s3_origin: OriginFixture
 ) -> None:
