@@ -184,6 +184,18 @@ async def test_unknown_digest_is_404_and_negative_cached(stack: Stack, s3_origin
     assert metric(await metrics_of(agent), "cachesvc_negative_cache_hits_total") == 4
 
 
+async def test_a_head_the_origin_answers_404_is_negative_cached_for_the_get_after_it(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent()  # no peers: the origin is asked directly
+    missing = Digest("1" * 64)
+    assert (await head(f"{agent}/pkg/{missing}"))[0] == 404
+    status, _, body = await get(f"{agent}/pkg/{missing}")
+    assert status == 404 and b'"not_found"' in body
+    assert s3_origin.origin_gets(missing) == 0  # the GET never reached the origin
+    assert metric(await metrics_of(agent), "cachesvc_negative_cache_hits_total") == 1
+
+
 # -- integrity ----------------------------------------------------------------------
 
 
