@@ -8,8 +8,10 @@ import hashlib
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from cachesvc.digest import Digest
+from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.servers import (
     Stack,
@@ -19,6 +21,7 @@ from tests.servers import (
     metrics_of,
     payload,
     start_fake_peer,
+    start_server,
     store_files,
 )
 
@@ -250,6 +253,70 @@ async def test_a_peer_sending_wrong_bytes_is_refused_and_the_next_source_serves(
         assert body == data and headers["x-cache-tier"] in ("ORIGIN", "L1")
     finally:
         await runner.cleanup()
+
+
+class ResumePeers:
+    """Two real servers in the peers' place for one package: the first in ring
+    order sends half the body and breaks off; the second answers the resumed
+    (ranged) GET with the right bytes but a Content-Range claiming a larger
+    total (a peer that holds another object under this digest's name)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.urls: list[str] = []
+        self.runners: list[web.AppRunner] = []
+        self.resumed = 0
+
+    async def start(self, digest: Digest) -> None:
+        for _ in range(2):
+            app = web.Application()
+            app.router.add_get("/blob/{digest}", self._blob)
+            runner, url = await start_server(app)
+            self.runners.append(runner)
+            self.urls.append(url)
+        self.first = Ring(self.urls).owners(digest)[0]
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        if f"http://{request.host}" == self.first:
+            resp = web.StreamResponse(headers={"X-Cache-Tier": "L2"})
+            resp.content_length = len(self.data)
+            await resp.prepare(request)
+            await resp.write(self.data[: len(self.data) // 2])
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        self.resumed += 1
+        start = int(request.headers.get("Range", "bytes=0-")[6:].split("-")[0] or 0)
+        claimed = len(self.data) + 4096
+        resp = web.StreamResponse(status=206, headers={"X-Cache-Tier": "L2"})
+        resp.headers["Content-Range"] = f"bytes {start}-{claimed - 1}/{claimed}"
+        resp.content_length = len(self.data) - start
+        await resp.prepare(request)
+        await resp.write(self.data[start:])
+        return resp
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+async def test_a_resumed_source_that_claims_another_size_is_not_used(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """The size is fixed by the first source; a source resumed mid-body that
+    claims another total has failed (the walk moves on to the origin), even
+    when the bytes it would send happen to check out."""
+    data = payload(MiB, seed=9)
+    digest = await s3_origin.put(data)
+    peers = ResumePeers(data)
+    await peers.start(digest)
+    try:
+        agent = await stack.start_agent(peers=peers.urls, fanout=0)
+        status, _, body = await get(f"{agent}/pkg/{digest}")
+        assert (status, body == data, peers.resumed) == (200, True, 1)
+        assert s3_origin.origin_gets(digest) == 1  # the rest came from the origin
+    finally:
+        await peers.close()
 
 
 # -- failures -------------------------------------------------------------------------
