@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 
 from cachesvc.digest import Digest
-from cachesvc.fanout.parents import ADVERTISE, FANOUT
+from cachesvc.fanout.parents import ADVERTISE, FANOUT, MAX_PARENTS
 from cachesvc.readpath.flight import Flight
 from cachesvc.serve.service import CORE
-from cachesvc.upstream.peer_client import FORWARDED
+from cachesvc.upstream.peer_client import FORWARDED, PARENT
 from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.servers import Stack, eventually, free_port, metric, metrics_of, payload, start_server
@@ -221,6 +221,33 @@ async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
     assert metric(text, "cachesvc_upstream_fetches_total", upstream="agent", outcome="error") >= 1
 
 
+async def test_a_killed_parent_with_slots_left_is_avoided_and_never_named_again(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """K=2: the dead parent still has a free slot in the owner's tree, so only
+    the child's avoid list keeps the owner from naming it again (to this
+    child's next ask and to every newcomer)."""
+    await stack.start_peers(1, fanout=1)  # the owner's one slot: the parent
+    owner = stack.peers[0]
+    parent = await stack.start_agent(fanout=2, egress_limit=4 * MiB)
+    child = await stack.start_agent(fanout=2)
+    data = payload(6 * MiB, seed=91)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{parent}/pkg/{digest}") == (200, data)
+    child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
+    await fill_under_way(stack, child, digest, lambda f: f.via == (parent,) and f.received > MiB)
+    await stack.kill(parent)
+    assert await asyncio.wait_for(child_get, 30) == (200, data)
+    tracker = stack.apps[owner][CORE].tracker
+    assert parent not in [m.url for m in tracker.members(digest)]  # dropped on the child's report
+    assert metric(await metrics_of(owner), "cachesvc_fanout_redirects_total") == 1
+    late = await stack.start_agent(fanout=2)
+    assert await fetch(f"{late}/pkg/{digest}") == (200, data)
+    assert metric(await metrics_of(owner), "cachesvc_fanout_redirects_total") == 2  # to the child
+    assert metric(await metrics_of(late), "cachesvc_upstream_fetches_total", outcome="error") == 0
+    assert s3_origin.origin_gets(digest) == 1
+
+
 async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
     stack: Stack, s3_origin: OriginFixture
 ) -> None:
@@ -231,6 +258,50 @@ async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
     # and the next agent is not sent to a parent that no longer has it for good
     late = await stack.start_agent(fanout=1)
     assert await fetch(f"{late}/pkg/{digest}", attempts=2) == (200, data)
+
+
+class DeadParentsOwner:
+    """A real server in the owner's place that names a fresh dead parent (a
+    free port nobody listens on) to every request that speaks fan-out, and
+    serves the bytes itself to a request that does not."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.redirects = 0
+        self.served = 0
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/blob/{digest}", self._blob)
+        self.runner, self.url = await start_server(app, free_port())
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        if FANOUT in request.headers:
+            self.redirects += 1
+            dead = f"http://127.0.0.1:{free_port()}"
+            digest = request.match_info["digest"]
+            return web.Response(
+                status=307, headers={"Location": f"{dead}/pkg/{digest}", PARENT: dead}
+            )
+        self.served += 1
+        return web.Response(body=self.data, headers={"X-Cache-Tier": "L2"})
+
+
+async def test_a_fill_tries_at_most_four_parents_then_the_owner_serves_it(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    data = payload(MiB, seed=92)
+    digest = await s3_origin.put(data)
+    owner = DeadParentsOwner(data)
+    await owner.start()
+    try:
+        agent = await stack.start_agent(peers=[owner.url], fanout=2)
+        assert await fetch(f"{agent}/pkg/{digest}") == (200, data)
+        assert (owner.redirects, owner.served) == (MAX_PARENTS, 1)
+        assert s3_origin.origin_gets(digest) == 0  # never the origin: the owner was asked
+    finally:
+        await owner.runner.cleanup()
 
 
 # -- loops ----------------------------------------------------------------------------
@@ -254,6 +325,21 @@ async def test_a_host_refuses_to_feed_a_host_it_fetches_through(
         assert r.status == 409
         assert (await r.json())["error"] == "loop"
     assert await asyncio.wait_for(b_get, 30) == (200, data)
+
+
+async def test_a_host_asked_to_feed_itself_refuses_with_loop(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """An owner that names a host as its own parent (two owners that disagree
+    about the tree) gets a 409 loop from it, not a feed."""
+    await stack.start_peers(1, fanout=1)
+    a = await stack.start_agent(fanout=1)
+    data = payload(MiB, seed=93)
+    digest = await s3_origin.put(data)
+    assert await fetch(f"{a}/pkg/{digest}") == (200, data)
+    headers = {FORWARDED: "1", ADVERTISE: a, FANOUT: "1"}
+    async with aiohttp.ClientSession() as s, s.get(f"{a}/pkg/{digest}", headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (409, "loop")
 
 
 async def test_a_host_asked_for_what_it_neither_holds_nor_fills_says_not_here(

@@ -9,9 +9,11 @@ import json
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from cachesvc.digest import Digest
 from cachesvc.serve.service import CORE
+from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.servers import (
     Stack,
@@ -21,6 +23,7 @@ from tests.servers import (
     metrics_of,
     payload,
     start_fake_peer,
+    start_server,
     store_files,
 )
 
@@ -186,6 +189,18 @@ async def test_unknown_digest_is_404_and_negative_cached(stack: Stack, s3_origin
     assert metric(await metrics_of(agent), "cachesvc_negative_cache_hits_total") == 4
 
 
+async def test_a_head_the_origin_answers_404_is_negative_cached_for_the_get_after_it(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    agent = await stack.start_agent()  # no peers: the origin is asked directly
+    missing = Digest("1" * 64)
+    assert (await head(f"{agent}/pkg/{missing}"))[0] == 404
+    status, _, body = await get(f"{agent}/pkg/{missing}")
+    assert status == 404 and b'"not_found"' in body
+    assert s3_origin.origin_gets(missing) == 0  # the GET never reached the origin
+    assert metric(await metrics_of(agent), "cachesvc_negative_cache_hits_total") == 1
+
+
 # -- integrity ----------------------------------------------------------------------
 
 
@@ -262,6 +277,70 @@ async def test_a_lie_caught_before_answering_is_invisible_to_the_client(
         assert s3_origin.origin_gets(digest) == 1
     finally:
         await runner.cleanup()
+
+
+class ResumePeers:
+    """Two real servers in the peers' place for one package: the first in ring
+    order sends half the body and breaks off; the second answers the resumed
+    (ranged) GET with the right bytes but a Content-Range claiming a larger
+    total (a peer that holds another object under this digest's name)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.urls: list[str] = []
+        self.runners: list[web.AppRunner] = []
+        self.resumed = 0
+
+    async def start(self, digest: Digest) -> None:
+        for _ in range(2):
+            app = web.Application()
+            app.router.add_get("/blob/{digest}", self._blob)
+            runner, url = await start_server(app)
+            self.runners.append(runner)
+            self.urls.append(url)
+        self.first = Ring(self.urls).owners(digest)[0]
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        if f"http://{request.host}" == self.first:
+            resp = web.StreamResponse(headers={"X-Cache-Tier": "L2"})
+            resp.content_length = len(self.data)
+            await resp.prepare(request)
+            await resp.write(self.data[: len(self.data) // 2])
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        self.resumed += 1
+        start = int(request.headers.get("Range", "bytes=0-")[6:].split("-")[0] or 0)
+        claimed = len(self.data) + 4096
+        resp = web.StreamResponse(status=206, headers={"X-Cache-Tier": "L2"})
+        resp.headers["Content-Range"] = f"bytes {start}-{claimed - 1}/{claimed}"
+        resp.content_length = len(self.data) - start
+        await resp.prepare(request)
+        await resp.write(self.data[start:])
+        return resp
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+async def test_a_resumed_source_that_claims_another_size_is_not_used(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """The size is fixed by the first source; a source resumed mid-body that
+    claims another total has failed (the walk moves on to the origin), even
+    when the bytes it would send happen to check out."""
+    data = payload(MiB, seed=9)
+    digest = await s3_origin.put(data)
+    peers = ResumePeers(data)
+    await peers.start(digest)
+    try:
+        agent = await stack.start_agent(peers=peers.urls, fanout=0)
+        status, _, body = await get(f"{agent}/pkg/{digest}")
+        assert (status, body == data, peers.resumed) == (200, True, 1)
+        assert s3_origin.origin_gets(digest) == 1  # the rest came from the origin
+    finally:
+        await peers.close()
 
 
 # -- failures -------------------------------------------------------------------------

@@ -103,3 +103,18 @@ def test_an_empty_ring_has_no_owner() -> None:
     ring = Ring()
     assert ring.owner(digests(1)[0]) is None and ring.owners(digests(1)[0]) == []
     assert ring.set_nodes(PEERS) and not ring.set_nodes(PEERS)
+
+
+def test_a_peer_that_leaves_and_comes_back_is_not_still_marked_down() -> None:
+    """A peer marked down that leaves the membership and rejoins (a new pod on
+    the same address) starts up: its old down mark went with it."""
+    clock = Clock()
+    ring = Ring(PEERS, clock=clock, down_for=10)
+    d = digests(1)[0]
+    owner = ring.owner(d)
+    assert owner is not None
+    ring.mark_down(owner)
+    assert ring.set_nodes([p for p in PEERS if p != owner])
+    assert ring.set_nodes(PEERS)
+    assert not ring.is_down(owner)
+    assert ring.up_owners(d)[0] == owner
