@@ -7,25 +7,12 @@ import os
 from pathlib import Path
 
 from cachesvc.fsutil import remove_tree
-
-
-def _deep(root: Path, depth: int, name: str = "d") -> None:
-    """A chain of ``depth`` nested directories built with relative opens (the
-    full path is far past PATH_MAX), with a file at the bottom."""
-    root.mkdir()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir(name, dir_fd=fd)
-        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
-    os.close(os.open("bottom", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
-    os.close(fd)
+from tests.trees import deep_tree
 
 
 def test_removes_a_tree_deeper_than_the_recursion_limit_and_path_max(tmp_path: Path) -> None:
     target = tmp_path / "deep"
-    _deep(target, 3000, name="x" * 200)  # ~600 KB of path, 3000 levels
+    deep_tree(target, 3000, name="x" * 200)  # ~600 KB of path, 3000 levels
     assert remove_tree(target)
     assert not target.exists()
 

@@ -15,7 +15,7 @@ import pytest
 
 from cachesvc.publish import repack
 from cachesvc.unpack import codec
-from tests.publish.test_repack import python_like_zip
+from tests.archives import python_like_zip
 
 
 def skewed(size: int, seed: int = 5) -> bytes:

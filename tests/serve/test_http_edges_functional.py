@@ -14,14 +14,10 @@ import pytest
 
 from cachesvc.digest import Digest
 from tests.conftest import OriginFixture
+from tests.http import get
 from tests.servers import Stack, eventually
 
 MiB = 1 << 20
-
-
-async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
-        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
 
 
 @pytest.mark.parametrize("first", [0, 10 * MiB])

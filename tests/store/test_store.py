@@ -9,33 +9,22 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from cachesvc.digest import Digest
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
 from cachesvc.store.castore import Store, StoreFull
 from cachesvc.store.ingest import MIN_BATCH, Ingest
 from tests.servers import digest_of, flip_byte, payload, store_files
+from tests.stores import put, writable
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 KiB = 1024
-
-
-def writable(path: Path) -> Path:
-    """Blobs are read-only (0444); root ignores that, but a test must not rely on it."""
-    path.chmod(0o644)
-    return path
-
-
-async def put(store: Store, data: bytes, digest: Digest | None = None) -> None:
-    ingest = await store.begin(digest or digest_of(data), len(data))
-    try:
-        for i in range(0, len(data), 100 * KiB):
-            await ingest.write(data[i : i + 100 * KiB])
-        await ingest.commit()
-    finally:
-        await ingest.close()
 
 
 async def test_ingest_verifies_then_commits_and_serves_an_open_handle(tmp_path: Path) -> None:
@@ -116,17 +105,19 @@ async def test_a_package_larger_than_the_store_raises_store_full(tmp_path: Path)
     await store.close()
 
 
-async def test_enospc_mid_write_spills_but_still_verifies(tmp_path: Path, monkeypatch) -> None:
+async def test_enospc_mid_write_spills_but_still_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = await Store.open(tmp_path, 10 * 2**20)
     data = payload(3 * 2**20)
     real = os.pwrite
     calls = {"n": 0}
 
-    def flaky(fd: int, buf: object, offset: int) -> int:
+    def flaky(fd: int, buf: ReadableBuffer, offset: int) -> int:
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, buf, offset)  # type: ignore[arg-type]
+        return real(fd, buf, offset)
 
     monkeypatch.setattr("cachesvc.store.castore.os.pwrite", flaky)
     ingest = await store.begin(digest_of(data), len(data))
@@ -364,7 +355,7 @@ class LoopOnly(OrderedDict[str, int]):
     its keys with every request: a thread iterating it would meet "mutated
     during iteration")."""
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         assert threading.current_thread() is threading.main_thread(), "LRU read off the loop"
         return super().__iter__()
 
@@ -376,7 +367,7 @@ async def test_access_order_and_pins_are_flushed_without_reading_the_lru_off_the
     packages = [payload(1000, seed=i) for i in range(3)]
     for data in packages:
         await put(store, data)
-    store._lru = LoopOnly(store._lru)  # type: ignore[assignment]
+    store._lru = LoopOnly(store._lru)
     first = digest_of(packages[0])
     blob = await store.lease(first)
     assert blob is not None

@@ -29,8 +29,8 @@ from cachesvc.unpack.extract import Extracted
 from cachesvc.unpack.unpacker import Unpacker
 from cachesvc.unpack.worker import Budget, Workers, _decode
 from tests import hostile
+from tests.archives import FILES, expected_modes, stored_package, tar_of, tree_of, wrap
 from tests.servers import eventually
-from tests.unpack.test_unpack import FILES, expected_modes, store, tar_of, tree_of, wrap
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,7 +165,7 @@ async def test_unpacking_never_waits_for_the_default_thread_pool(
     loop.run_in_executor(None, release.wait, 120)  # its only thread is now busy
     try:
         async with Unpacker(tmp_path / "code") as unpacker:
-            digest, package = store(tmp_path, wrap(tar_of(), ["zstd"]))
+            digest, package = stored_package(tmp_path, wrap(tar_of(), ["zstd"]))
             result = await asyncio.wait_for(unpacker.unpack(digest, package), 60)
             assert tree_of(result.path) == expected_modes(FILES)
             await asyncio.wait_for(unpacker.remove(digest), 60)
