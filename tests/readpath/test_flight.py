@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cachesvc.errors import DigestMismatch, Overloaded, UpstreamError
-from cachesvc.readpath.flight import Flight, Flights, Follower
+from cachesvc.readpath.flight import Fill, Flight, Flights, Follower
 from cachesvc.readpath.package import FileSpan, Span
 from cachesvc.store.castore import Store
 from tests.servers import digest_of, payload
@@ -41,7 +41,7 @@ async def read_all(flight: Flight) -> bytes:
     return await read_follower(flight.follow())
 
 
-def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None, claim=None):
+def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None) -> Fill:
     async def fill(flight: Flight) -> None:
         calls.append(1)
         await flight.begin(len(data), "ORIGIN")
