@@ -22,6 +22,7 @@ from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
+from cachesvc.serve.fastpath import HitProtocol
 from loadtest.origin_proxy import S3Proxy as S3Proxy  # re-exported: the tests' S3 proxy
 from loadtest.origin_proxy import start_server as start_server
 from tests.http import get
@@ -224,16 +225,24 @@ class Stack:
         runner = self._runners.pop(url)
         await runner.cleanup()
 
+    def hit_connections(self, url: str) -> list[HitProtocol]:
+        """The connections the agent at ``url`` holds on its L1-hit fast path."""
+        from cachesvc.serve.runner import FastSite
+
+        return [
+            conn
+            for site in self._runners[url].sites
+            if isinstance(site, FastSite) and site.hit_server is not None
+            for conn in site.hit_server.connections
+        ]
+
     async def kill(self, url: str) -> None:
         """Like a crash: every open connection is cut at once (no graceful
         drain), then the server is gone."""
-        from cachesvc.serve.runner import FastSite
-
+        hits = self.hit_connections(url)
         runner = self._runners.pop(url)
         transports = [h.transport for h in runner.server.connections] if runner.server else []
-        for site in runner.sites:
-            if isinstance(site, FastSite) and site.hit_server is not None:
-                transports += [c.transport for c in site.hit_server.connections]
+        transports += [c.transport for c in hits]
         for transport in transports:
             if transport is not None:
                 transport.abort()

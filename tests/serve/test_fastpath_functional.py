@@ -24,6 +24,16 @@ async def fast_hits(agent: str) -> float:
     return metric(await metrics_of(agent), "cachesvc_fast_hits_total")
 
 
+async def sending_in_a_task(stack: Stack, agent: str) -> None:
+    """Wait until the socket buffer is full and the rest of a fast response
+    goes out in a task (the reader has not read yet)."""
+    await eventually(
+        lambda: any(c.sending is not None for c in stack.hit_connections(agent)),
+        "a fast response that did not fit the socket buffer",
+        step=0.01,
+    )
+
+
 async def hot(
     stack: Stack, origin: OriginFixture, size: int, seed: int
 ) -> tuple[str, Digest, bytes]:
@@ -115,7 +125,7 @@ async def test_a_large_hot_entry_to_a_slow_reader_arrives_whole(
     reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
     writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
-    await asyncio.sleep(0.3)  # the socket buffer fills: the rest goes out in a task
+    await sending_in_a_task(file_stack, agent)
     status, body = await read_response(reader)
     assert status == 200 and hashlib.sha256(body).hexdigest() == digest.hex
     writer.close()
@@ -152,7 +162,7 @@ async def test_stopping_lets_a_fast_response_in_flight_finish(
     reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
     writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
-    await asyncio.sleep(0.2)
+    await sending_in_a_task(file_stack, agent)
     stopping = asyncio.ensure_future(file_stack.stop(agent))
     status, body = await read_response(reader)
     assert status == 200 and len(body) == len(data) and body == data

@@ -7,7 +7,6 @@ import errno
 import os
 import stat
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
 from cachesvc.store.castore import Store, StoreFull
 from cachesvc.store.ingest import MIN_BATCH, Ingest
-from tests.servers import digest_of, flip_byte, payload, store_files
+from tests.servers import digest_of, eventually, flip_byte, payload, store_files
 from tests.stores import put, writable
 
 if TYPE_CHECKING:
@@ -54,9 +53,11 @@ async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
     """A client that leaves at once: close() while the first batch's thread is
     still creating the temp file (a slow open) removes it and closes its fd."""
     create = Ingest._create
+    in_open, done = threading.Event(), threading.Event()
 
-    def slow_create(self: Ingest) -> None:
-        time.sleep(0.05)
+    def slow_create(self: Ingest) -> None:  # an open that lasts until the test says
+        in_open.set()
+        assert done.wait(30), "the test never let the open finish"
         create(self)
 
     monkeypatch.setattr(Ingest, "_create", slow_create)
@@ -65,8 +66,11 @@ async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
     fds_before = len(os.listdir("/proc/self/fd"))
     ingest = await store.begin(digest_of(data), len(data) * 2)
     await ingest.write(data)  # the batch starts in a thread ...
-    await asyncio.sleep(0.01)  # (which is in the open now)
-    await ingest.close()  # ... and close races it
+    await eventually(in_open.is_set, "the first batch's thread in the open")
+    closing = asyncio.ensure_future(ingest.close())  # ... and close races it:
+    await asyncio.sleep(0)  # one turn of the loop: close now waits for the thread
+    done.set()
+    await closing
     assert store_files(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     await store.close()

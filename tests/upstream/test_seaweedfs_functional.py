@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -115,21 +114,21 @@ async def readyz_settled(base: str) -> tuple[int, dict[str, Any]]:
     return await eventually(settled, f"{base}: the first origin check ended", step=0.1)
 
 
-def readable(seaweedfs: SeaweedFS, key: str, timeout: float = 30.0) -> None:
+async def readable(seaweedfs: SeaweedFS, key: str) -> None:
     """Wait until the store serves ``key`` again, read directly (not counted
     as an origin GET): after a crash, the volume server re-registers with
     the master a moment after the S3 API answers ("try again" until then),
     longer on a loaded machine."""
     s3 = boto3.client("s3", endpoint_url=seaweedfs.endpoint)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def read() -> bool:
         try:
             s3.get_object(Bucket=SEAWEED_BUCKET, Key=key)["Body"].read()
-            return
+            return True
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return False
+
+    await eventually(lambda: asyncio.to_thread(read), f"{key} readable again", step=0.2)
 
 
 def publish(origin: OriginFixture, package: Path, env: dict[str, str] | None = None) -> Any:
@@ -159,7 +158,7 @@ async def test_publish_cold_fetch_through_agent_and_peer_and_a_store_restart_kee
 
         seaweedfs.restart(graceful=False)  # a crash: harsher than a clean restart
         blob = seaweed_origin.url.split("/", 3)[3] + f"/blobs/sha256/{digest.hex}"
-        readable(seaweedfs, blob)  # the S3 API answers before its volume is back
+        await readable(seaweedfs, blob)  # the S3 API answers before its volume is back
         peer.forget()
         agent.forget()
         await peer.start()
