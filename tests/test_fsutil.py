@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from cachesvc.fsutil import remove_tree
 from tests.trees import deep_tree
 
 
+@pytest.mark.slow
 def test_removes_a_tree_deeper_than_the_recursion_limit_and_path_max(tmp_path: Path) -> None:
     target = tmp_path / "deep"
     deep_tree(target, 3000, name="x" * 200)  # ~600 KB of path, 3000 levels
@@ -58,6 +61,7 @@ def test_files_and_missing_paths(tmp_path: Path) -> None:
     assert remove_tree(tmp_path / "never-was")
 
 
+@pytest.mark.slow
 def test_a_wide_tree_of_many_entries(tmp_path: Path) -> None:
     target = tmp_path / "wide"
     for i in range(50):

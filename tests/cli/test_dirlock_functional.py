@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.processes import AgentProcess
 from tests.servers import eventually
+
+pytestmark = pytest.mark.slow  # real cachesvc processes
 
 
 def agent_args(origin: str, cache: Path, code: Path) -> list[str]:

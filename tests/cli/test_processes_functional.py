@@ -25,6 +25,8 @@ from tests.servers import (
     store_files,
 )
 
+pytestmark = pytest.mark.slow  # real cachesvc processes
+
 MiB = 1 << 20
 
 

@@ -14,8 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.http import get, head
 from tests.servers import free_port, free_port_run
+
+pytestmark = pytest.mark.slow  # real cachesvc processes
 
 
 @asynccontextmanager

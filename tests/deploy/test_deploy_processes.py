@@ -71,6 +71,8 @@ from tests.manifests import (
 )
 from tests.servers import digest_of, eventually_sync, free_port, payload
 
+pytestmark = pytest.mark.slow  # real cachesvc processes
+
 PEER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 AGENT_IP = "127.0.0.1"
 NAMESPACE = "default"  # the base is namespace-less: `kubectl apply -k` without -n

@@ -23,6 +23,8 @@ from tests.conftest import OriginFixture
 from tests.http import Fetched, fetch, get, get_json, post_json, request
 from tests.servers import Stack, eventually, free_port, metric, metrics_of, payload, start_server
 
+pytestmark = pytest.mark.slow  # most tests take over a second
+
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
 

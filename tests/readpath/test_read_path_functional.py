@@ -26,6 +26,8 @@ from tests.servers import (
     store_files,
 )
 
+pytestmark = pytest.mark.slow  # most tests take over a second
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 

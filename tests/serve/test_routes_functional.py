@@ -86,6 +86,7 @@ async def cachesvc_fetch(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_fetch_writes_the_stored_bytes_or_the_inner_archive_and_says_which(
     file_stack: Stack, file_origin: OriginFixture, tmp_path: Path
 ) -> None:
@@ -110,6 +111,7 @@ async def test_fetch_writes_the_stored_bytes_or_the_inner_archive_and_says_which
     assert "(layers zstd,zip; peeled zstd)" in out.stderr
 
 
+@pytest.mark.slow
 async def test_fetch_archive_keeps_nothing_when_the_agent_aborts_mid_body(
     file_stack: Stack, file_origin: OriginFixture, tmp_path: Path
 ) -> None:

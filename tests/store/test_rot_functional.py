@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from tests.conftest import OriginFixture, S3OriginFixture
 from tests.http import fetch
 from tests.servers import Stack, eventually, flip_byte, metric, metrics_of, payload
+
+pytestmark = pytest.mark.slow  # every test takes over a second
 
 MiB = 1 << 20
 

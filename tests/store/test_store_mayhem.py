@@ -43,6 +43,7 @@ async def scrub_once(store: Store) -> None:
     await Scrubber(store, 60.0, 1 << 30, clock=clock, sleep=clock.sleep).run(passes=1)
 
 
+@pytest.mark.slow
 async def test_mayhem_the_store_opens_serves_the_good_and_removes_the_bad(tmp_path: Path) -> None:
     root, outside = tmp_path / "cache", tmp_path / "outside"
     outside.mkdir()

@@ -25,6 +25,8 @@ import pytest
 from loadtest.nginx import nginx_binary
 from loadtest.tools import ToolUnavailable
 
+pytestmark = pytest.mark.slow  # real load-test runs
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("hit", "storm", "waves", "burst", "warm")
 TARGETS = ("origin", "nginx", "cachesvc")

@@ -244,6 +244,7 @@ def test_event_engine_agrees_with_a_time_stepped_model(
 # -- the command ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sim_command_writes_json_table_and_a_log_log_plot(tmp_path: Path) -> None:
     argv = ["--n", "10,40", "--size", "2MiB", "--k", "0,2", "--model", "storm,burst"]
     assert sim_main([*argv, "--bandwidth", "1Gbit", "--out", str(tmp_path)]) == 0

@@ -9,12 +9,15 @@ import os
 import tarfile
 from pathlib import Path
 
+import pytest
 import zstandard
 
 from tests.archives import make_zip
 from tests.conftest import OriginFixture
 from tests.http import request
 from tests.servers import Stack, eventually, payload
+
+pytestmark = pytest.mark.slow  # most tests take over a second
 
 FILES = {"handler.py": b"def handler(e, c):\n    return 1\n", "lib/data.bin": payload(200_000)}
 

@@ -178,6 +178,7 @@ async def test_sweep_removes_leftovers_of_a_crash_and_keeps_finished_trees(
     assert sorted(p.name for p in code_dir.iterdir()) == [digest.hex, digest.hex + ".json"]
 
 
+@pytest.mark.slow
 async def test_sweep_removes_every_kind_of_leftover_never_follows_a_link_and_never_raises(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
@@ -454,6 +455,7 @@ async def test_a_pax_mtime_of_1e400_unpacks_with_the_current_time(
     assert abs((result.path / "a.txt").stat().st_mtime - time.time()) < 3600
 
 
+@pytest.mark.slow
 async def test_zip_bomb_of_a_gib_of_zeros_is_too_large(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
@@ -463,6 +465,7 @@ async def test_zip_bomb_of_a_gib_of_zeros_is_too_large(
     assert list(code_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 async def test_tar_zst_bomb_of_gibs_of_zeros_is_too_large(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
@@ -473,6 +476,7 @@ async def test_tar_zst_bomb_of_gibs_of_zeros_is_too_large(
     assert list(code_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 async def test_a_hundred_thousand_empty_files_are_over_max_files(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:

@@ -19,7 +19,7 @@ from tests.conftest import OriginFixture
 from tests.http import get, post_json, request
 from tests.servers import Stack, eventually, payload
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # seconds of hostile unpacking
 
 ANSWER_TIMEOUT = 90.0  # seconds: an answer, however hostile the package
 

@@ -76,7 +76,7 @@ def budget(short: int, scale: int = 1) -> settings:
     )
 
 
-pytestmark = pytest.mark.timeout(0 if LONG else 300)
+pytestmark = [pytest.mark.timeout(0 if LONG else 300), pytest.mark.slow]  # fuzzing: tens of seconds
 
 
 class LiveAgent:

@@ -13,6 +13,7 @@ import time
 import zipfile
 from collections.abc import Callable
 
+import pytest
 import zstandard
 
 from cachesvc.serve.service import CORE
@@ -20,6 +21,8 @@ from tests.archives import make_zip
 from tests.conftest import OriginFixture, S3OriginFixture
 from tests.http import post_json
 from tests.servers import Stack, eventually
+
+pytestmark = pytest.mark.slow  # most tests take over a second
 
 FILES = {f"lib/m{i}.bin": os.urandom(100_000) for i in range(30)}  # ~3 MB compressed
 

@@ -173,6 +173,7 @@ async def test_unpacking_never_waits_for_the_default_thread_pool(
         release.set()
 
 
+@pytest.mark.slow
 def test_a_worker_does_not_run_the_agents_main_module_again(tmp_path: Path) -> None:
     """multiprocessing re-runs ``__main__`` in a spawned child; ours must not (an
     unguarded script would start unpacking again inside the worker)."""

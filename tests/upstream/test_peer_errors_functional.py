@@ -65,6 +65,7 @@ async def test_a_peer_error_that_is_not_our_json_is_quoted_as_text() -> None:
     assert text == f"GET {peer}/blob/{digest_of(data).short}: answered 500 broken peer"
 
 
+@pytest.mark.slow
 async def test_the_agent_log_says_why_a_peer_whose_origin_is_broken_answered_502(
     s3_origin: OriginFixture, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import boto3
 import botocore.exceptions
+import pytest
 from aiohttp import web
 
 from cachesvc.digest import Digest
@@ -36,6 +37,8 @@ from tests.clock import Clock
 from tests.conftest import SEAWEED_BUCKET, OriginFixture
 from tests.http import fetch, get_json
 from tests.servers import Stack, eventually, free_port, start_server
+
+pytestmark = pytest.mark.slow  # real cachesvc processes and SeaweedFS
 
 WRONG = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
 REFUSED = "origin refused: SignatureDoesNotMatch: The request signature we calculated"

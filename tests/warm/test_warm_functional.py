@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cachesvc.digest import Digest
 from cachesvc.publish.upload import publish
 from cachesvc.serve.service import CORE
@@ -17,6 +19,8 @@ from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.http import get, head, request
 from tests.servers import Stack, eventually, metric, metrics_of, payload
+
+pytestmark = pytest.mark.slow  # most tests take over a second
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
