@@ -1,7 +1,7 @@
-"""HTTP calls for the tests, one set: ``request`` (any method, JSON or raw body,
-a bearer token, a timeout), ``get``, ``get_json``, ``post_json`` and ``head`` as a test
-reads a response, and ``fetch``, a package GET as a runtime sees it (a body cut short is None,
-retried as a runtime would).
+"""HTTP calls for the tests, one set: ``request`` (any method, a JSON or raw
+body, a bearer token, a timeout); ``get``, ``get_json``, ``post_json`` and
+``head`` as a test reads a response; and ``fetch``, a package GET as a
+runtime sees it (a body cut short is None; retried as a runtime would).
 
 Bodies are never decompressed (``auto_decompress=False``): a test sees the
 bytes on the wire. Header names are case-insensitive.
@@ -27,11 +27,6 @@ class Reply(NamedTuple):
     status: int
     headers: CIMultiDict[str]  # a copy: a test may pop what differs (Date)
     body: bytes
-
-    @property
-    def tier(self) -> str:
-        """The tier that served it ("" when the answer names none)."""
-        return self.headers.get(TIER, "")
 
     def json(self) -> Any:
         """The body as JSON, whatever the Content-Type says."""

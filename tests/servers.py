@@ -16,16 +16,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
-from cachesvc.serve.fastpath import HitProtocol
 from loadtest.origin_proxy import S3Proxy as S3Proxy  # re-exported: the tests' S3 proxy
 from loadtest.origin_proxy import start_server as start_server
 from tests.http import get
+
+if TYPE_CHECKING:
+    from cachesvc.serve.fastpath import HitProtocol
 
 T = TypeVar("T")
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import boto3
 import pytest
 
@@ -269,7 +270,7 @@ class Fleet:
             assert proc.poll() is None, f"{pod.name} exited:\n{self.log(pod.name)}"
             try:
                 return asyncio.run(request("GET", f"{pod.url}/readyz", timeout=1.0)).status == 200
-            except OSError:
+            except (OSError, aiohttp.ClientError):  # not listening yet, or hung up while starting
                 return False
 
         eventually_sync(ready, f"{pod.name} ready\n{self.log(pod.name)}", timeout=WITHIN)

@@ -140,11 +140,8 @@ async def test_the_operator_api_needs_the_right_token(
     for token in (None, "wrong"):
         for method, path in (("POST", "/warm"), ("GET", "/warm/abc"), ("POST", "/warm/unpin")):
             reply = await request(method, agent + path, json={"tenant": "t"}, token=token)
-            assert (reply.status, reply.json()["error"]) == (401, "unauthorized"), (
-                method,
-                path,
-                token,
-            )
+            refused = (reply.status, reply.json()["error"])
+            assert refused == (401, "unauthorized"), (method, path, token)
 
     open_agent = await stack.start_agent(peers=[])
     reply = await request("POST", f"{open_agent}/warm", json={"tenant": "t"}, token=TOKEN)
