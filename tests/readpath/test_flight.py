@@ -242,7 +242,7 @@ async def test_a_follower_gets_a_range_and_the_last_byte_only_after_the_verdict(
     while len(got) < len(data) - 101:
         got += span_bytes(await anext(spans))
     last = asyncio.ensure_future(anext(spans))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a wrongly released last span to arrive in
     assert not last.done()  # held back: no verdict yet
     gate.set()
     got += span_bytes(await last)
