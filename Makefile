@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test lint bench fuzz clean
+.PHONY: up test test-quick lint bench fuzz clean
 
 $(BIN)/cachesvc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,18 @@ up: $(BIN)/cachesvc
 	$(BIN)/cachesvc up
 
 ## make test: install, then run the linter, the type checker (mypy --strict on
-## cachesvc, node_agent, loadtest, sim and bench, see pyproject.toml) and the whole test suite
+## cachesvc, node_agent, tests, loadtest, sim and bench, see pyproject.toml) and the whole test suite
 test: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+## make test-quick: the linter and every test not marked slow (under a minute here);
+## the slow ones start processes or run for seconds: `make test` runs them (CI does)
+test-quick: $(BIN)/cachesvc
+	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
+	$(BIN)/python -m pytest -m "not slow"
 
 ## make fuzz: the long fuzz of unpacking, in rounds until FUZZ_MINUTES (default 30) are
 ## up or a round fails (niced; failures are kept in .hypothesis/ and replayed first)

@@ -252,6 +252,7 @@ def test_the_api_reference_names_every_metric() -> None:
 # --- what deploy/README.md quotes -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_ring_reshuffle_table_is_what_the_real_ring_does() -> None:
     rows = all_moves()
     assert all(m.only_allowed for m in rows)  # consistent hashing: nothing else moved

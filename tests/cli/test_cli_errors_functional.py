@@ -14,6 +14,8 @@ import pytest
 
 from tests.servers import free_port
 
+pytestmark = pytest.mark.slow  # a real cachesvc process per test
+
 PEERS_FORMS = "use http://HOST:PORT,... or dns+http://NAME:PORT"
 
 

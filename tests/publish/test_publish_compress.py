@@ -15,7 +15,7 @@ import pytest
 
 from cachesvc.publish import repack
 from cachesvc.unpack import codec
-from tests.publish.test_repack import python_like_zip
+from tests.archives import python_like_zip
 
 
 def skewed(size: int, seed: int = 5) -> bytes:
@@ -96,6 +96,7 @@ def publish(tmp_path: Path, package: Path, *flags: str) -> subprocess.CompletedP
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_publish_uploads_random_bytes_as_they_are_and_says_why(tmp_path: Path) -> None:
     package = tmp_path / "model.bin"
     package.write_bytes(os.urandom(1 << 20))
@@ -107,6 +108,7 @@ def test_publish_uploads_random_bytes_as_they_are_and_says_why(tmp_path: Path) -
     assert out.stdout.strip() == "sha256:" + hashlib.sha256(package.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_publish_takes_the_chosen_level_and_refuses_one_out_of_range(tmp_path: Path) -> None:
     package = python_like_zip(tmp_path / "fn.zip")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cachesvc.errors import DigestMismatch, Overloaded, UpstreamError
-from cachesvc.readpath.flight import Flight, Flights, Follower
+from cachesvc.readpath.flight import Fill, Flight, Flights, Follower
 from cachesvc.readpath.package import FileSpan, Span
 from cachesvc.store.castore import Store
 from cachesvc.tier import Tier
@@ -42,7 +42,7 @@ async def read_all(flight: Flight) -> bytes:
     return await read_follower(flight.follow())
 
 
-def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None, claim=None):
+def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None) -> Fill:
     async def fill(flight: Flight) -> None:
         calls.append(1)
         await flight.begin(len(data), Tier.ORIGIN)
@@ -243,7 +243,7 @@ async def test_a_follower_gets_a_range_and_the_last_byte_only_after_the_verdict(
     while len(got) < len(data) - 101:
         got += span_bytes(await anext(spans))
     last = asyncio.ensure_future(anext(spans))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a wrongly released last span to arrive in
     assert not last.done()  # held back: no verdict yet
     gate.set()
     got += span_bytes(await last)
@@ -282,7 +282,7 @@ async def test_a_fill_that_breaks_off_fails_the_followers_waiting_for_more(
     gate = asyncio.Event()
 
     async def breaks_off(flight: Flight) -> None:
-        await flight.begin(len(data), "ORIGIN")
+        await flight.begin(len(data), Tier.ORIGIN)
         await flight.feed(data[: 2**20])  # one batch: written at once, nothing pending
         await gate.wait()
         raise UpstreamError("the source broke off")
@@ -315,7 +315,7 @@ async def test_a_relay_flight_is_joined_while_it_still_holds_its_first_bytes(
     assert flights.get(digest_of(data)) is flight
     second = flight.follow()
     gate.set()
-    assert await asyncio.gather(read_follower(first), read_follower(second)) == [data, data]
+    assert list(await asyncio.gather(read_follower(first), read_follower(second))) == [data, data]
     assert calls == [1]
     await flights.close()
     await store.close()

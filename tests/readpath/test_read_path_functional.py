@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from cachesvc.digest import Digest
 from cachesvc.serve.service import CORE
 from cachesvc.upstream.ring import Ring
-from tests.conftest import OriginFixture
+from tests.conftest import OriginFixture, S3OriginFixture
+from tests.http import Reply, get, head
 from tests.servers import (
     Stack,
     digest_of,
@@ -27,25 +31,19 @@ from tests.servers import (
     store_files,
 )
 
+pytestmark = pytest.mark.slow  # most tests take over a second
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 MiB = 1 << 20
 
 
-async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers) as r:
-        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
-
-
-async def head(url: str, **headers: str) -> tuple[int, dict[str, str]]:
-    async with aiohttp.ClientSession() as s, s.head(url, headers=headers) as r:
-        return r.status, {k.lower(): v for k, v in r.headers.items()}
-
-
-async def settled(url: str) -> dict:
+async def settled(url: str) -> dict[str, Any]:
     """/stats once no fetch is running (a response ends before its fsync)."""
 
-    async def idle() -> dict | None:
-        async with aiohttp.ClientSession() as s, s.get(f"{url}/stats") as r:
-            stats = await r.json()
+    async def idle() -> dict[str, Any] | None:
+        stats: dict[str, Any] = (await get(f"{url}/stats")).json()
         return stats if stats["inflight_fetches"] == 0 else None
 
     return await eventually(idle, f"{url} done fetching")
@@ -55,7 +53,7 @@ async def settled(url: str) -> dict:
 
 
 async def test_first_get_comes_from_l2_then_l1_on_every_origin(
-    origin: OriginFixture, tmp_path
+    origin: OriginFixture, tmp_path: Path
 ) -> None:
     stack = Stack(origin.url, origin.endpoint, tmp_path / "stack")
     try:
@@ -77,7 +75,7 @@ async def test_first_get_comes_from_l2_then_l1_on_every_origin(
         await stack.close()
 
 
-async def test_a_second_agent_gets_l2_not_origin(stack: Stack, s3_origin: OriginFixture) -> None:
+async def test_a_second_agent_gets_l2_not_origin(stack: Stack, s3_origin: S3OriginFixture) -> None:
     await stack.start_peers(3)
     a1, a2 = await stack.start_agent(), await stack.start_agent()
     data = payload(2 * MiB, seed=2)
@@ -92,7 +90,9 @@ async def test_a_second_agent_gets_l2_not_origin(stack: Stack, s3_origin: Origin
     assert metric(peer_text, "cachesvc_requests_total", tier="L2") == 1  # the owner's hit
 
 
-async def test_agent_without_peers_reads_the_origin(stack: Stack, s3_origin) -> None:
+async def test_agent_without_peers_reads_the_origin(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
     agent = await stack.start_agent(peers=[])
     data = payload(MiB, seed=3)
     digest = await s3_origin.put(data)
@@ -101,7 +101,7 @@ async def test_agent_without_peers_reads_the_origin(stack: Stack, s3_origin) -> 
 
 
 async def test_100_concurrent_cold_gets_over_two_agents_cost_one_origin_get(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     await stack.start_peers(3)
     agents = [await stack.start_agent(), await stack.start_agent()]
@@ -127,13 +127,13 @@ async def test_100_concurrent_cold_gets_over_two_agents_cost_one_origin_get(
 # -- HTTP semantics -------------------------------------------------------------------
 
 
-async def test_range_head_and_304(stack: Stack, s3_origin: OriginFixture) -> None:
+async def test_range_head_and_304(stack: Stack, s3_origin: S3OriginFixture) -> None:
     await stack.start_peers(1)
     agent = await stack.start_agent()
     data = payload(100_000, seed=5)
     digest = await s3_origin.put(data)
 
-    status, headers = await head(f"{agent}/pkg/{digest}")
+    status, headers, _ = await head(f"{agent}/pkg/{digest}")
     assert status == 200 and headers["content-length"] == str(len(data))
     assert headers["x-cache-tier"] == "L2"
     assert s3_origin.origin_gets(digest) == 0  # HEAD downloads nothing
@@ -150,7 +150,7 @@ async def test_range_head_and_304(stack: Stack, s3_origin: OriginFixture) -> Non
 
     status, headers, body = await get(f"{agent}/pkg/{digest}", **{"If-None-Match": f'"{digest}"'})
     assert status == 304 and body == b"" and headers["etag"] == f'"{digest}"'
-    status, headers = await head(f"{agent}/pkg/{digest}")
+    status, headers, _ = await head(f"{agent}/pkg/{digest}")
     assert headers["x-cache-tier"] == "L1"
 
 
@@ -170,15 +170,14 @@ async def test_range_head_and_304(stack: Stack, s3_origin: OriginFixture) -> Non
 )
 async def test_invalid_digests_get_400_invalid_digest(stack: Stack, path: str) -> None:
     agent = await stack.start_agent(peers=[])
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(aiohttp.client.URL(agent + path, encoded=True)) as r,
-    ):
-        assert r.status == 400
-        assert (await r.json())["error"] == "invalid_digest"
+    reply = await get(URL(agent + path, encoded=True))
+    assert reply.status == 400
+    assert reply.json()["error"] == "invalid_digest"
 
 
-async def test_unknown_digest_is_404_and_negative_cached(stack: Stack, s3_origin) -> None:
+async def test_unknown_digest_is_404_and_negative_cached(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
     await stack.start_peers(2)
     agent = await stack.start_agent()
     missing = Digest("0" * 64)
@@ -206,7 +205,7 @@ async def test_a_head_the_origin_answers_404_is_negative_cached_for_the_get_afte
 
 @pytest.mark.parametrize("mode", ["corrupt", "truncate"])
 async def test_bad_origin_bytes_are_refused_and_not_kept(
-    stack: Stack, s3_origin: OriginFixture, mode: str
+    stack: Stack, s3_origin: S3OriginFixture, mode: str
 ) -> None:
     peer = (await stack.start_peers(1))[0]
     agent = await stack.start_agent()
@@ -234,7 +233,7 @@ async def test_bad_origin_bytes_are_refused_and_not_kept(
 
 
 async def test_a_peer_sending_wrong_bytes_is_refused_and_the_next_source_serves(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     data = payload(MiB, seed=7)
     digest = await s3_origin.put(data)
@@ -246,7 +245,7 @@ async def test_a_peer_sending_wrong_bytes_is_refused_and_the_next_source_serves(
         text = await metrics_of(agent)
         assert metric(text, "cachesvc_digest_mismatch_total") == 1
 
-        async def served() -> tuple[int, dict[str, str], bytes] | None:
+        async def served() -> Reply | None:
             answer = await get(f"{agent}/pkg/{digest}")
             return answer if answer[0] == 200 else None
 
@@ -346,7 +345,9 @@ async def test_a_resumed_source_that_claims_another_size_is_not_used(
 # -- failures -------------------------------------------------------------------------
 
 
-async def test_dead_owner_fails_over_to_the_next_peer(stack: Stack, s3_origin) -> None:
+async def test_dead_owner_fails_over_to_the_next_peer(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
     peers = await stack.start_peers(3)
     agent = await stack.start_agent()
     data = payload(MiB, seed=8)
@@ -361,7 +362,9 @@ async def test_dead_owner_fails_over_to_the_next_peer(stack: Stack, s3_origin) -
     assert owner.encode() in stats.split(b'"peers_down"')[1]
 
 
-async def test_all_peers_down_falls_back_to_the_origin(stack: Stack, s3_origin) -> None:
+async def test_all_peers_down_falls_back_to_the_origin(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
     peers = await stack.start_peers(2)
     agent = await stack.start_agent()
     for p in peers:
@@ -373,7 +376,7 @@ async def test_all_peers_down_falls_back_to_the_origin(stack: Stack, s3_origin) 
 
 
 async def test_peers_marked_down_by_an_origin_blip_still_coalesce_the_az_on_the_owner(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     """While the origin is down every peer answers 502, so each agent marks
     them all down. Right after, the agents must still go through the owner
@@ -397,7 +400,9 @@ async def test_peers_marked_down_by_an_origin_blip_still_coalesce_the_az_on_the_
     assert s3_origin.origin_gets(digest) - before == 1
 
 
-async def test_a_hanging_peer_costs_a_bounded_wait(stack: Stack, s3_origin) -> None:
+async def test_a_hanging_peer_costs_a_bounded_wait(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
     runner, hung = await start_fake_peer("hang", {})
     try:
         agent = await stack.start_agent(peers=[hung], origin_timeout=1.0)
@@ -410,7 +415,7 @@ async def test_a_hanging_peer_costs_a_bounded_wait(stack: Stack, s3_origin) -> N
 
 
 async def test_origin_outage_serves_cached_and_fails_uncached_fast(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     await stack.start_peers(1)
     agent = await stack.start_agent()
@@ -428,7 +433,7 @@ async def test_origin_outage_serves_cached_and_fails_uncached_fast(
     assert loop.time() - start < 10  # fails, does not hang
 
 
-async def test_restart_keeps_the_cache(stack: Stack, s3_origin: OriginFixture) -> None:
+async def test_restart_keeps_the_cache(stack: Stack, s3_origin: S3OriginFixture) -> None:
     agent = await stack.start_agent(peers=[])
     data = payload(MiB, seed=13)
     digest = await s3_origin.put(data)
@@ -439,7 +444,9 @@ async def test_restart_keeps_the_cache(stack: Stack, s3_origin: OriginFixture) -
     assert (status, headers["x-cache-tier"], body) == (200, "L1", data)
 
 
-async def test_eviction_keeps_the_store_within_its_cap(stack: Stack, s3_origin) -> None:
+async def test_eviction_keeps_the_store_within_its_cap(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
     agent = await stack.start_agent(peers=[], cache_size=5 * MiB)
     digests = [await s3_origin.put(payload(MiB, seed=100 + i)) for i in range(12)]
     for d in digests:
@@ -453,7 +460,9 @@ async def test_eviction_keeps_the_store_within_its_cap(stack: Stack, s3_origin) 
     assert len(blobs) == stats["entries"]
 
 
-async def test_peer_token_is_required_when_set(stack: Stack, s3_origin, monkeypatch) -> None:
+async def test_peer_token_is_required_when_set(
+    stack: Stack, s3_origin: S3OriginFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     peers = await stack.start_peers(1, peer_token="s3cret")
     digest = await s3_origin.put(b"x" * 100)
     status, _, body = await get(f"{peers[0]}/blob/{digest}")
@@ -482,7 +491,7 @@ def test_payload_digest_helper_is_sha256() -> None:
 
 
 async def test_a_package_larger_than_the_cache_streams_through_unkept(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[], cache_size=MiB)
     data = payload(6 * MiB, seed=20)
@@ -495,7 +504,7 @@ async def test_a_package_larger_than_the_cache_streams_through_unkept(
 
 
 async def test_a_disk_that_fills_mid_download_still_serves_the_request(
-    stack: Stack, s3_origin: OriginFixture, monkeypatch
+    stack: Stack, s3_origin: S3OriginFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
     import os
@@ -506,11 +515,11 @@ async def test_a_disk_that_fills_mid_download_still_serves_the_request(
     real = os.pwrite
     writes = {"n": 0}
 
-    def fills_up(fd: int, buf: object, offset: int) -> int:
+    def fills_up(fd: int, buf: ReadableBuffer, offset: int) -> int:
         writes["n"] += 1
         if writes["n"] > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, buf, offset)  # type: ignore[arg-type]
+        return real(fd, buf, offset)
 
     monkeypatch.setattr("cachesvc.store.castore.os.pwrite", fills_up)
     status, headers, body = await get(f"{agent}/pkg/{digest}")
@@ -524,7 +533,7 @@ async def test_a_disk_that_fills_mid_download_still_serves_the_request(
 
 
 async def test_too_many_fetches_are_shed_with_503_and_retry_after(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[], max_fetches=1, max_queued=1)
     digests = [await s3_origin.put(payload(1000, seed=30 + i)) for i in range(3)]
@@ -537,7 +546,7 @@ async def test_too_many_fetches_are_shed_with_503_and_retry_after(
 
 
 async def test_a_slow_owner_is_waited_for_never_bypassed_to_the_origin(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     await stack.start_peers(2)
     agent = await stack.start_agent(peer_read_timeout=0.5)
@@ -550,7 +559,7 @@ async def test_a_slow_owner_is_waited_for_never_bypassed_to_the_origin(
 
 
 async def test_agents_that_disagree_about_the_ring_still_get_one_answer_each(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     peers = await stack.start_peers(3)
     agents = [await stack.start_agent(peers=peers[:2]), await stack.start_agent(peers=peers[1:])]

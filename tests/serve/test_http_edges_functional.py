@@ -15,14 +15,10 @@ import pytest
 from cachesvc.digest import Digest
 from cachesvc.serve.service import CORE
 from tests.conftest import OriginFixture
+from tests.http import get
 from tests.servers import Stack, eventually, metric, metrics_of
 
 MiB = 1 << 20
-
-
-async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
-        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
 
 
 @pytest.mark.parametrize("first", [0, 10 * MiB])
@@ -70,7 +66,7 @@ async def test_clients_leaving_mid_hit_are_not_errors(
         await reader.read(1000)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         writer.close()
-    await asyncio.sleep(0.5)
+    await file_stack.stop(agent)  # every handler has finished: whatever it logs is in
     errors = [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
 

@@ -6,27 +6,21 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import aiohttp
+import pytest
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
-from tests.conftest import OriginFixture
+from tests.conftest import OriginFixture, S3OriginFixture
+from tests.http import fetch
 from tests.servers import Stack, eventually, flip_byte, metric, metrics_of, payload
+
+pytestmark = pytest.mark.slow  # every test takes over a second
 
 MiB = 1 << 20
 
 
 def blob_path(settings: Settings, digest: Digest) -> Path:
     return settings.cache_dir / "blobs" / "sha256" / digest.hex
-
-
-async def fetch(url: str, **headers: str) -> tuple[int, str, bytes | None]:
-    """(status, tier, body); body None when the connection was cut short."""
-    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers) as r:
-        try:
-            return r.status, r.headers.get("X-Cache-Tier", ""), await r.read()
-        except aiohttp.ClientPayloadError:
-            return r.status, r.headers.get("X-Cache-Tier", ""), None
 
 
 async def agent_with_one_package(
@@ -40,7 +34,7 @@ async def agent_with_one_package(
 
 
 async def test_a_byte_flipped_while_stopped_is_never_served_and_is_refetched(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent, digest, data = await agent_with_one_package(stack, s3_origin, 4 * MiB)
     await stack.restart(agent, lambda s: flip_byte(blob_path(s, digest), 3 * MiB))
@@ -58,7 +52,7 @@ async def test_a_byte_flipped_while_stopped_is_never_served_and_is_refetched(
 
 
 async def test_a_byte_flipped_in_the_last_block_is_caught_before_a_small_range_is_answered(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     # a scrub this slow never reaches a verdict: the first serve finds the rot
     agent, digest, data = await agent_with_one_package(stack, s3_origin, 2 * MiB + 7, scrub_rate=1)
@@ -73,7 +67,7 @@ async def test_a_byte_flipped_in_the_last_block_is_caught_before_a_small_range_i
 
 
 async def test_good_entries_after_a_restart_are_served_from_l1_to_concurrent_readers(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent, digest, data = await agent_with_one_package(stack, s3_origin, 3 * MiB)
     await stack.restart(agent)

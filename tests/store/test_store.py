@@ -7,35 +7,23 @@ import errno
 import os
 import stat
 import threading
-import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from cachesvc.digest import Digest
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
 from cachesvc.store.castore import Store, StoreFull
 from cachesvc.store.ingest import MIN_BATCH, Ingest
-from tests.servers import digest_of, flip_byte, payload, store_files
+from tests.servers import digest_of, eventually, flip_byte, payload, store_files
+from tests.stores import put, writable
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 KiB = 1024
-
-
-def writable(path: Path) -> Path:
-    """Blobs are read-only (0444); root ignores that, but a test must not rely on it."""
-    path.chmod(0o644)
-    return path
-
-
-async def put(store: Store, data: bytes, digest: Digest | None = None) -> None:
-    ingest = await store.begin(digest or digest_of(data), len(data))
-    try:
-        for i in range(0, len(data), 100 * KiB):
-            await ingest.write(data[i : i + 100 * KiB])
-        await store.commit(await ingest.verify())
-    finally:
-        await ingest.close()
 
 
 async def test_ingest_verifies_then_commits_and_serves_an_open_handle(tmp_path: Path) -> None:
@@ -65,9 +53,11 @@ async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
     """A client that leaves at once: close() while the first batch's thread is
     still creating the temp file (a slow open) removes it and closes its fd."""
     create = Ingest._create
+    in_open, done = threading.Event(), threading.Event()
 
-    def slow_create(self: Ingest) -> None:
-        time.sleep(0.05)
+    def slow_create(self: Ingest) -> None:  # an open that lasts until the test says
+        in_open.set()
+        assert done.wait(30), "the test never let the open finish"
         create(self)
 
     monkeypatch.setattr(Ingest, "_create", slow_create)
@@ -76,8 +66,11 @@ async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
     fds_before = len(os.listdir("/proc/self/fd"))
     ingest = await store.begin(digest_of(data), len(data) * 2)
     await ingest.write(data)  # the batch starts in a thread ...
-    await asyncio.sleep(0.01)  # (which is in the open now)
-    await ingest.close()  # ... and close races it
+    await eventually(in_open.is_set, "the first batch's thread in the open")
+    closing = asyncio.ensure_future(ingest.close())  # ... and close races it:
+    await asyncio.sleep(0)  # one turn of the loop: close now waits for the thread
+    done.set()
+    await closing
     assert store_files(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     await store.close()
@@ -116,17 +109,19 @@ async def test_a_package_larger_than_the_store_raises_store_full(tmp_path: Path)
     await store.close()
 
 
-async def test_enospc_mid_write_spills_but_still_verifies(tmp_path: Path, monkeypatch) -> None:
+async def test_enospc_mid_write_spills_but_still_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = await Store.open(tmp_path, 10 * 2**20)
     data = payload(3 * 2**20)
     real = os.pwrite
     calls = {"n": 0}
 
-    def flaky(fd: int, buf: object, offset: int) -> int:
+    def flaky(fd: int, buf: ReadableBuffer, offset: int) -> int:
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, buf, offset)  # type: ignore[arg-type]
+        return real(fd, buf, offset)
 
     monkeypatch.setattr("cachesvc.store.castore.os.pwrite", flaky)
     ingest = await store.begin(digest_of(data), len(data))
@@ -415,7 +410,7 @@ class LoopOnly(OrderedDict[str, int]):
     its keys with every request: a thread iterating it would meet "mutated
     during iteration")."""
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         assert threading.current_thread() is threading.main_thread(), "LRU read off the loop"
         return super().__iter__()
 
@@ -427,7 +422,7 @@ async def test_access_order_and_pins_are_flushed_without_reading_the_lru_off_the
     packages = [payload(1000, seed=i) for i in range(3)]
     for data in packages:
         await put(store, data)
-    store._lru = LoopOnly(store._lru)  # type: ignore[assignment]
+    store._lru = LoopOnly(store._lru)
     first = digest_of(packages[0])
     blob = await store.lease(first)
     assert blob is not None

@@ -17,9 +17,9 @@ from cachesvc.errors import CachesvcError
 from cachesvc.unpack.codec import Limits
 from cachesvc.unpack.worker import Budget, Workers
 from tests import hostile
+from tests.archives import tar_of
 from tests.servers import eventually
-from tests.unpack.test_unpack import tar_of
-from tests.unpack.test_unpack_worker import job, running_pid
+from tests.workers import job, running_pid
 
 REPO = Path(__file__).resolve().parents[2]
 
