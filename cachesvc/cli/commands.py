@@ -13,7 +13,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -21,6 +21,9 @@ from cachesvc.config import add_flag, check_dir, parse_port
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError
 from cachesvc.upstream.membership import parse_base_url, peer_list
+
+if TYPE_CHECKING:
+    from cachesvc.unpack.index import IndexRef
 
 
 def add_client_commands(sub: Any) -> None:
@@ -52,6 +55,12 @@ def add_client_commands(sub: Any) -> None:
         "--repack",
         action="store_true",
         help="turn a deflate zip into tar + one strong zstd layer when smaller",
+    )
+    pub.add_argument(
+        "--indexed",
+        action="store_true",
+        help="with --repack: write an indexed tar.zst (a frame per file, an index at the end; "
+        "docs/INDEXED.md) from a zip, a tar or a directory, and its index in the reference",
     )
     pub.add_argument(
         "--layer",
@@ -154,14 +163,14 @@ async def _publish(args: argparse.Namespace) -> int:
     origin = make_origin(args.origin, args.s3_endpoint)
     try:
         with tempfile.TemporaryDirectory(prefix="cachesvc-publish-") as tmp:
-            path = await asyncio.to_thread(_transform, args, Path(tmp))
+            path, index = await asyncio.to_thread(_transform, args, Path(tmp))
             digest, size, uploaded = await publish_blob(origin, path)
         done = "uploaded" if uploaded else "already in the origin"
         print(f"{digest} {size} bytes, {done}", file=sys.stderr)
         if args.warm and not await _prewarm(args.peers or "", [digest, *layers]):
             return _fail(f"warm of {digest} failed: reference {key or '-'} not written")
         if key is not None:
-            await write_reference(origin, key, digest, size, layers, args.calls)
+            await write_reference(origin, key, digest, size, layers, args.calls, index)
             print(f"reference {key} -> {digest}", file=sys.stderr)
     finally:
         await origin.close()
@@ -175,9 +184,16 @@ async def _prewarm(peers: str, digests: list[Digest]) -> bool:
     return await prewarm_published(peers, digests, 600)
 
 
-def _transform(args: argparse.Namespace, tmp: Path) -> Path:
-    """Apply --repack and --compress; returns the file to upload."""
+def _transform(args: argparse.Namespace, tmp: Path) -> tuple[Path, IndexRef | None]:
+    """Apply --repack [--indexed] and --compress; returns the file to upload and,
+    when indexed, its index (which no compression layer may then hide)."""
     path: Path = args.file
+    if args.indexed:
+        from cachesvc.publish.indexed import repack_indexed
+
+        indexed = repack_indexed(path, tmp / "indexed.tar.zst")
+        print(indexed.describe(), file=sys.stderr)
+        return tmp / "indexed.tar.zst", indexed.index
     if args.repack:
         from cachesvc.publish.repack import repack
 
@@ -194,7 +210,7 @@ def _transform(args: argparse.Namespace, tmp: Path) -> Path:
         layer = add_layer(path, out, args.compress, args.compress_level)
         print(layer.describe(), file=sys.stderr)
         path = out if layer.kept else path
-    return path
+    return path, None
 
 
 def _check_compress_flags(args: argparse.Namespace) -> None:
@@ -203,6 +219,8 @@ def _check_compress_flags(args: argparse.Namespace) -> None:
 
     if args.compress_level is not None and not args.compress:
         raise ValueError("--compress-level needs --compress")
+    if args.indexed and (not args.repack or args.compress):
+        raise ValueError("--indexed needs --repack, and no --compress (its frames are the layer)")
     if args.compress:
         check_level(args.compress, args.compress_level)
 
