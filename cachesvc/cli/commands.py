@@ -33,7 +33,9 @@ def add_client_commands(sub: Any) -> None:
         description="Upload FILE to blobs/sha256/<hex> (once) and write "
         "tenants/T/F/V.json; prints the digest.",
     )
-    pub.add_argument("file", type=Path, help="the package (zip, tar, possibly compressed)")
+    pub.add_argument(
+        "file", type=Path, help="the package (zip, tar, possibly compressed; a dir with --indexed)"
+    )
     add_flag(pub, "--tenant", "tenant name")
     add_flag(pub, "--function", "function name")
     add_flag(pub, "--version", "version name")
