@@ -272,7 +272,7 @@ class _Checker:
         return Index(self.chunk_size, self.data_size, tuple(map(self.entry, entries)))
 
     def entry(self, doc: object) -> Entry:
-        kind = _object(doc, "entry", None).get("type")
+        kind = str(_object(doc, "entry", None).get("type"))  # any JSON value, hashable now
         if kind in _LINKISH:
             raise UnsafeArchive(f"index entry of type {show(str(kind))}: links, devices and "
                                 "fifos are refused")  # fmt: skip

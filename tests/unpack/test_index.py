@@ -95,6 +95,11 @@ REFUSED: dict[str, tuple[Callable[[Doc], object], type[Exception], str]] = {
     "a symlink": (lambda d: file_entry(d).update(type="symlink"), UnsafeArchive, "links"),
     "a device": (lambda d: file_entry(d).update(type="char"), UnsafeArchive, "devices"),
     "an unknown type": (lambda d: file_entry(d).update(type="whiteout"), UnsupportedFormat, "type"),
+    "a type that is a list": (
+        lambda d: file_entry(d).update(type=["dir"]),
+        UnsupportedFormat,
+        "type",
+    ),
     "a setuid mode": (lambda d: file_entry(d).update(mode=0o4755), UnsupportedFormat, "mode"),
     "a writable dir": (lambda d: d["entries"][0].update(mode=0o777), UnsupportedFormat, "mode"),
     "a mode as a string": (

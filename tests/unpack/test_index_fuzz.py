@@ -34,6 +34,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -44,7 +45,7 @@ from cachesvc.unpack.index import FOOTER, Index, IndexRef, Kind
 from cachesvc.unpack.tree import member_parts
 from tests import mutants
 from tests.unpack.indexes import FILES, build, index_frame, parse_package, split, with_frame
-from tests.unpack.test_unpack_fuzz import budget
+from tests.unpack.test_unpack_fuzz import LONG, budget
 
 CONTRACT = (TooLarge, UnsafeArchive, UnsupportedFormat)
 PARSE_BOUND = 5.0
@@ -60,6 +61,8 @@ HOSTILE: list[object] = [
     [[0, 1, "0" * 64]], "cachesvc.index", 0o644, 0o755, 0o4755, 524288, 1_700_000_000,
 ]  # fmt: skip
 Seed = tuple[bytes, IndexRef, dict[str, bytes]]
+
+pytestmark = pytest.mark.timeout(0 if LONG else 300)
 
 
 @cache
