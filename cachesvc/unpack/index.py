@@ -65,6 +65,7 @@ FOOTER = struct.Struct("<II8sQQ")
 """The last 32 bytes: skippable magic, payload size 24, tag, index offset, index length."""
 SKIPPABLE = struct.Struct("<II")
 MAX_INDEX_FRAME = 16 * MiB
+"""The index frame's bytes, its skippable header included."""
 MAX_INDEX_JSON = 32 * MiB
 """About 120,000 entries of typical paths; the JSON of a bigger index is refused."""
 CHUNK_SIZES = (4 * KiB, 16 * MiB)
@@ -114,6 +115,12 @@ class IndexRef:
     digest: Digest
     size: int
 
+    def __post_init__(self) -> None:
+        if self.size > MAX_INDEX_FRAME:
+            raise TooLarge(f"an index frame of {self.size} bytes, over {MAX_INDEX_FRAME}")
+        if self.size <= SKIPPABLE.size:
+            raise UnsupportedFormat(f"an index frame of {self.size} bytes holds no index")
+
     @property
     def tail(self) -> int:
         """Bytes at the end of the package that hold the index frame and footer."""
@@ -153,7 +160,11 @@ def encode(index: Index, level: int = 19) -> bytes:
         "entries": [_entry_json(entry) for entry in index.entries],
     }
     text = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(text) > MAX_INDEX_JSON:
+        raise TooLarge(f"the index of {len(index.entries)} entries is over {MAX_INDEX_JSON} bytes")
     payload = compress_frame(text, level)
+    if len(payload) + SKIPPABLE.size > MAX_INDEX_FRAME:
+        raise TooLarge(f"the index of {len(index.entries)} entries is over {MAX_INDEX_FRAME} bytes")
     return SKIPPABLE.pack(INDEX_MAGIC, len(payload)) + payload
 
 
@@ -197,7 +208,7 @@ def read_footer(last: bytes, package_size: int) -> tuple[int, int]:
     magic, payload, tag, offset, length = FOOTER.unpack(last)
     if (magic, payload, tag) != (FOOTER_MAGIC, FOOTER.size - SKIPPABLE.size, FOOTER_TAG):
         raise UnsupportedFormat("not an indexed package: no index footer at its end")
-    if length > MAX_INDEX_FRAME + SKIPPABLE.size:
+    if length > MAX_INDEX_FRAME:
         raise TooLarge(f"index frame of {length} bytes, over {MAX_INDEX_FRAME}")
     if offset + length + FOOTER.size != package_size:
         raise UnsupportedFormat(f"index footer: frame at {offset}+{length} does not end "

@@ -15,7 +15,7 @@ import pytest
 from cachesvc.digest import Digest
 from cachesvc.errors import DigestMismatch, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack.codec import Limits
-from cachesvc.unpack.index import FOOTER, Index, IndexRef, Kind
+from cachesvc.unpack.index import FOOTER, MAX_INDEX_FRAME, SKIPPABLE, Index, IndexRef, Kind
 from tests.unpack.indexes import build, index_frame, parse_package, rejoin, split, with_frame
 
 Doc = dict[str, Any]
@@ -213,3 +213,11 @@ def test_an_index_frame_that_is_not_one_zstd_frame_is_refused(
     ]:
         with pytest.raises(UnsupportedFormat, match=rule):
             parse_package(*with_frame(data, bad))
+
+
+def test_an_index_ref_is_bounded_before_anything_is_fetched() -> None:
+    digest = Digest.parse("0" * 64)
+    with pytest.raises(TooLarge):
+        IndexRef(digest, MAX_INDEX_FRAME + 1)
+    with pytest.raises(UnsupportedFormat):
+        IndexRef(digest, SKIPPABLE.size)

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from cachesvc.errors import DigestMismatch, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack.chunks import Window, read_entry
 from cachesvc.unpack.codec import Limits
-from cachesvc.unpack.index import FOOTER, Index, IndexRef, Kind
+from cachesvc.unpack.index import FOOTER, SKIPPABLE, Index, IndexRef, Kind
 from cachesvc.unpack.tree import member_parts
 from tests import mutants
 from tests.unpack.indexes import FILES, build, index_frame, parse_package, split, with_frame
@@ -94,7 +94,7 @@ def edit(draw: st.DrawFn, doc: Any) -> None:
     key = where[-1]
     action = draw(st.sampled_from(["value", "value", "name", "drop", "copy", "add"]))
     if action == "value":
-        parent[key] = draw(st.sampled_from(HOSTILE))
+        parent[key] = copy.deepcopy(draw(st.sampled_from(HOSTILE)))  # the pool stays as it is
     elif action == "name":
         parent[key] = draw(mutants.names)
     elif action == "drop":
@@ -129,7 +129,8 @@ def cases(draw: st.DrawFn) -> tuple[str, bytes, IndexRef, dict[str, bytes]]:
     elif how == "text":
         package, ref = with_frame(data, index_frame(flip(draw, json.dumps(doc).encode())))
     elif how == "frame":
-        package, ref = with_frame(data, flip(draw, package[len(data) : -FOOTER.size]))
+        frame = flip(draw, package[len(data) : -FOOTER.size])
+        package, ref = with_frame(data, frame.ljust(SKIPPABLE.size + 1, b"\x00"))
     elif how == "tail":
         package = flip(draw, package, max(0, len(package) - ref.tail))
     else:
