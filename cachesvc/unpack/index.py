@@ -18,7 +18,8 @@ beside the package digest): :func:`parse` compares it before decoding a byte.
 Guarantees of :func:`parse` (and :func:`load`):
 
 * **The digest first.** Bytes that do not hash to the trusted index digest
-  raise :class:`DigestMismatch` before they are decoded.
+  raise :class:`DigestMismatch` before they are decoded, and so does a tail
+  whose footer disagrees with the :class:`IndexRef` (wrong bytes from a tier).
 * **Bounded.** The index frame is at most :data:`MAX_INDEX_FRAME` bytes and
   decodes to at most :data:`MAX_INDEX_JSON`, read by ``json`` (never by hand);
   entries, unpacked bytes and the ratio are held to :class:`Limits` like an
@@ -191,10 +192,18 @@ def footer(index_offset: int, index_length: int) -> bytes:
 def load(tail: bytes, package_size: int, trusted: IndexRef, limits: Limits) -> Index:
     """The index of a package of ``package_size`` bytes whose last bytes are
     ``tail`` (at least ``trusted.tail`` of them): the footer locates the index
-    frame, which must be ``trusted`` (length and sha256) before it is parsed."""
+    frame, which must be ``trusted`` (length and sha256) before it is parsed.
+
+    Tail bytes that are not what ``trusted`` describes (short, no footer, a
+    footer that disagrees) are :class:`DigestMismatch`: wrong bytes from
+    whichever tier sent them. An index that hashes right but breaks a rule is
+    the package's fault: :class:`UnsupportedFormat` and the others."""
     if len(tail) < trusted.tail or package_size < len(tail):
         raise DigestMismatch(f"index tail: {len(tail)} bytes, need {trusted.tail}")
-    offset, length = read_footer(tail[-FOOTER.size :], package_size)
+    try:
+        offset, length = read_footer(tail[-FOOTER.size :], package_size)
+    except (UnsupportedFormat, TooLarge) as exc:
+        raise DigestMismatch(f"index {trusted.digest.short}: the tail is not its: {exc}") from exc
     if length != trusted.size:
         raise DigestMismatch(f"index {trusted.digest.short}: footer says {length} bytes, "
                              f"the reference {trusted.size}")  # fmt: skip

@@ -15,7 +15,15 @@ import pytest
 from cachesvc.digest import Digest
 from cachesvc.errors import DigestMismatch, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack.codec import Limits
-from cachesvc.unpack.index import FOOTER, MAX_INDEX_FRAME, SKIPPABLE, Index, IndexRef, Kind
+from cachesvc.unpack.index import (
+    FOOTER,
+    MAX_INDEX_FRAME,
+    SKIPPABLE,
+    Index,
+    IndexRef,
+    Kind,
+    read_footer,
+)
 from tests.unpack.indexes import build, index_frame, parse_package, rejoin, split, with_frame
 
 Doc = dict[str, Any]
@@ -71,10 +79,23 @@ def test_a_tail_shorter_than_the_reference_says_is_refused(
         parse_package(data[-ref.size :], ref)  # the whole package is shorter than its tail
 
 
-def test_a_package_without_the_footer_is_not_indexed(package: tuple[bytes, IndexRef]) -> None:
+def test_a_tail_without_the_footer_is_wrong_bytes_for_a_reader_that_holds_an_index_ref(
+    package: tuple[bytes, IndexRef],
+) -> None:
     data, ref = package
-    with pytest.raises(UnsupportedFormat, match="not an indexed package"):
+    with pytest.raises(DigestMismatch, match="not an indexed package"):
         parse_package(data[: -FOOTER.size] + bytes(FOOTER.size), ref)
+
+
+def test_a_footer_is_read_strictly(package: tuple[bytes, IndexRef]) -> None:
+    data, ref = package
+    assert read_footer(data[-FOOTER.size :], len(data)) == (len(data) - ref.tail, ref.size)
+    with pytest.raises(UnsupportedFormat, match="not an indexed package"):
+        read_footer(bytes(FOOTER.size), len(data))
+    with pytest.raises(UnsupportedFormat, match="does not end"):
+        read_footer(data[-FOOTER.size :], len(data) + 1)
+    with pytest.raises(UnsupportedFormat, match="bytes, not 32"):
+        read_footer(data[-10:], len(data))
 
 
 def set_path(value: object) -> Callable[[Doc], None]:
