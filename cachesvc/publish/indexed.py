@@ -133,6 +133,8 @@ def _walk(root: Path, limits: Limits) -> list[_Member]:
                     pending.append(member.path)
         if len(found) > limits.max_files:
             raise TooLarge(f"{root} has over {limits.max_files} entries")
+    if sum(member.size for member in found) > limits.max_unpacked_size:
+        raise TooLarge(f"{root} holds over {limits.max_unpacked_size} bytes")
     if not any(member.kind is Kind.FILE for member in found):
         raise UnsupportedFormat(f"{root}: no files to pack")
     return sorted(found, key=lambda member: member.order)

@@ -18,7 +18,7 @@ import zstandard
 
 from cachesvc.cli.main import main
 from cachesvc.digest import Digest
-from cachesvc.errors import UnsafeArchive, UnsupportedFormat
+from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.publish.indexed import CHUNK_SIZE, repack_indexed
 from cachesvc.unpack import codec
 from cachesvc.unpack.chunks import LocalPackage, read_entry, read_index
@@ -159,6 +159,16 @@ def test_an_archive_with_a_dotdot_member_is_refused_by_unpacks_rule(tmp_path: Pa
     with pytest.raises(UnsafeArchive, match=r"'\.\.'"):
         repack_indexed(zip_of(tmp_path / "bad.zip", {"a/../../x": b"x"}), tmp_path / "o")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
+def test_a_tree_over_unpacks_limits_is_refused_as_no_reader_would_take_it(
+    tmp_path: Path,
+) -> None:
+    source = write_tree(tmp_path / "src", FILES)
+    with pytest.raises(TooLarge, match="entries"):
+        repack_indexed(source, tmp_path / "a.tar.zst", limits=Limits(max_files=3))
+    with pytest.raises(TooLarge, match="bytes"):
+        repack_indexed(source, tmp_path / "b.tar.zst", limits=Limits(max_unpacked_size=1000))
 
 
 def test_a_tree_without_files_is_refused(tmp_path: Path) -> None:
