@@ -14,8 +14,9 @@ Guarantees:
   yields verified chunks and holds back the last one until the whole file's
   sha256 also checks. Bytes that are short, do not decode or hash wrong raise
   :class:`DigestMismatch`: they are wrong bytes, whatever tier sent them.
-* **Bounded.** A read decodes at most one chunk (the index's chunk size,
-  512 KiB from our writer) at a time; :func:`read_entry` holds one file.
+* **Bounded.** A read decodes one chunk (the index's chunk size, 512 KiB
+  from our writer) at a time; :func:`read_range` holds the chunks a range
+  covers, :func:`read_entry` one file.
 
 Blocking (reads, decoding, hashing): call from a thread.
 """
@@ -126,6 +127,22 @@ def iter_entry(entry: Entry, source: Source) -> Iterator[bytes]:
     compare(entry.sha256, whole, show(entry.path))
     if held:
         yield held
+
+
+def read_range(entry: Entry, offset: int, size: int, source: Source) -> bytes:
+    """Up to ``size`` bytes of ``entry`` (a file) from ``offset``, as a ``read``
+    of a mounted file asks: only the chunks that cover them are read, each
+    verified whole before any byte of it is returned. Past the end: fewer or none."""
+    if offset < 0 or size < 0:
+        raise ValueError(f"a read of {size} bytes at {offset}")
+    end = min(offset + size, entry.size)
+    if not entry.chunks or offset >= end:
+        return b""
+    chunk_size = entry.chunks[0].size if len(entry.chunks) > 1 else entry.size
+    first, last = offset // chunk_size, (end - 1) // chunk_size
+    data = b"".join(read_chunk(entry, number, source) for number in range(first, last + 1))
+    skip = offset - entry.chunks[first].start
+    return data[skip : skip + end - offset]
 
 
 def read_entry(entry: Entry, source: Source) -> bytes:

@@ -11,7 +11,14 @@ import pytest
 import zstandard
 
 from cachesvc.errors import DigestMismatch, UnsupportedFormat
-from cachesvc.unpack.chunks import LocalPackage, Window, iter_entry, read_chunk, read_entry
+from cachesvc.unpack.chunks import (
+    LocalPackage,
+    Window,
+    iter_entry,
+    read_chunk,
+    read_entry,
+    read_range,
+)
 from cachesvc.unpack.frames import compress_frame, decode_frame
 from cachesvc.unpack.index import Entry, Index, IndexRef
 from tests.unpack.indexes import FILES, build, parse_package, rejoin, split
@@ -126,3 +133,47 @@ def test_a_frame_that_asks_for_a_huge_window_is_refused() -> None:
         writer.write(bytes(64 << 20))
     with pytest.raises(UnsupportedFormat, match="window"):
         decode_frame(sink.getvalue(), 64 << 20, "t")
+
+
+class Counting:
+    """A source that records the ranges asked of it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.window = Window(data, 0)
+        self.asked: list[int] = []
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        self.asked.append(offset)
+        return self.window.read_range(offset, length)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "chunks"),
+    [
+        (0, 10, [0]),
+        (524_288 - 5, 10, [0, 1]),  # across a chunk boundary
+        (524_288, 524_288, [1]),
+        (1_000_000, 10**9, [1, 2]),  # past the end: what there is
+        (1_280_000, 10, []),
+        (0, 0, []),
+    ],
+)
+def test_a_range_reads_only_the_chunks_that_cover_it(
+    package: tuple[bytes, IndexRef], offset: int, size: int, chunks: list[int]
+) -> None:
+    data, ref = package
+    big = entry_of(parse_package(data, ref), "lib/sub/data.bin")
+    source = Counting(data)
+    got = read_range(big, offset, size, source)
+    assert got == FILES["lib/sub/data.bin"][offset : offset + size]
+    assert source.asked == [big.chunks[n].offset for n in chunks]
+
+
+def test_a_range_of_a_one_chunk_file_reads_its_one_frame(package: tuple[bytes, IndexRef]) -> None:
+    data, ref = package
+    util = entry_of(parse_package(data, ref), "lib/util.py")
+    assert read_range(util, 7, 20, Window(data, 0)) == FILES["lib/util.py"][7:27]
+    assert (
+        read_range(entry_of(parse_package(data, ref), "lib/empty.txt"), 0, 5, Window(data, 0))
+        == b""
+    )

@@ -17,8 +17,8 @@ properties: :func:`parse_package` answers within a bound with an index or a
 contract error (:class:`DigestMismatch` only when the digest was kept); an
 index it accepts keeps every rule (names as unpack takes them, directories
 first, frames in order inside the tar frames, chunk sizes that add up); and
-reading any of its files gives the bytes whose sha256 the index names, or
-:class:`DigestMismatch`, never anything else (for ``data``: the original
+reading any of its files, whole or a range, gives the bytes whose sha256 the
+index names, or :class:`DigestMismatch`, never anything else (for ``data``: the original
 bytes or :class:`DigestMismatch`). Budgets as in ``test_unpack_fuzz``
 (``make fuzz`` runs the long one).
 """
@@ -39,7 +39,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from cachesvc.errors import DigestMismatch, TooLarge, UnsafeArchive, UnsupportedFormat
-from cachesvc.unpack.chunks import Window, read_entry
+from cachesvc.unpack.chunks import Window, read_entry, read_range
 from cachesvc.unpack.codec import Limits
 from cachesvc.unpack.index import FOOTER, SKIPPABLE, Index, IndexRef, Kind
 from cachesvc.unpack.tree import member_parts
@@ -166,6 +166,8 @@ def read_all(how: str, index: Index, package: bytes, files: dict[str, bytes]) ->
             continue
         assert entry.sha256 is not None
         assert hashlib.sha256(got).hexdigest() == entry.sha256.hex
+        start, size = entry.size // 3, entry.size // 2 + 1
+        assert read_range(entry, start, size, Window(package, 0)) == got[start : start + size]
         if how in ("data", "tail"):  # the index is the writer's: so are the bytes
             assert got == files[entry.path]
 
