@@ -16,7 +16,8 @@ Guarantees:
 * **Deterministic.** The same names, bytes, modes and file mtimes give the
   same package, byte for byte: entries sorted, owners 0 and nameless,
   directory mtimes 0, each frame compressed alone (no thread-dependent
-  output), the index JSON in a fixed key order. So the digest is stable.
+  output), the index JSON in a fixed key order. So the digest is stable
+  (for one version of the zstd library: another may compress differently).
 * **Any tool reads it.** ``tar --zstd -xf`` (or ``zstd -d | tar -x``,
   ``tarfile`` over ``zstandard``) extracts it: zstd decoders pass over
   skippable frames. Our own ``unpack`` does too.
