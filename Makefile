@@ -29,15 +29,16 @@ test-quick: $(BIN)/cachesvc
 	$(BIN)/ruff check cachesvc node_agent tests bench loadtest sim
 	$(BIN)/python -m pytest -m "not slow"
 
-## make fuzz: the long fuzz of unpacking, in rounds until FUZZ_MINUTES (default 30) are
-## up or a round fails (niced; failures are kept in .hypothesis/ and replayed first)
+## make fuzz: the long fuzz of unpacking and of the index parser, in rounds until
+## FUZZ_MINUTES (default 30) are up or a round fails (niced; failures are kept in .hypothesis/ and replayed first)
 FUZZ_MINUTES ?= 30
 fuzz: $(BIN)/cachesvc
 	end=$$(( $$(date +%s) + 60 * $(FUZZ_MINUTES) )); round=0; \
 	while [ $$(date +%s) -lt $$end ]; do \
 		round=$$((round + 1)); echo "== fuzz round $$round, $$(date)"; \
 		HYPOTHESIS_PROFILE=long nice -n 10 $(BIN)/python -m pytest -p no:cacheprovider \
-			--hypothesis-show-statistics -q tests/unpack/test_unpack_fuzz.py || exit 1; \
+			--hypothesis-show-statistics -q tests/unpack/test_unpack_fuzz.py \
+			tests/unpack/test_index_fuzz.py || exit 1; \
 	done
 
 lint: $(BIN)/cachesvc

@@ -126,3 +126,16 @@ def tree_of(root: Path) -> dict[str, tuple[bytes, int]]:
 def expected_modes(files: dict[str, tuple[bytes, int]]) -> dict[str, tuple[bytes, int]]:
     """The tree extraction leaves of ``files``: executables 0755, the rest 0644."""
     return {name: (data, 0o755 if mode & 0o111 else 0o644) for name, (data, mode) in files.items()}
+
+
+def tree_with_times(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under ``root``: its bytes, mode and whole-second mtime."""
+    return {
+        str(p.relative_to(root)): (
+            p.read_bytes(),
+            stat.S_IMODE(p.stat().st_mode),
+            int(p.stat().st_mtime),
+        )
+        for p in root.rglob("*")
+        if p.is_file()
+    }

@@ -1,6 +1,6 @@
 """``cachesvc publish FILE``: store a package in the origin, write its reference.
 
-Applies ``--repack`` and ``--compress`` in a temporary directory, uploads the
+Applies ``--repack`` (``--indexed``) and ``--compress`` in a temporary directory, uploads the
 blob once (:mod:`cachesvc.publish.upload`), with ``--warm`` warms it into its
 L2 owners *before* the reference is written (the reference is what moves
 traffic), then writes the reference. The digest goes to stdout; progress to
@@ -19,8 +19,10 @@ from cachesvc.cli import CommandFailed, Commands
 from cachesvc.config import add_flag, operator_token
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError
+from cachesvc.publish.indexed import repack_indexed
 from cachesvc.publish.repack import add_layer, check_level, repack
 from cachesvc.publish.upload import publish_blob, reference_key, write_reference
+from cachesvc.unpack.index import IndexRef
 from cachesvc.upstream.membership import peer_list
 from cachesvc.upstream.origin import make_origin
 from cachesvc.warm.client import peer_targets, print_summary, warm_targets
@@ -35,7 +37,9 @@ def add_to(commands: Commands) -> None:
         description="Upload FILE to blobs/sha256/<hex> (once) and write "
         "tenants/T/F/V.json; prints the digest.",
     )
-    pub.add_argument("file", type=Path, help="the package (zip, tar, possibly compressed)")
+    pub.add_argument(
+        "file", type=Path, help="the package (zip, tar, possibly compressed; a dir with --indexed)"
+    )
     add_flag(pub, "--tenant", "tenant name")
     add_flag(pub, "--function", "function name")
     add_flag(pub, "--version", "version name")
@@ -57,6 +61,12 @@ def add_to(commands: Commands) -> None:
         "--repack",
         action="store_true",
         help="turn a deflate zip into tar + one strong zstd layer when smaller",
+    )
+    pub.add_argument(
+        "--indexed",
+        action="store_true",
+        help="with --repack: write an indexed tar.zst (a frame per file, an index at the end; "
+        "docs/INDEXED.md) from a zip, a tar or a directory, and its index in the reference",
     )
     pub.add_argument(
         "--layer",
@@ -101,14 +111,14 @@ async def _publish(args: argparse.Namespace) -> int:
     origin = make_origin(args.origin, args.s3_endpoint)
     try:
         with tempfile.TemporaryDirectory(prefix="cachesvc-publish-") as tmp:
-            path = await asyncio.to_thread(_transform, args, Path(tmp))
+            path, index = await asyncio.to_thread(_transform, args, Path(tmp))
             digest, size, uploaded = await publish_blob(origin, path)
         done = "uploaded" if uploaded else "already in the origin"
         print(f"{digest} {size} bytes, {done}", file=sys.stderr)
         if args.warm and not await _prewarm(args.peers or "", [digest, *layers]):
             raise CommandFailed(f"warm of {digest} failed: reference {key or '-'} not written")
         if key is not None:
-            await write_reference(origin, key, digest, size, layers, args.calls)
+            await write_reference(origin, key, digest, size, layers, args.calls, index)
             print(f"reference {key} -> {digest}", file=sys.stderr)
     finally:
         await origin.close()
@@ -134,9 +144,14 @@ async def _prewarm(peers: str, digests: list[Digest]) -> bool:
     return all(o.ok for o in outcomes)
 
 
-def _transform(args: argparse.Namespace, tmp: Path) -> Path:
-    """Apply --repack and --compress; returns the file to upload."""
+def _transform(args: argparse.Namespace, tmp: Path) -> tuple[Path, IndexRef | None]:
+    """Apply --repack [--indexed] and --compress; returns the file to upload and,
+    when indexed, its index (which no compression layer may then hide)."""
     path: Path = args.file
+    if args.indexed:
+        indexed = repack_indexed(path, tmp / "indexed.tar.zst")
+        print(indexed.describe(), file=sys.stderr)
+        return tmp / "indexed.tar.zst", indexed.index
     if args.repack:
         out = tmp / "repacked.tar.zst"
         report = repack(path, out)
@@ -149,12 +164,14 @@ def _transform(args: argparse.Namespace, tmp: Path) -> Path:
         layer = add_layer(path, out, args.compress, args.compress_level)
         print(layer.describe(), file=sys.stderr)
         path = out if layer.kept else path
-    return path
+    return path, None
 
 
 def _check_compress_flags(args: argparse.Namespace) -> None:
     """Before any work: a level needs a codec, and must be one the codec takes."""
     if args.compress_level is not None and not args.compress:
         raise ValueError("--compress-level needs --compress")
+    if args.indexed and (not args.repack or args.compress):
+        raise ValueError("--indexed needs --repack, and no --compress (its frames are the layer)")
     if args.compress:
         check_level(args.compress, args.compress_level)

@@ -113,7 +113,7 @@ _WRITERS: dict[str, Callable[[BinaryIO, int], Any]] = {
 
 
 @contextlib.contextmanager
-def _atomic_output(dst: Path) -> Iterator[BinaryIO]:
+def atomic_output(dst: Path) -> Iterator[BinaryIO]:
     """A temp file beside ``dst`` that replaces it only if the block succeeds."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
@@ -138,7 +138,7 @@ def compress(src: Path | str, dst: Path | str, fmt: str = "zstd", level: int | N
     """
     level = check_level(_known(fmt), level)
     dst = Path(dst)
-    with _atomic_output(dst) as out:
+    with atomic_output(dst) as out:
         _write_layer(src, out, fmt, level)
     return dst.stat().st_size
 

@@ -14,25 +14,13 @@ from cachesvc.errors import UnsafeArchive, UnsupportedFormat
 from cachesvc.publish import repack
 from cachesvc.unpack import codec
 from cachesvc.unpack.extract import extract
-from tests.archives import python_like_zip
-
-
-def tree_of(root: Path) -> dict[str, tuple[bytes, int, int]]:
-    return {
-        str(p.relative_to(root)): (
-            p.read_bytes(),
-            stat.S_IMODE(p.stat().st_mode),
-            int(p.stat().st_mtime),
-        )
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+from tests.archives import python_like_zip, tree_with_times
 
 
 def unpacked(package: Path, dest: Path) -> dict[str, tuple[bytes, int, int]]:
     dest.mkdir()
     extract(package, dest, codec.Limits())
-    return tree_of(dest)
+    return tree_with_times(dest)
 
 
 @pytest.mark.parametrize("fmt", codec.COMPRESSIONS)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
@@ -49,6 +49,7 @@ from cachesvc.unpack.extract import Extracted, extract
 from cachesvc.unpack.feed import GrowingFile
 from tests import mutants
 from tests.codedir_mayhem import snapshot
+from tests.fuzzing import LONG, budget
 from tests.servers import Stack, digest_of
 
 T = TypeVar("T")
@@ -56,25 +57,6 @@ T = TypeVar("T")
 UNPACK_TIMEOUT = 10.0
 ANSWER_BOUND = UNPACK_TIMEOUT + 30.0  # the budget, plus a loaded machine's slack
 CODES = {413: {"too_large"}, 422: {"unsafe_archive", "unsupported_format"}}
-
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-"""Cases per round of the long run through HTTP; the in-process property gets ten times as many."""
-
-
-def budget(short: int, scale: int = 1) -> settings:
-    """The short budget for ``make test``, or one round of the long one."""
-    health = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    if LONG:
-        return settings(max_examples=EXAMPLES * scale, deadline=None, suppress_health_check=health)
-    return settings(
-        max_examples=short,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=health,
-    )
-
 
 pytestmark = [pytest.mark.timeout(0 if LONG else 300), pytest.mark.slow]  # fuzzing: tens of seconds
 
