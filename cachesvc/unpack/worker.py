@@ -69,6 +69,9 @@ from cachesvc.unpack.forkserver import Child, ForkServer
 
 log = logging.getLogger(__name__)
 
+REFUSALS = (TooLarge, UnsafeArchive, UnsupportedFormat)
+"""What a worker answers about a package (413, 422), as opposed to a fault of this host."""
+
 QUEUE_PER_WORKER = 32
 """Callers that may wait for each worker before new ones are refused (503)."""
 
@@ -154,8 +157,32 @@ class Workers:
         still arriving (the worker reads them as they do: :mod:`cachesvc.unpack.feed`;
         a failure of its fetch is raised as such).
 
+        A refusal (413, 422) of a package still arriving is raised only after
+        the package's verdict: bytes that fail their digest are the upstream's
+        fault (its error is raised instead), never the package's.
+
         Raises :class:`Overloaded` when too many callers already wait.
         """
+        try:
+            return await self._in_a_slot(package, dest, limits)
+        except REFUSALS as refusal:
+            if not isinstance(package, Path):
+                await self._verdict_before(package, refusal)
+            raise
+
+    async def _verdict_before(self, package: Package, refusal: CachesvcError) -> None:
+        """Wait (within the unpack budget, the worker's slot given back) until
+        the package is verified; raise its failure if it is not. A verdict that
+        takes longer leaves the refusal standing."""
+        try:
+            await asyncio.wait_for(package.complete(), self.budget.timeout)
+        except TimeoutError:
+            log.warning("unpack %s: refused (%s) before its verdict, which took over %g s",
+                        package.digest.short, refusal, self.budget.timeout)  # fmt: skip
+        except CachesvcError as failure:
+            raise failure from refusal
+
+    async def _in_a_slot(self, package: Path | Package, dest: Path, limits: Limits) -> Extracted:
         if self._slots.locked() and self._waiting >= self.queue:
             raise Overloaded(f"{self._waiting} unpacks are already waiting for a worker")
         self._waiting += 1

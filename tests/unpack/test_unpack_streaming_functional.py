@@ -17,6 +17,7 @@ import pytest
 import zstandard
 
 from cachesvc.serve.service import CORE
+from node_agent.packages import UNPACKER
 from tests.archives import make_zip
 from tests.conftest import OriginFixture, S3OriginFixture
 from tests.http import post_json
@@ -166,9 +167,12 @@ async def test_modes_and_times_come_from_the_directory(
     assert os.stat(tree / "bin/tool").st_mtime == expected
 
 
-async def test_a_hostile_tar_arriving_is_refused_before_it_has_all_arrived(
+async def test_a_hostile_tar_arriving_is_refused_once_its_bytes_are_verified(
     stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
+    """The worker refuses the bad member while the rest is held at the origin;
+    the answer waits for the verdict (the refusal is the package's only if the
+    bytes are), and leaves nothing."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         evil = tarfile.TarInfo("../../escape.txt")
@@ -181,12 +185,15 @@ async def test_a_hostile_tar_arriving_is_refused_before_it_has_all_arrived(
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(buf.getvalue())
     hold(s3_origin)
-    core = stack.apps[agent][CORE]
-    try:  # answered while the rest of the body is still held back at the origin
-        status, body = await asyncio.wait_for(post_json(f"{agent}/pkg/{digest}/unpack"), 30)
-        flight = core.flights.get(digest)
-        assert flight is not None and not flight.verified
+    workers = stack.apps[agent][UNPACKER].workers
+    answer = asyncio.ensure_future(post_json(f"{agent}/pkg/{digest}/unpack"))
+    try:
+        await eventually(lambda: workers.started == 1 and not workers.pids(), "the worker refused")
+        assert not answer.done()  # the body is still held: no verdict, no answer
     finally:
         s3_origin.proxy.release()
+    status, body = await asyncio.wait_for(answer, 30)
     assert status == 422 and body["error"] == "unsafe_archive", body
+    flight = stack.apps[agent][CORE].flights.get(digest)
+    assert flight is None or flight.verified
     assert stack.code_entries() == set()
