@@ -38,6 +38,7 @@ from cachesvc.publish.repack import compress
 from cachesvc.publish.upload import Published, publish
 from cachesvc.serve.registry import AGENT, PEER, load_service
 from cachesvc.serve.runner import serve
+from cachesvc.tier import Tier
 from cachesvc.upstream.origin import FileOrigin
 
 GRACE = 5.0  # seconds to drain on Ctrl-C: a demo, not a host's traffic
@@ -144,9 +145,9 @@ def run_up(directory: Path | None, agent_port: int, peer_port: int) -> int:
 
 
 TIERS = {
-    "L1": "already on this host's disk",
-    "L2": "through its owner peer on the ring, which reads the origin",
-    "ORIGIN": "straight from the origin",
+    Tier.L1: "already on this host's disk",
+    Tier.L2: "through its owner peer on the ring, which reads the origin",
+    Tier.ORIGIN: "straight from the origin",
 }
 
 
@@ -168,7 +169,7 @@ async def first_tier(agent_url: str, digest: Digest) -> str:
 
 def _banner(root: Path, agent: Settings, peers: list[Settings], pub: Published, first: str) -> str:
     a = agent.listen_url
-    again = "L1" if first in TIERS else "L1, once the first one succeeded"
+    again = Tier.L1 if first in TIERS else f"{Tier.L1}, once the first one succeeded"
     return f"""
 cachesvc is up (data in {root}).
   origin  file://{root / "origin"}
@@ -194,7 +195,7 @@ Ctrl-C stops it.
 def _first_note(first: str) -> str:
     if first not in TIERS:
         return ""
-    return f"The first GET comes {TIERS[first]} (a HEAD through the agent answered {first}).\n"
+    return f"The first GET comes {TIERS[Tier(first)]} (a HEAD through the agent answered {first}).\n"
 
 
 def _operator_hint(agent: Settings, peers: list[Settings]) -> str:
