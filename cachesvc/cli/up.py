@@ -195,7 +195,8 @@ Ctrl-C stops it.
 def _first_note(first: str) -> str:
     if first not in TIERS:
         return ""
-    return f"The first GET comes {TIERS[Tier(first)]} (a HEAD through the agent answered {first}).\n"
+    how = TIERS[Tier(first)]
+    return f"The first GET comes {how} (a HEAD through the agent answered {first}).\n"
 
 
 def _operator_hint(agent: Settings, peers: list[Settings]) -> str:
