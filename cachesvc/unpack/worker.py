@@ -36,7 +36,9 @@ Guarantees:
   outlives that package.
 
 The caller owns ``dest``: after a failure it may hold partial output (or a
-killed worker's), which the caller removes.
+killed worker's), which the caller removes. By then the worker has exited: on
+a timeout, and on a failure of the fetch feeding it, it is killed and waited
+for (up to ``KILL_WAIT``) before :meth:`Workers.extract` raises.
 """
 
 from __future__ import annotations
@@ -240,11 +242,14 @@ class Workers:
             if self._closing:  # aclose ran while this one was starting
                 proc.kill()
             timed_out = not await _exited(proc, self.budget.timeout, feeding)
-            if timed_out or (feeding is not None and not feeding.done()):
+            failed = _failure(feeding)
+            if timed_out or failed is not None or (feeding is not None and not feeding.done()):
+                # A failed feed is handled like a timeout: the worker is killed and
+                # reaped before we raise, so the caller never removes ``dest`` under it.
                 proc.kill()
                 await _exited(proc, KILL_WAIT)
-            if feeding is not None and feeding.done() and feeding.exception() is not None:
-                raise feeding.exception()  # type: ignore[misc]  # the fetch failed: say so
+            if failed is not None:
+                raise failed  # the fetch failed: say so
             return self._outcome(proc, answers, timed_out)
         finally:
             if feeding is not None:
@@ -270,6 +275,15 @@ async def _pump(ends: AsyncIterator[tuple[int, int]], feed: Feed) -> None:
     comes only after the verdict. Raises the fetch's failure."""
     async for _fd, end in ends:
         feed.readable(end)
+
+
+def _failure(feeding: asyncio.Future[None] | None) -> BaseException | None:
+    """What ended the feed, if it ended badly (a cancelled feed counts)."""
+    if feeding is None or not feeding.done():
+        return None
+    if feeding.cancelled():
+        return asyncio.CancelledError("the feed was cancelled")
+    return feeding.exception()
 
 
 async def _exited(proc: Child, timeout: float, feeding: asyncio.Future[None] | None = None) -> bool:

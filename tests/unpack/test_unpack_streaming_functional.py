@@ -197,3 +197,24 @@ async def test_a_hostile_tar_arriving_is_refused_once_its_bytes_are_verified(
     flight = stack.apps[agent][CORE].flights.get(digest)
     assert flight is None or flight.verified
     assert stack.code_entries() == set()
+
+
+async def test_a_worker_whose_fetch_fails_is_killed_and_reaped_before_the_error(
+    stack: Stack, s3_origin: S3OriginFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body is cut while the worker waits for more: the worker has exited
+    when the fetch's failure is answered (the tree under it is then removed)."""
+    agent = await stack.start_agent(peers=[])
+    digest = await s3_origin.put(tar_zst(FILES))
+    hold(s3_origin)
+    workers = stack.apps[agent][UNPACKER].workers
+    answer = asyncio.ensure_future(post_json(f"{agent}/pkg/{digest}/unpack"))
+    try:
+        await eventually(workers.pids, "a worker reading the held body", step=0.01)
+        s3_origin.proxy.mode = "truncate"
+    finally:
+        s3_origin.proxy.release()
+    status, body = await asyncio.wait_for(answer, 30)
+    assert status == 502, body
+    assert not [r for r in caplog.records if "did not exit" in r.getMessage()]
+    assert stack.code_entries() == set()
