@@ -161,25 +161,32 @@ class Workers:
 
         A refusal (413, 422) of a package still arriving is raised only after
         the package's verdict: bytes that fail their digest are the upstream's
-        fault (its error is raised instead), never the package's.
+        fault (its error is raised instead), never the package's. That wait
+        ends with the unpack budget counted from the start of this call (not
+        a second budget after the worker's): a verdict that comes later
+        leaves the refusal standing.
 
         Raises :class:`Overloaded` when too many callers already wait.
         """
+        deadline = asyncio.get_running_loop().time() + self.budget.timeout
         try:
             return await self._in_a_slot(package, dest, limits)
         except REFUSALS as refusal:
             if not isinstance(package, Path):
-                await self._verdict_before(package, refusal)
+                await self._verdict_before(package, refusal, deadline)
             raise
 
-    async def _verdict_before(self, package: Package, refusal: CachesvcError) -> None:
-        """Wait (within the unpack budget, the worker's slot given back) until
-        the package is verified; raise its failure if it is not. A verdict that
-        takes longer leaves the refusal standing."""
+    async def _verdict_before(
+        self, package: Package, refusal: CachesvcError, deadline: float
+    ) -> None:
+        """Wait (the worker's slot given back) until the package is verified,
+        at most until ``deadline`` (loop time); raise its failure if it is not.
+        A verdict that comes later leaves the refusal standing."""
         try:
-            await asyncio.wait_for(package.complete(), self.budget.timeout)
+            async with asyncio.timeout_at(deadline):
+                await package.complete()
         except TimeoutError:
-            log.warning("unpack %s: refused (%s) before its verdict, which took over %g s",
+            log.warning("unpack %s: refused (%s); no verdict %g s after the unpack began",
                         package.digest.short, refusal, self.budget.timeout)  # fmt: skip
         except CachesvcError as failure:
             raise failure from refusal

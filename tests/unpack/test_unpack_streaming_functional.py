@@ -218,3 +218,23 @@ async def test_a_worker_whose_fetch_fails_is_killed_and_reaped_before_the_error(
     assert status == 502, body
     assert not [r for r in caplog.records if "did not exit" in r.getMessage()]
     assert stack.code_entries() == set()
+
+
+async def test_a_refusal_waits_for_the_verdict_only_within_one_unpack_budget(
+    stack: Stack, s3_origin: S3OriginFixture
+) -> None:
+    """The worker uses its whole budget waiting for held bytes (413); the
+    verdict, still held, is not waited for a second budget."""
+    budget = 3.0
+    agent = await stack.start_agent(peers=[], unpack_timeout=budget)
+    digest = await s3_origin.put(tar_zst(FILES))
+    hold(s3_origin)
+    workers = stack.apps[agent][UNPACKER].workers
+    answer = asyncio.ensure_future(post_json(f"{agent}/pkg/{digest}/unpack"))
+    try:
+        await eventually(workers.pids, "a worker reading the held body", step=0.01)
+        status, body = await asyncio.wait_for(answer, 1.6 * budget)  # two budgets before
+    finally:
+        s3_origin.proxy.release()
+    assert status == 413 and "took over" in body["detail"], body
+    assert stack.code_entries() == set()
