@@ -4,9 +4,11 @@ what an ingest verified, LRU eviction, pins, leases on open blobs. Owns
 ``index/`` and ``quarantine/`` under its root. Knows nothing of HTTP, peers,
 origins or the ring; it does not hash (ingest and recheck report, it acts).
 
-* Only what :meth:`Ingest.verify` returned is committed: chmod 0444, rename,
-  then the index row within :data:`ROW_DELAY`; a kill -9 at any moment leaves
-  nothing or a complete verified blob (a blob without a row is adopted at start).
+* Only what :meth:`Ingest.verify` returned (that very object, not an equal
+  one) is committed: chmod 0444, rename, then the index row within
+  :data:`ROW_DELAY`; a kill -9 at any moment leaves nothing or a complete
+  verified blob (a blob without a row is adopted at start). Likewise only
+  the verdict a recheck of this store returned is acted on.
 * No fsync (1-12 ms per miss): after an OS crash a short file is caught by the
   re-hash before its first serve (README "Trust").
 * One owner per directory (:mod:`cachesvc.dirlock`); opening never raises for
@@ -27,6 +29,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +115,7 @@ class Store:
         self._open: OrderedDict[str, Blob] = OrderedDict()
         self._bytes = 0
         self._writing: dict[Path, Ingest] = {}  # temp path -> ingest: their sizes are reserved
+        self._rechecks: weakref.WeakSet[Recheck] = weakref.WeakSet()  # made here, still in use
         self.on_evict: list[Callable[[Digest, int], None]] = []
         self.startup_report: dict[str, int] = {}
 
@@ -323,14 +327,19 @@ class Store:
     def recheck(self, lease: Blob, found_by: str = "serve") -> Recheck:
         """Re-hash a leased entry in place (see :mod:`cachesvc.store.recheck`); the
         recheck takes over the lease and releases it on close."""
-        return Recheck(lease, found_by)
+        recheck = Recheck(lease, found_by)
+        self._rechecks.add(recheck)
+        return recheck
 
     async def settle(self, verdict: Verdict) -> None:
         """Act on a recheck's verdict, only if the entry is still the file its
         lease read: matching bytes mark it verified; wrong ones drop it (see
         :meth:`drop_corrupt`, counted as found by ``verdict.found_by``), and
-        then :class:`DigestMismatch` is raised."""
+        then :class:`DigestMismatch` is raised. Raises ValueError for a verdict
+        that is not the very object a recheck of this store returned."""
         digest = verdict.lease.digest
+        if not any(recheck.returned(verdict) for recheck in list(self._rechecks)):
+            raise ValueError(f"settle {digest.short}: not a verdict of this store's rechecks")
         if verdict.problem is None:
             self.mark_verified(digest, verdict.lease)
             return
@@ -412,12 +421,13 @@ class Store:
         now). Its index row is written with the next flush, within
         :data:`ROW_DELAY` (a crash before that leaves a blob without a row,
         which start-up re-hashes and adopts). What a spilled ingest verified
-        (no ``path``) is not kept. Raises ValueError for a path that is not an
-        open ingest of this store, and OSError when the disk refuses the rename."""
+        (no ``path``) is not kept. Raises ValueError for anything but the very
+        object :meth:`Ingest.verify` of an open ingest of this store returned,
+        and OSError when the disk refuses the rename."""
         if verified.path is None:
             return
         ingest = self._writing.get(verified.path)
-        if ingest is None or ingest.closed or ingest.digest != verified.digest:
+        if ingest is None or ingest.closed or not ingest.returned(verified):
             raise ValueError(f"commit {verified.digest.short}: not an ingest this store writes")
         file = await asyncio.to_thread(self._publish, ingest.fd, verified)
         self._writing.pop(verified.path, None)

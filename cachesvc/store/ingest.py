@@ -32,9 +32,10 @@ WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is w
 
 @dataclass(frozen=True)
 class Verified:
-    """What :meth:`Ingest.verify` found right (made there only): ``size`` bytes
-    hashing to ``digest``, all of them in the temp file at ``path``, or
-    ``path`` None when the ingest spilled and holds nothing to keep."""
+    """What :meth:`Ingest.verify` found right: ``size`` bytes hashing to
+    ``digest``, all of them in the temp file at ``path``, or ``path`` None when
+    the ingest spilled and holds nothing to keep. Anyone can build one; the
+    store keeps only the object the ingest returned (:meth:`Ingest.returned`)."""
 
     digest: Digest
     size: int
@@ -71,6 +72,7 @@ class Ingest:
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_len = 0
+        self._verified: Verified | None = None  # what verify returned: the store checks it
 
     async def write(self, chunk: bytes) -> None:
         """Append bytes; they are hashed and written in batches off the loop.
@@ -150,7 +152,13 @@ class Ingest:
         if self.received != self.size:
             raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
         compare(self.digest, self._hash, "ingest")
-        return Verified(self.digest, self.size, None if self.spilled else self.path)
+        self._verified = Verified(self.digest, self.size, None if self.spilled else self.path)
+        return self._verified
+
+    def returned(self, verified: Verified) -> bool:
+        """Whether ``verified`` is the very object :meth:`verify` returned (not
+        an equal one made elsewhere): what ``Store.commit`` keeps."""
+        return self._verified is not None and self._verified is verified
 
     async def close(self) -> None:
         """Close the file; idempotent. A temp file no commit renamed away is

@@ -36,7 +36,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Verdict:
     """What a recheck found in the file ``lease`` reads: ``problem`` says what
-    was wrong, None when size and sha256 matched."""
+    was wrong, None when size and sha256 matched. Anyone can build one; the
+    store acts only on the object a recheck it made returned
+    (:meth:`Recheck.returned`)."""
 
     lease: Blob
     found_by: str
@@ -57,6 +59,7 @@ class Recheck:
         self.on_disk = 0
         self._hash = hashlib.sha256()
         self._short = False
+        self._verdict: Verdict | None = None  # what verdict returned: the store checks it
 
     @property
     def received(self) -> int:
@@ -80,7 +83,13 @@ class Recheck:
 
     def verdict(self) -> Verdict:
         """Size and sha256 of the file as it was read, once every block is hashed."""
-        return Verdict(self.blob, self.found_by, self._problem())
+        self._verdict = Verdict(self.blob, self.found_by, self._problem())
+        return self._verdict
+
+    def returned(self, verdict: Verdict) -> bool:
+        """Whether ``verdict`` is the very object :meth:`verdict` last returned
+        (not an equal one made elsewhere): what ``Store.settle`` acts on."""
+        return self._verdict is not None and self._verdict is verdict
 
     def _problem(self) -> str | None:
         if self.on_disk != self.size:

@@ -16,7 +16,8 @@ import pytest
 
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
 from cachesvc.store.castore import Store, StoreFull
-from cachesvc.store.ingest import MIN_BATCH, Ingest
+from cachesvc.store.ingest import MIN_BATCH, Ingest, Verified
+from cachesvc.store.recheck import Verdict
 from tests.servers import digest_of, eventually, flip_byte, payload, store_files
 from tests.stores import put, writable
 
@@ -222,6 +223,29 @@ async def test_an_ingest_closed_without_a_commit_gives_its_room_back(tmp_path: P
     await first.close()
     second = await store.begin(digest_of(b"b"), 60)
     await second.close()
+    await store.close()
+
+
+async def test_the_store_refuses_a_verified_result_the_ingest_did_not_return(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path, 10 * 2**20)
+    data = payload(KiB)
+    ingest = await store.begin(digest_of(data), len(data))
+    await ingest.write(b"x" * len(data))  # wrong bytes, never verified
+    await ingest.drain()
+    with pytest.raises(ValueError, match="not an ingest this store writes"):
+        await store.commit(Verified(digest_of(data), len(data), ingest.path))
+    assert digest_of(data) not in store
+    await ingest.close()
+    good = await store.begin(digest_of(data), len(data))
+    await good.write(data)
+    verified = await good.verify()
+    with pytest.raises(ValueError, match="not an ingest this store writes"):
+        await store.commit(Verified(verified.digest, verified.size, verified.path))  # equal, not it
+    await store.commit(verified)
+    assert digest_of(data) in store
+    await good.close()
     await store.close()
 
 
@@ -461,3 +485,29 @@ async def test_a_flush_the_disk_refuses_keeps_its_touches_for_the_next(
     reopened = await Store.open(tmp_path, 10 * 2**20)
     assert list(reopened._lru) == [digest_of(p).hex for p in (packages[1], packages[0])]
     await reopened.close()
+
+
+async def test_the_store_acts_only_on_a_verdict_its_recheck_returned(tmp_path: Path) -> None:
+    found: list[str] = []
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    data = payload(KiB)
+    await put(store, data)
+    await store.close()
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    flip_byte(store.path_of(digest_of(data)), 7)
+    blob = await store.lease(digest_of(data))
+    assert blob is not None
+    with pytest.raises(ValueError, match="not a verdict"):
+        await store.settle(Verdict(blob, "serve", None))  # hand-made: "the bytes are right"
+    check = store.recheck(blob, found_by="serve")
+    while await check.step():
+        pass
+    verdict = check.verdict()
+    with pytest.raises(ValueError, match="not a verdict"):
+        await store.settle(Verdict(verdict.lease, verdict.found_by, None))
+    assert not store.is_verified(digest_of(data)) and found == []
+    with pytest.raises(DigestMismatch):
+        await store.settle(verdict)
+    assert digest_of(data) not in store and found == ["serve"]
+    await check.close()
+    await store.close()
