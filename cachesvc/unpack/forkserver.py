@@ -160,13 +160,17 @@ class ForkServer:
             return self._control
         self._stop()  # it died (or, in a forked agent, it is the parent's)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
-            command = [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(_server_path())]
-            self._server = subprocess.Popen(
-                [*command, self.target, str(theirs.fileno())],
-                stdin=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno()],
-            )
+        try:
+            with theirs:
+                command = [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(_server_path())]
+                self._server = subprocess.Popen(
+                    [*command, self.target, str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=[theirs.fileno()],
+                )
+        except BaseException:  # EMFILE, ENOMEM: no server, and no socket left behind
+            mine.close()
+            raise
         self._control = mine
         if mine.recv(len(_READY)) != _READY:
             self._stop()

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from cachesvc.errors import CachesvcError
 from cachesvc.unpack.codec import Limits
+from cachesvc.unpack.forkserver import ForkServer
 from cachesvc.unpack.worker import Budget, Workers
 from tests import hostile
 from tests.archives import tar_of
@@ -143,3 +146,12 @@ async def test_the_fork_server_and_its_workers_die_with_a_killed_agent(tmp_path:
             agent.stdout.close()
     await eventually(lambda: dead(worker), "the worker died with its agent")
     await eventually(lambda: dead(server), "the fork server exited with its agent")
+
+
+def test_a_fork_server_that_cannot_start_leaves_no_socket_open() -> None:
+    server = ForkServer("cachesvc.unpack.child")
+    before = set(os.listdir("/proc/self/fd"))
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    with mock.patch.object(subprocess, "Popen", side_effect=emfile), pytest.raises(OSError):
+        server.ensure_running()
+    assert set(os.listdir("/proc/self/fd")) == before
