@@ -132,8 +132,14 @@ class ForkServer:
 
     def launch(self, job: bytes, fds: Sequence[int]) -> Child:
         """Fork a child running the target on ``job`` with copies of ``fds``
-        (the caller keeps and closes its own). Raises :class:`OSError` when the
-        server cannot fork."""
+        (the caller keeps and closes its own). Raises :class:`ValueError` for a
+        request the server would receive cut short (``job`` over
+        :data:`JOB_MAX` bytes, :data:`FDS_MAX` or more ``fds``: the child's
+        status socket is one more), :class:`OSError` when the server cannot fork."""
+        if len(job) > JOB_MAX:
+            raise ValueError(f"a job of {len(job)} bytes, over JOB_MAX ({JOB_MAX})")
+        if len(fds) >= FDS_MAX:
+            raise ValueError(f"{len(fds)} descriptors: a request carries under FDS_MAX ({FDS_MAX})")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             with self._lock:
@@ -234,11 +240,18 @@ class _Server:
                 os.waitpid(pid, 0)
 
     def _request(self) -> None:
-        job, fds, _flags, _addr = socket.recv_fds(self.control, JOB_MAX, FDS_MAX)
+        job, fds, flags, _addr = socket.recv_fds(self.control, JOB_MAX, FDS_MAX)
         if not job and not fds:  # the agent closed its end: it stopped us or exited
             self.stopping = True
             return
-        if not fds:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or not fds:
+            # A job or descriptors cut short would run a child on part of its
+            # request: fork nothing. Closing the status socket unanswered is
+            # the error the agent's launch reads (as when a fork fails).
+            print(f"unpack fork server: refused a truncated request (flags {flags:#x})",
+                  file=sys.stderr)  # fmt: skip
+            for fd in fds:
+                os.close(fd)
             return
         status = socket.socket(fileno=fds[0])
         try:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import pytest
 
 from cachesvc.errors import CachesvcError
 from cachesvc.unpack.codec import Limits
-from cachesvc.unpack.forkserver import ForkServer
+from cachesvc.unpack.forkserver import FDS_MAX, JOB_MAX, ForkServer
 from cachesvc.unpack.worker import Budget, Workers
 from tests import hostile
 from tests.archives import tar_of
@@ -155,3 +156,32 @@ def test_a_fork_server_that_cannot_start_leaves_no_socket_open() -> None:
     with mock.patch.object(subprocess, "Popen", side_effect=emfile), pytest.raises(OSError):
         server.ensure_running()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_launch_refuses_a_request_the_server_would_receive_cut_short() -> None:
+    server = ForkServer("cachesvc.unpack.child")
+    with pytest.raises(ValueError, match="JOB_MAX"):
+        server.launch(b"x" * (JOB_MAX + 1), [])
+    with pytest.raises(ValueError, match="FDS_MAX"):
+        server.launch(b"{}", [0] * FDS_MAX)  # with the status socket, one too many
+    assert server._server is None  # refused before anything started
+
+
+@pytest.mark.parametrize("too_much", ["job", "fds"])
+def test_the_fork_server_forks_nothing_for_a_truncated_request(too_much: str) -> None:
+    """A request sent around ``launch``'s checks is cut short by the kernel: the
+    server answers it by closing the status socket, and forks no child."""
+    server = ForkServer("cachesvc.unpack.child")
+    server.ensure_running()
+    try:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        job = b"x" * (JOB_MAX + 1) if too_much == "job" else b"{}"
+        extra = 0 if too_much == "job" else FDS_MAX
+        with mine, theirs:
+            assert server._control is not None
+            socket.send_fds(server._control, [job], [theirs.fileno()] * (1 + extra))
+            theirs.close()
+            assert mine.recv(16) == b""  # no pid: the launch would fail
+        assert server._server is not None and server._server.poll() is None
+    finally:
+        server.stop()
