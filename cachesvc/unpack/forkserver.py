@@ -24,6 +24,9 @@ Guarantees:
   agent closes the control socket, which the agent's exit does whatever
   kills it (and :func:`atexit` waits for it on a clean exit). A child whose
   agent-side :class:`Child` is closed before it exited is killed.
+* **A forked agent forgets the server.** After ``os.fork`` the copy holds
+  none of the server's sockets (:func:`os.register_at_fork`): the parent's
+  server still stops when the parent closes it, and the copy starts its own.
 * **Exit codes are the kernel's.** The server reaps every child and sends
   its exit code (``-N`` for a signal, as :mod:`subprocess` reports it);
   killing goes through the server, which knows the pid is not yet reaped, so
@@ -49,6 +52,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -122,7 +126,9 @@ class ForkServer:
         self._lock = threading.Lock()
         self._server: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
+        self._children: weakref.WeakSet[Child] = weakref.WeakSet()  # launched, maybe running
         atexit.register(self.stop)
+        os.register_at_fork(after_in_child=self._forget)
 
     def ensure_running(self) -> None:
         """Start the server if it is not running, and wait until it has imported the
@@ -148,7 +154,9 @@ class ForkServer:
             got = mine.recv(_INT.size)
             if len(got) != _INT.size:
                 raise OSError("the unpack fork server could not fork a worker")
-            return Child(_INT.unpack(got)[0], mine)
+            child = Child(_INT.unpack(got)[0], mine)
+            self._children.add(child)
+            return child
         except BaseException:
             mine.close()
             theirs.close()
@@ -160,11 +168,28 @@ class ForkServer:
         with self._lock:
             self._stop()
 
+    def _forget(self) -> None:
+        """In a forked copy of the agent (``os.fork``): forget the parent's
+        server. Only this process's copies of the control and status sockets
+        are closed (nothing is sent, nothing shut down: the parent's keep
+        working), so the server still sees EOF when the parent closes its
+        end, however long the copy lives; the copy starts a server of its own
+        if it launches. The lock may have been held by a thread the fork left
+        behind: a new one."""
+        self._lock = threading.Lock()
+        self._server = None  # the parent's child: never waited for here
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        for child in list(self._children):
+            child.close()
+        self._children = weakref.WeakSet()
+
     def _ensure(self) -> socket.socket:
         if self._server is not None and self._server.poll() is None:
             assert self._control is not None
             return self._control
-        self._stop()  # it died (or, in a forked agent, it is the parent's)
+        self._stop()  # it died
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             with theirs:

@@ -12,13 +12,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NoReturn
 from unittest import mock
 
 import pytest
 
 from cachesvc.errors import CachesvcError
 from cachesvc.unpack.codec import Limits
-from cachesvc.unpack.forkserver import FDS_MAX, JOB_MAX, ForkServer
+from cachesvc.unpack.forkserver import FDS_MAX, JOB_MAX, Child, ForkServer
 from cachesvc.unpack.worker import Budget, Workers
 from tests import hostile
 from tests.archives import tar_of
@@ -185,3 +186,45 @@ def test_the_fork_server_forks_nothing_for_a_truncated_request(too_much: str) ->
         assert server._server is not None and server._server.poll() is None
     finally:
         server.stop()
+
+
+def in_the_forked_copy(server: ForkServer, launched: Child, hold: int) -> NoReturn:
+    """What a copy of the agent made by ``os.fork`` checks: it forgot the
+    parent's server and holds none of its sockets; it then lives until told."""
+    code = 1
+    try:
+        forgot = server._server is None and server._control is None
+        closed = launched.sentinel == -1
+        if forgot and closed and server._lock.acquire(blocking=False):
+            code = 0
+        os.read(hold, 1)  # until the parent closes its end
+    finally:
+        os._exit(code)
+
+
+def test_a_forked_agent_forgets_the_fork_server_and_the_parents_still_stops() -> None:
+    """The copy lives on while the parent stops its server: the server sees EOF
+    and exits by itself (it is not killed after STOP_WAIT)."""
+    server = ForkServer("cachesvc.unpack.child")
+    server.ensure_running()
+    launched = server.launch(b"{}", [])  # a child the copy must not hold a socket of
+    popen = server._server
+    assert popen is not None
+    hold_r, hold_w = os.pipe()
+    try:
+        with server._lock:  # as if another thread was launching at the fork
+            pid = os.fork()
+            if pid == 0:
+                os.close(hold_w)
+                in_the_forked_copy(server, launched, hold_r)
+        os.close(hold_r)
+        again = server.launch(b"{}", [])  # the parent's server still launches
+        assert again.pid > 0
+        again.close()
+        server.stop()
+        assert popen.returncode == 0
+    finally:
+        launched.close()
+        os.close(hold_w)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
