@@ -274,6 +274,7 @@ class Settings:
     unpack_workers: int = 2
     unpack_timeout: float = 300.0
     unpack_memory: int = 2**30
+    runtimes: tuple[str, ...] = ()  # NAME=PATH: this host's runtimes, to compile for
     origin_timeout: float = 30.0
     peer_connect_timeout: float = 1.0
     peer_read_timeout: float = 30.0

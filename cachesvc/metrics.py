@@ -4,7 +4,8 @@ Each app gets its own registry (several services can share one process: tests,
 ``cachesvc up``). Labels are bounded: ``tier`` (L1, L2, ORIGIN), ``upstream``
 (peer, agent, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
 ``route`` (a fixed set), ``signal`` (warm, calls, publish), ``found_by``
-(startup, scrub, serve). Digests, peers and
+(startup, scrub, serve), ``runtime`` (the
+``--runtime`` names an operator gave). Digests, peers and
 tenants never become labels (they go in log lines), except the per-tenant warm
 counters, which are capped at :data:`MAX_TENANT_LABELS` distinct tenants
 (beyond that they count under ``tenant="_other"``).
@@ -121,6 +122,13 @@ class Metrics:
         )
         self.unpacks = Counter(
             "cachesvc_unpacks", "Package extractions, by outcome", ["outcome"], registry=r
+        )
+        self.bytecode_files = Counter(
+            "cachesvc_bytecode_files",
+            "Sources an agent compiled for its host's runtimes (--runtime), by outcome: "
+            "compiled, or skipped (a syntax error, over a limit, a compiler that crashed)",
+            ["runtime", "outcome"],
+            registry=r,
         )
         self.corrupt = Counter(
             "cachesvc_corrupt",

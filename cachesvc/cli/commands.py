@@ -76,6 +76,9 @@ def add_client_commands(sub: Any) -> None:
         "L2 peers for --warm: http://HOST:PORT,... or dns+http://NAME:PORT",
         type=peer_list,
     )
+    from cachesvc.cli.bytecode import add_bytecode_flag
+
+    add_bytecode_flag(pub)
     pub.set_defaults(run=_run_publish)
 
     _add_fetch(sub)
@@ -176,8 +179,12 @@ async def _prewarm(peers: str, digests: list[Digest]) -> bool:
 
 
 def _transform(args: argparse.Namespace, tmp: Path) -> Path:
-    """Apply --repack and --compress; returns the file to upload."""
+    """Apply --bytecode, --repack and --compress; returns the file to upload."""
     path: Path = args.file
+    if args.bytecode:
+        from cachesvc.publish.bytecode import with_bytecode
+
+        path = with_bytecode(path, tmp, args.bytecode)
     if args.repack:
         from cachesvc.publish.repack import repack
 

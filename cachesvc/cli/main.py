@@ -159,6 +159,9 @@ def _add_agent(sub: Any) -> None:
         agent, "--unpack-timeout", "seconds one unpack may take", type=parse_seconds, default="300"
     )
     add_flag(agent, "--unpack-memory", "memory one unpack may use", type=parse_size, default="1GiB")
+    from cachesvc.cli.bytecode import add_runtime_flag
+
+    add_runtime_flag(agent)
     add_flag(
         agent,
         "--peer-connect-timeout",
@@ -254,4 +257,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-
