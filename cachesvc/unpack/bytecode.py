@@ -81,7 +81,7 @@ class Runtime:
             tag, magic = out.decode().split()
             return cls(name, path, _checked_tag(tag), bytes.fromhex(magic))
         except (OSError, ValueError, TimeoutError) as exc:
-            raise CompileFailed(f"runtime {name}={path}: cannot ask its cache tag: {exc}") from exc
+            raise CompileFailed(f"cannot ask {path} for its cache tag: {exc}") from exc
 
     def pyc_of(self, rel: str) -> str:
         """The relative path of this runtime's pyc for the source ``rel``."""

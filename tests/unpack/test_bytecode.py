@@ -47,7 +47,7 @@ async def test_a_runtime_reports_its_own_cache_tag_and_magic_number() -> None:
 
 
 async def test_a_runtime_that_cannot_run_is_refused_with_its_name(tmp_path: Path) -> None:
-    with pytest.raises(CompileFailed, match="python9"):
+    with pytest.raises(CompileFailed, match="no-such-python"):
         await Runtime.probe("python9", tmp_path / "no-such-python")
 
 
