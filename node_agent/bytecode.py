@@ -78,7 +78,11 @@ async def _compiler_lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     runtimes = await runtimes_of(settings)
-    budget = CompileBudget(timeout=settings.unpack_timeout, memory=settings.unpack_memory)
+    budget = CompileBudget(
+        timeout=settings.unpack_timeout,
+        memory=settings.unpack_memory,
+        max_pyc_bytes=settings.max_unpacked_size,
+    )
     compiler = HostCompiler(settings.code_dir, runtimes, budget, _counter(app[CORE].metrics))
     app[COMPILER] = compiler
 

@@ -51,6 +51,8 @@ PROBE = (
 )
 PROBE_TIMEOUT = 30.0
 LINE_MAX = 4096
+CHILD_ENV = {"LC_ALL": "C.UTF-8"}
+"""The whole environment of a compile child: none of the agent's (its tokens)."""
 SKIPS_KEPT = 100
 """Skipped files named in a report (all are counted)."""
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -100,7 +102,7 @@ async def _run_probe(path: Path) -> bytes:
     proc = await asyncio.create_subprocess_exec(
         str(path), "-I", "-S", "-c", PROBE,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, env=CHILD_ENV, cwd="/",
     )  # fmt: skip
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT)
@@ -121,7 +123,9 @@ class CompileBudget:
     one source, 20 s (the largest module of the corpus, 1.3 MiB, compiles in
     0.3 s here); ``memory``: the child's address space (``--unpack-memory``);
     ``max_source``: larger sources are skipped unread (8 MiB; the runtime
-    compiles such a module itself, as without bytecode).
+    compiles such a module itself, as without bytecode); ``max_pyc_bytes``:
+    the pycs one job may write in all (the agent's ``--max-unpacked-size``);
+    past it the rest is skipped.
     """
 
     timeout: float = 300.0
@@ -129,17 +133,20 @@ class CompileBudget:
     memory: int = GiB
     max_source: int = 8 * MiB
     nice: int = 10
+    max_pyc_bytes: int = 4 * GiB
 
     def __post_init__(self) -> None:
-        if min(self.timeout, self.per_file, self.memory, self.max_source) <= 0:
+        if min(self.timeout, self.per_file, self.memory, self.max_source, self.max_pyc_bytes) <= 0:
             raise ValueError("CompileBudget values must be positive")
         if not 0 <= self.nice <= 19:
             raise ValueError("CompileBudget.nice must be 0 to 19")
 
-    def argv(self, runtime: Runtime, root: Path) -> list[str]:
+    def argv(self, runtime: Runtime, root: Path, written: int) -> list[str]:
+        """The child's command line; ``written``: pyc bytes this job already wrote."""
         cpu = int(2 * self.timeout) + 1
         fsize = 8 * self.max_source  # a pyc may be larger than its source
-        limits = (self.memory, cpu, fsize, self.max_source, self.nice)
+        allowance = max(self.max_pyc_bytes - written, 0)
+        limits = (self.memory, cpu, fsize, self.max_source, self.nice, allowance)
         return [str(runtime.path), "-I", "-S", str(CHILD_SCRIPT), str(root), *map(str, limits)]
 
 
@@ -150,6 +157,7 @@ class CompileReport:
 
     compiled: int = 0
     skipped: int = 0
+    pyc_bytes: int = 0
     skips: list[tuple[str, str]] = field(default_factory=list)
     children: int = 0
     seconds: float = 0.0
@@ -161,6 +169,7 @@ class CompileReport:
 
     def add(self, other: CompileReport) -> None:
         self.compiled += other.compiled
+        self.pyc_bytes += other.pyc_bytes
         self.children += other.children
         self.seconds += other.seconds
         for rel, reason in other.skips:
@@ -203,9 +212,10 @@ async def _one_child(
 ) -> int:
     """Run one child over ``files``; return how many it settled (at least one)."""
     proc = await asyncio.create_subprocess_exec(
-        *budget.argv(runtime, root),
+        *budget.argv(runtime, root, report.pyc_bytes),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, limit=LINE_MAX, start_new_session=True,
+        env=CHILD_ENV, cwd="/",
     )  # fmt: skip
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -253,6 +263,7 @@ async def _follow(
         elif kind in "+-" and current == index:
             if kind == "+":
                 report.compiled += 1
+                report.pyc_bytes += int(reason) if reason.isdigit() else 0
             else:
                 report.skip(files[index], reason or "skipped")
             current, settled, file_deadline = None, settled + 1, deadline

@@ -1,6 +1,6 @@
 """The compile script: run by a function's runtime interpreter, never imported by the agent.
 
-``RUNTIME -I -S compile_child.py ROOT MEMORY CPU FSIZE MAX_SOURCE NICE`` confines
+``RUNTIME -I -S compile_child.py ROOT MEMORY CPU FSIZE MAX_SOURCE NICE ALLOWANCE`` confines
 itself first (``PR_SET_PDEATHSIG``, nice, ``RLIMIT_AS``, ``RLIMIT_CPU``,
 ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core dumps; hard = soft), and only then
 reads its job: JSON strings on stdin, one a line, each a source path relative
@@ -9,8 +9,10 @@ to ROOT. It compiles them in that order with :func:`py_compile.compile` into
 immutable, so mtimes play no part), and reports on stdout, one line each::
 
     > I            about to compile file I
-    + I            compiled
+    + I BYTES      compiled: a pyc of BYTES
     - I REASON     skipped (a syntax error, over MAX_SOURCE bytes, out of memory, ...)
+
+Once its pycs pass ALLOWANCE bytes in all, it skips the rest.
 
 It never executes what it compiles. It uses only the standard library of the
 interpreter running it (``-I -S``: no site, no environment, no user paths), so
@@ -49,21 +51,21 @@ def confine(memory: int, cpu: int, fsize: int, nice: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
 
-def compile_one(root: str, rel: str, max_source: int) -> str | None:
-    """Compile one source; None when done, else why it was skipped."""
+def compile_one(root: str, rel: str, max_source: int) -> int | str:
+    """Compile one source; the size of its pyc, else why it was skipped."""
     path = os.path.join(root, rel)
     info = os.lstat(path)
     if not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     if info.st_size > max_source:
         return f"over {max_source} bytes"
-    py_compile.compile(
+    pyc = py_compile.compile(
         path,
         dfile=rel,
         doraise=True,
         invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
     )
-    return None
+    return os.lstat(pyc).st_size if pyc is not None else "not compiled"
 
 
 def report(line: str) -> None:
@@ -72,11 +74,14 @@ def report(line: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    root, memory, cpu, fsize, max_source, nice = argv[1], *map(int, argv[2:7])
+    root, memory, cpu, fsize, max_source, nice, allowance = argv[1], *map(int, argv[2:8])
     confine(memory, cpu, fsize, nice)
     files = [json.loads(line) for line in sys.stdin.buffer.read().splitlines() if line]
     for index, rel in enumerate(files):
         report(f"> {index}")
+        if allowance < 0:
+            report(f"- {index} over the limit on bytecode bytes")
+            continue
         try:
             reason = compile_one(root, str(rel), max_source)
         except MemoryError:
@@ -89,8 +94,9 @@ def main(argv: list[str]) -> int:
             reason = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a compiler bug on a crafted file: skip it, go on
             reason = f"{type(exc).__name__}"
-        if reason is None:
-            report(f"+ {index}")
+        if isinstance(reason, int):
+            allowance -= reason
+            report(f"+ {index} {reason}")
         else:
             report(f"- {index} {' '.join(reason.split())[:REASON_MAX]}")
     return 0

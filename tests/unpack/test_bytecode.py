@@ -106,3 +106,13 @@ async def test_a_job_over_its_budget_skips_what_it_did_not_reach(tmp_path: Path)
     report = await compile_files(runtime, tmp_path, files, CompileBudget(timeout=0.5))
     assert report.compiled == 0 and report.skipped == len(files)
     assert all("over the budget" in why for _rel, why in report.skips)
+
+
+async def test_a_job_stops_compiling_past_its_limit_on_bytecode_bytes(tmp_path: Path) -> None:
+    write_tree(tmp_path, {f"m{i}.py": f"X = {i!r}\n".encode() * 200 for i in range(6)})
+    runtime = await this_runtime()
+    files = [f"m{i}.py" for i in range(6)]
+    report = await compile_files(runtime, tmp_path, files, CompileBudget(max_pyc_bytes=1))
+    assert report.compiled == 1 and report.pyc_bytes > 1  # the first pyc passes the limit
+    assert [rel for rel, _why in report.skips] == files[1:]
+    assert all(why == "over the limit on bytecode bytes" for _rel, why in report.skips)
