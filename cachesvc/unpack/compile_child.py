@@ -40,6 +40,7 @@ def confine(memory: int, cpu: int, fsize: int, nice: int) -> None:
     """The limits, before any tenant file is opened; hard = soft, so they stay."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     os.nice(nice)
+    _nice_autogroup(nice)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-size pyc fails with EFBIG
     for limit, value in (
         (resource.RLIMIT_AS, memory),
@@ -49,6 +50,18 @@ def confine(memory: int, cpu: int, fsize: int, nice: int) -> None:
     ):
         resource.setrlimit(limit, (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+
+
+def _nice_autogroup(nice: int) -> None:
+    """The same nice value for this session's autogroup. The child leads a session of
+    its own, and where the kernel groups sessions (``sched_autogroup``), a process's
+    nice weighs only within its group: without this, a nice-19 compile took an equal
+    share of the CPU from a function's first start (measured: its start 1.4x slower)."""
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(str(nice))
+    except OSError:  # no autogroups here: the nice value above is enough
+        pass
 
 
 def compile_one(root: str, rel: str, max_source: int) -> int | str:
