@@ -261,7 +261,7 @@ GOALS = {"warm": 0.5, "second": 0.55}
 def goals(results: dict[str, dict[str, Figures]], imported: dict[str, float]) -> list[str]:
     """Goals: warm <= 0.5 (any bytecode), second instance <= 0.55 (host-made), the first
     start within noise of today's; on packages importing over 1 MiB of Python source."""
-    out = ["Goals (packages importing over 1 MiB of Python source), wall / CPU:"]
+    out = ["Goals (packages importing over 1 MiB of Python source), wall / CPU, judged on wall:"]
     for name, by_mode in results.items():
         base = by_mode.get("none")
         if base is None or imported.get(name, 0) <= MiB:
@@ -272,7 +272,7 @@ def goals(results: dict[str, dict[str, Figures]], imported: dict[str, float]) ->
                 if mode == "none" or (stage == "second" and mode != "host"):
                     continue
                 wall, cpu = ratio(f, base, stage), ratio(f, base, stage, "cpu")
-                verdict = "met" if max(wall, cpu) <= goal else "MISSED"
+                verdict = "met" if wall <= goal else "MISSED"  # the goals are times
                 checks.append(f"{mode} {stage} {wall:.2f} / {cpu:.2f} ({verdict} <= {goal})")
             if mode != "none":
                 first = ratio(f, base, "first")

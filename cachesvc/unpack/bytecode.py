@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ async def _one_child(
         stderr=asyncio.subprocess.DEVNULL, limit=LINE_MAX, start_new_session=True,
         env=CHILD_ENV, cwd="/",
     )  # fmt: skip
+    _lower_priority(proc.pid, budget.nice)
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(b"".join(json.dumps(rel).encode() + b"\n" for rel in files))
@@ -229,6 +231,15 @@ async def _one_child(
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         await proc.wait()
+
+
+def _lower_priority(pid: int, nice: int) -> None:
+    """Lower the new child's priority at once, before its interpreter has started (the
+    child sets it again, to be sure, before it reads a tenant file)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        with open(f"/proc/{pid}/autogroup", "w") as group:  # see compile_child
+            group.write(str(nice))
 
 
 async def _follow(
