@@ -3,6 +3,7 @@
 Command (from the repository root)::
 
     .venv/bin/python bench/corpus.py            # writes bench/out/corpus/*.zip
+    .venv/bin/python bench/corpus.py --start    # the start corpus (bench/coldstart.py)
 
 Each package is a deployment zip the way AWS Lambda takes it: the wheels of
 the function's dependencies unpacked at the zip root (``*.data/`` trees
