@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
         except RecursionError:
             reason = "nested too deeply"
         except py_compile.PyCompileError as exc:
-            reason = f"{exc.exc_type_name}: {getattr(exc.exc_value, 'msg', '')}"
+            msg = getattr(exc.exc_value, "msg", "")
+            reason = f"{exc.exc_type_name}: {msg}" if msg else exc.exc_type_name
         except (SyntaxError, ValueError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a compiler bug on a crafted file: skip it, go on

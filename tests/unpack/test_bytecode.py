@@ -56,6 +56,8 @@ async def test_hostile_sources_are_skipped_within_the_budget_and_the_rest_is_com
 ) -> None:
     hostile = {
         "nested.py": b"x = " + b"(" * 10**5 + b")" * 10**5 + b"\n",
+        "unary.py": b"x = " + b"-" * 10**5 + b"1\n",  # the parser runs out of stack
+        "chain.py": b"x = 1" + b" + 1" * 10**5 + b"\n",  # the compiler recurses
         "syntax.py": b"def broken(:\n",
         "slow.py": SLOW_SOURCE.encode(),
     }
@@ -63,7 +65,8 @@ async def test_hostile_sources_are_skipped_within_the_budget_and_the_rest_is_com
     with (tmp_path / "literal.py").open("wb") as out:  # 200 MB: skipped unread
         out.write(b"x = '")
         out.truncate(200 * 10**6)
-    files = ["nested.py", "a.py", "syntax.py", "literal.py", "slow.py", "pkg/__init__.py"]
+    files = ["nested.py", "a.py", "syntax.py", "literal.py", "unary.py", "chain.py", "slow.py"]
+    files.append("pkg/__init__.py")
     files.append("pkg/b.py")
     runtime = await this_runtime()
     budget = CompileBudget(per_file=0.5, timeout=60, memory=512 * 2**20)
@@ -72,7 +75,8 @@ async def test_hostile_sources_are_skipped_within_the_budget_and_the_rest_is_com
     assert time.monotonic() - start < 30
     assert report.compiled == len(GOOD)
     skipped = dict(report.skips)
-    assert set(skipped) == {"nested.py", "syntax.py", "literal.py", "slow.py"}
+    assert set(skipped) == {*hostile, "literal.py"}
+    assert skipped["unary.py"] == "MemoryError" and skipped["chain.py"] == "RecursionError"
     assert "SyntaxError" in skipped["syntax.py"] and "nested" in skipped["nested.py"]
     assert "over" in skipped["literal.py"] and "took over 0.5 s" in skipped["slow.py"]
     assert report.children == 2  # the stuck compile was killed; a new child went on
