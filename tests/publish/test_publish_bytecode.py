@@ -19,6 +19,7 @@ from cachesvc.errors import UnsupportedFormat
 from cachesvc.publish.bytecode import add_bytecode
 from cachesvc.unpack.bytecode import Runtime
 from tests.publish.test_publish_compress import publish
+from tests.publish.test_repack import SOURCE, python_like_zip
 
 SOURCES = {
     "handler.py": b"import lib.mod\n\ndef handler(event, context):\n    return lib.mod.f()\n",
@@ -105,3 +106,18 @@ def test_publish_refuses_an_interpreter_that_is_not_there(tmp_path: Path) -> Non
     done = publish(tmp_path, package, "--bytecode", "no-such-python3.11")
     assert done.returncode == 1
     assert "--bytecode no-such-python3.11: no such interpreter" in done.stderr
+
+
+def test_bytecode_then_repack_ships_the_pycs_in_the_tar_zst(tmp_path: Path) -> None:
+    package = python_like_zip(tmp_path / "fn.zip")
+    done = publish(tmp_path, package, "--bytecode", sys.executable, "--repack")
+    assert done.returncode == 0, done.stderr
+    assert "using tar.zst" in done.stderr
+    blob = tmp_path / "origin" / "blobs" / "sha256" / done.stdout.strip().removeprefix("sha256:")
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(blob.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        names = set(tf.getnames())
+    rt = runtime()
+    sources = [name for name in SOURCE if name.endswith(".py")]
+    assert sources and {rt.pyc_of(rel) for rel in sources} <= names
+    assert set(SOURCE) <= names
