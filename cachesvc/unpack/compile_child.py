@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     files = [json.loads(line) for line in sys.stdin.buffer.read().splitlines() if line]
     for index, rel in enumerate(files):
         report(f"> {index}")
-        if allowance < 0:
+        if allowance <= 0:
             report(f"- {index} over the limit on bytecode bytes")
             continue
         try:
