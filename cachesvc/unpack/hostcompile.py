@@ -43,12 +43,14 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -157,7 +159,9 @@ class HostCompiler:
         self._jobs: dict[Digest, _Job] = {}
         self._ending: set[asyncio.Task[None]] = set()
         self._slot = asyncio.Semaphore(1)
-        self._disk = ThreadPoolExecutor(1, thread_name_prefix="cachesvc-bytecode-disk")
+        self._disk = ThreadPoolExecutor(
+            1, thread_name_prefix="cachesvc-bytecode-disk", initializer=_background_thread
+        )
 
     def schedule(self, digest: Digest, tree: Path, hints: Sequence[str] = ()) -> None:
         """Start compiling ``tree`` in the background unless a job for ``digest`` is
@@ -247,6 +251,15 @@ class HostCompiler:
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+
+def _background_thread() -> None:
+    """This thread at nice 19 too (Linux nice is per thread): listing, linking and removing
+    thousands of entries is the agent's share of a compile, and a first start running
+    beside it comes first (measured: at nice 0 it made first starts up to 1.3x slower
+    on a busy host)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def _make_shadow(tree: Path, shadow: Path) -> None:
