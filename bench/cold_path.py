@@ -31,6 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,7 +104,7 @@ def _argv(kind: str, port: int, cache: Path, *extra: str) -> list[str]:
     return [str(VENV_BIN / "cachesvc"), kind, *listen, *extra]
 
 
-def _s3(endpoint: str):  # type: ignore[no-untyped-def]
+def _s3(endpoint: str) -> Any:  # a boto3 client: untyped
     import boto3
 
     return boto3.client(

@@ -151,9 +151,9 @@ def build_zip(wheels: list[Path], handler: bytes, dst: Path) -> int:
 
 
 def _member(
-    name: str, mode: int, date_time: tuple[int, ...] = (2024, 1, 1, 0, 0, 0)
+    name: str, mode: int, date_time: tuple[int, int, int, int, int, int] = (2024, 1, 1, 0, 0, 0)
 ) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=date_time)  # type: ignore[arg-type]
+    info = zipfile.ZipInfo(name, date_time=date_time)
     info.create_system = 3
     info.external_attr = (0o100000 | mode) << 16
     info.compress_type = zipfile.ZIP_DEFLATED

@@ -144,12 +144,19 @@ def wrk(url: str, seconds: int, server_pid: int) -> WrkRun:
         ["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "30s", url],
         check=True, capture_output=True, text=True, timeout=seconds + 60,
     ).stdout  # fmt: skip
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
-    rate = re.search(r"Transfer/sec:\s+([\d.]+)([KMGT]?B)", out)
-    mibps = float(rate[1]) * _UNITS[rate[2]] / MiB  # type: ignore[index]
+    rps = float(_wrk_line(r"Requests/sec:\s+([\d.]+)", out)[1])
+    rate = _wrk_line(r"Transfer/sec:\s+([\d.]+)([KMGT]?B)", out)
+    mibps = float(rate[1]) * _UNITS[rate[2]] / MiB
     errors = [line.strip() for line in out.splitlines() if "errors" in line or "Non-2xx" in line]
     cpu = cpu_seconds(server_pid) - cpu0
     return WrkRun(rps, mibps, "; ".join(errors), cpu / max(rps * seconds, 1) * 1e6)
+
+
+def _wrk_line(pattern: str, out: str) -> re.Match[str]:
+    match = re.search(pattern, out)
+    if match is None:
+        raise RuntimeError(f"wrk printed no line matching {pattern!r}: {out!r}")
+    return match
 
 
 def bench_l1(work: Path, procs: Procs, reps: int, seconds: int) -> list[str]:
@@ -247,7 +254,14 @@ class RssSampler:
             await asyncio.sleep(0.1)
 
 
-async def sampled(pids: list[int], targets: list[tuple[int, str]]) -> tuple[list[Result], dict]:
+@dataclass
+class Sampled:
+    results: list[Result]
+    peak_rss: dict[int, int]  # pid -> bytes
+    client_cpu: float  # cores the client used
+
+
+async def sampled(pids: list[int], targets: list[tuple[int, str]]) -> Sampled:
     sampler = RssSampler(pids)
     task = asyncio.create_task(sampler.run())
     await asyncio.sleep(0.15)  # at least one sample before the load
@@ -257,7 +271,7 @@ async def sampled(pids: list[int], targets: list[tuple[int, str]]) -> tuple[list
     finally:
         task.cancel()
     client = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    return results, {**sampler.peak, "client_cpu": client}
+    return Sampled(results, sampler.peak, client)
 
 
 def metric_sum(port: int, name: str, **labels: str) -> float:
@@ -375,19 +389,31 @@ def _boto_creds() -> dict[str, str]:
     }
 
 
-def summary(results: list[Result]) -> dict[str, float | str]:
+@dataclass
+class Summary:
+    """Of one batch of GETs: complete/all, responses per tier, seconds."""
+
+    ok: str
+    tiers: str
+    ttfb50: float
+    ttfb99: float
+    total50: float
+    total99: float
+
+
+def summary(results: list[Result]) -> Summary:
     ok = [r for r in results if r.complete]
     ttfb, total = [r.ttfb for r in ok], [r.total for r in ok]
-    return {
-        "ok": f"{len(ok)}/{len(results)}",
-        "tiers": ", ".join(
+    return Summary(
+        ok=f"{len(ok)}/{len(results)}",
+        tiers=", ".join(
             f"{t or '-'}:{n}" for t, n in sorted(Counter(r.tier for r in results).items())
         ),
-        "ttfb50": pct(ttfb, 50) if ok else math.nan,
-        "ttfb99": pct(ttfb, 99) if ok else math.nan,
-        "total50": pct(total, 50) if ok else math.nan,
-        "total99": pct(total, 99) if ok else math.nan,
-    }
+        ttfb50=pct(ttfb, 50) if ok else math.nan,
+        ttfb99=pct(ttfb, 99) if ok else math.nan,
+        total50=pct(total, 50) if ok else math.nan,
+        total99=pct(total, 99) if ok else math.nan,
+    )
 
 
 def direct_origin_get(stack: Stack, hex_: str, reps: int) -> tuple[float, float]:
@@ -410,7 +436,29 @@ def direct_origin_get(stack: Stack, hex_: str, reps: int) -> tuple[float, float]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-async def one_storm(stack: Stack, work: Path, n: int) -> dict[str, object]:
+@dataclass
+class Phase:
+    """The 100 GETs of one storm, cold or all-warm."""
+
+    summary: Summary
+    rss: int  # the highest peak RSS of the agents, bytes
+    client_cpu: float
+
+    @classmethod
+    def of(cls, run: Sampled) -> Phase:
+        return cls(summary(run.results), max(run.peak_rss.values()), run.client_cpu)
+
+
+@dataclass
+class Storm:
+    hex: str
+    store_gets: int  # by the store's own count
+    metric_gets: float  # by the services' metrics
+    cold: Phase
+    warm: Phase
+
+
+async def one_storm(stack: Stack, work: Path, n: int) -> Storm:
     """A fresh 64 MiB package: cold storm, then the same requests all-warm."""
     path = work / f"storm{n}.bin"
     path.write_bytes(os.urandom(64 * MiB))
@@ -418,22 +466,12 @@ async def one_storm(stack: Stack, work: Path, n: int) -> dict[str, object]:
     path.unlink()
     before, store_before = stack.origin_fetches_in_metrics(), stack.store_gets()
     targets = [(stack.agent_ports[i % 2], f"/pkg/sha256:{hex_}") for i in range(100)]
-    cold, cold_rss = await sampled(stack.agent_pids, targets)
+    cold = await sampled(stack.agent_pids, targets)
     fetched = stack.origin_fetches_in_metrics() - before
     tier, got = get_all(f"http://127.0.0.1:{stack.agent_ports[0]}/pkg/sha256:{hex_}")
     assert got == hex_ and tier == "L1", (tier, got)
-    warm, warm_rss = await sampled(stack.agent_pids, targets)
-    return {
-        "hex": hex_,
-        "store_gets": stack.store_gets() - store_before,
-        "metric_gets": fetched,
-        "cold": summary(cold),
-        "warm": summary(warm),
-        "cold_rss": max(v for k, v in cold_rss.items() if k != "client_cpu"),
-        "warm_rss": max(v for k, v in warm_rss.items() if k != "client_cpu"),
-        "cold_client": cold_rss["client_cpu"],
-        "warm_client": warm_rss["client_cpu"],
-    }
+    warm = await sampled(stack.agent_pids, targets)
+    return Storm(hex_, stack.store_gets() - store_before, fetched, Phase.of(cold), Phase.of(warm))
 
 
 async def bench_storms(work: Path, procs: Procs, storms: int, kind: str) -> list[str]:
@@ -450,22 +488,22 @@ async def storms_on(stack: Stack, work: Path, storms: int) -> list[str]:
     runs = []
     for n in range(storms):
         runs.append(await one_storm(stack, work, n))
-        c, w = runs[-1]["cold"], runs[-1]["warm"]
-        print(f"  storm {n}: cold total p99 {c['total99']:.3f}s ttfb p99 {c['ttfb99']:.3f}s, "
-              f"warm total p99 {w['total99']:.3f}s", flush=True)  # fmt: skip
-    hex_ = runs[-1]["hex"]
+        c, w = runs[-1].cold.summary, runs[-1].warm.summary
+        print(f"  storm {n}: cold total p99 {c.total99:.3f}s ttfb p99 {c.ttfb99:.3f}s, "
+              f"warm total p99 {w.total99:.3f}s", flush=True)  # fmt: skip
+    hex_ = runs[-1].hex
     idle = rss_bytes(stack.agent_pids[0])
     one_agent = [(stack.agent_ports[0], f"/pkg/sha256:{hex_}")] * 100
     rss_runs = []
     for _ in range(3):
-        results, peak = await sampled(stack.agent_pids[:1], one_agent)
-        rss_runs.append((summary(results), peak[stack.agent_pids[0]]))
+        run = await sampled(stack.agent_pids[:1], one_agent)
+        rss_runs.append((summary(run.results), run.peak_rss[stack.agent_pids[0]]))
     direct = direct_origin_get(stack, hex_, 3)
     return report_storms(runs, direct, idle, rss_runs)
 
 
 def report_storms(
-    runs: list[dict], direct: tuple[float, float], idle: int, rss_runs: list
+    runs: list[Storm], direct: tuple[float, float], idle: int, rss_runs: list[tuple[Summary, int]]
 ) -> list[str]:
     rows = [
         "| run | origin GETs (store's count / metrics) | requests ok | tiers | TTFB p50 | TTFB p99"
@@ -473,23 +511,23 @@ def report_storms(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in enumerate(runs):
-        for phase in ("cold", "warm"):
-            s = r[phase]
-            gets = f"{r['store_gets']} / {r['metric_gets']:.0f}" if phase == "cold" else "-"
+        for phase, p in (("cold", r.cold), ("warm", r.warm)):
+            s = p.summary
+            gets = f"{r.store_gets} / {r.metric_gets:.0f}" if phase == "cold" else "-"
             rows.append(
-                f"| {phase} {n} | {gets} | {s['ok']} | {s['tiers']} | {s['ttfb50']:.3f} s"
-                f" | {s['ttfb99']:.3f} s | {s['total50']:.3f} s | {s['total99']:.3f} s"
-                f" | {r[phase + '_rss'] / 1e6:.0f} MB | {r[phase + '_client']:.2f} |"
+                f"| {phase} {n} | {gets} | {s.ok} | {s.tiers} | {s.ttfb50:.3f} s"
+                f" | {s.ttfb99:.3f} s | {s.total50:.3f} s | {s.total99:.3f} s"
+                f" | {p.rss / 1e6:.0f} MB | {p.client_cpu:.2f} |"
             )
-    ratios = [r["cold"]["total99"] / r["warm"]["total99"] for r in runs]
-    ttfb99 = [r["cold"]["ttfb99"] for r in runs]
-    gets = [r["store_gets"] for r in runs]
+    ratios = [r.cold.summary.total99 / r.warm.summary.total99 for r in runs]
+    ttfb99 = [r.cold.summary.ttfb99 for r in runs]
+    store_gets = [r.store_gets for r in runs]
     rows += [
         "",
         "| figure | value | target |",
         "|---|---|---|",
-        f"| origin GETs per cold storm (store's count) | {', '.join(map(str, gets))}"
-        f" | 1 {'ok' if set(gets) == {1} else '**missed**'} |",
+        f"| origin GETs per cold storm (store's count) | {', '.join(map(str, store_gets))}"
+        f" | 1 {'ok' if set(store_gets) == {1} else '**missed**'} |",
         f"| storm total p99 / warm total p99 | median {statistics.median(ratios):.2f}x"
         f" (runs: {', '.join(f'{x:.2f}' for x in ratios)})"
         f" | <= 1.1x {'ok' if statistics.median(ratios) <= 1.1 else '**missed**'} |",
@@ -501,7 +539,7 @@ def report_storms(
     ]
     peak = max(p for _, p in rss_runs)
     each = "; ".join(
-        f"{p / 1e6:.0f} MB ({s['ok']} ok, total p99 {s['total99']:.2f} s)" for s, p in rss_runs
+        f"{p / 1e6:.0f} MB ({s.ok} ok, total p99 {s.total99:.2f} s)" for s, p in rss_runs
     )
     rows += [
         f"| agent RSS peak, 100 concurrent 64 MiB L1 downloads from one agent | {peak / 1e6:.0f} MB"

@@ -48,7 +48,7 @@ from bench.procs import publish_report  # noqa: E402
 from cachesvc.config import parse_size  # noqa: E402
 from cachesvc.publish import repack  # noqa: E402
 from cachesvc.publish.upload import publish_blob  # noqa: E402
-from cachesvc.upstream.origin import make_origin  # noqa: E402
+from cachesvc.upstream.origin import Origin, make_origin  # noqa: E402
 from loadtest.origin_proxy import S3Proxy  # noqa: E402
 from loadtest.procs import Child, free_port, spawn, venv_tool, wait_ready  # noqa: E402
 from loadtest.stack import AWS_ENV, BUCKET, start_moto  # noqa: E402
@@ -117,13 +117,13 @@ async def timed(method: str, url: str) -> float:
 
 
 async def one_rep(
-    package: Path, rep: int, pairs: tuple[Pair, Pair], origin: object, work: Path
+    package: Path, rep: int, pairs: tuple[Pair, Pair], origin: Origin, work: Path
 ) -> tuple[float, float, float]:
     a, b = pairs
     first = variant(package, f"{rep}a", work)
     second = variant(package, f"{rep}b", work)
-    d1, _, _ = await publish_blob(origin, first)  # type: ignore[arg-type]
-    d2, _, _ = await publish_blob(origin, second)  # type: ignore[arg-type]
+    d1, _, _ = await publish_blob(origin, first)
+    d2, _, _ = await publish_blob(origin, second)
     download = await timed("GET", f"{a.agent}/pkg/{d1}")
     unpack = await timed("POST", f"{a.agent}/pkg/{d1}/unpack")
     runnable = await timed("POST", f"{b.agent}/pkg/{d2}/unpack")
@@ -186,7 +186,7 @@ async def amain(args: argparse.Namespace) -> list[str]:
         finally:
             for child in children:
                 await child.stop()
-            await origin.close()  # type: ignore[attr-defined]
+            await origin.close()
             await proxy.stop()
             await moto.stop()
     return report(results, args.rate, args.reps)

@@ -148,7 +148,8 @@ async def one_rep(
 
 def report(reps: list[dict[str, dict[str, Any]]], args: argparse.Namespace) -> list[str]:
     def med(target: str, key: str) -> float:
-        return statistics.median(r[target][key] for r in reps if target in r)
+        values: list[float] = [r[target][key] for r in reps if target in r]
+        return statistics.median(values)
 
     lines = [
         f"{args.packages} packages of {args.size} B, Zipf({ZIPF_S}), {args.requests} requests, "

@@ -1,34 +1,27 @@
-"""Settings: one frozen :class:`Settings` per command, from flags and ``CACHESVC_*``.
+"""Settings: one frozen :class:`Settings` per command; :func:`add_flag` and the
+common value parsers (sizes, durations, counts, listen addresses, origins).
+Reads the environment (``CACHESVC_*``, the only source of the secrets
+``CACHESVC_TOKEN`` and ``CACHESVC_PEER_TOKEN``); builds no parser (each
+command module adds its own flags). Accepted forms: README "Configuration".
 
-Every flag can be given as ``CACHESVC_<FLAG>`` (upper case, ``-`` as ``_``);
-a flag on the command line wins over the environment. Secrets are read from the
-environment only, here and nowhere else: ``CACHESVC_TOKEN`` (operator API) and
-``CACHESVC_PEER_TOKEN`` (between tiers). Sizes accept ``512MiB``, ``10GiB``,
-``2G``, plain bytes.
-
-A value that does not parse is a :class:`ConfigError` of one line that names
-the flag, the value, where it came from (the command line, a ``CACHESVC_*``
-variable or the built-in default) and the accepted forms::
-
-    --cache-size '10XB' (from CACHESVC_CACHE_SIZE): not a size; use 512MiB, 10GiB or bytes
-
-Why not argparse's own conversion errors: argparse converts an environment
-default with the flag's ``type`` and then blames the flag ("argument
---cache-size: invalid parse_size value"), after a usage dump that does not
-help with a variable. :func:`add_flag` wraps every ``type`` so that the
-converter itself raises :class:`ConfigError`, which argparse does not catch.
+* A flag made with :func:`add_flag` can be given as ``CACHESVC_<FLAG>``; the
+  command line wins over the variable.
+* Every time flag is parsed by :func:`parse_duration`.
+* A value that does not parse is a one-line :class:`ConfigError` naming the
+  flag, the value, where it came from and the accepted forms. Rejected:
+  argparse's own conversion errors, which blame the flag for a variable's
+  value after a usage dump; :func:`add_flag` wraps every ``type`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from cachesvc.errors import ConfigError
@@ -55,17 +48,21 @@ def parse_size(text: str | int) -> int:
 
 
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+DURATION_FORMS = "seconds (30, 0.5) or 500ms, 2s, 90m, 6h, 1d"
 
 
-def parse_duration(text: str | float) -> float:
-    """``"2s"``, ``"6h"``, ``"1d"``, ``"500ms"``, ``"90"`` (seconds) → seconds,
-    more than 0. Raises ValueError for anything else."""
-    if isinstance(text, int | float):
-        return float(text)
+def parse_duration(text: str, *, zero: bool = False) -> float:
+    """The one parser of every time flag: ``"30"``, ``"0.5"`` (a bare number is
+    seconds), ``"500ms"``, ``"2s"``, ``"90m"``, ``"6h"``, ``"1d"`` → seconds, more
+    than 0; 0 too with ``zero`` (``--shutdown-grace 0``: do not wait). Raises
+    ValueError for anything else (``"-1"``, ``"nan"``, ``"1e3"``, ``"1w"``)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*", text.lower())
-    if m is None or float(m[1]) <= 0:
-        raise ValueError("not a duration; use e.g. 2s, 90m, 6h or 1d")
-    return float(m[1]) * _SECONDS[m[2]]
+    if m is None:
+        raise ValueError(f"not a duration; use {DURATION_FORMS}")
+    seconds = float(m[1]) * _SECONDS[m[2]]
+    if seconds == 0 and not zero:
+        raise ValueError(f"not a positive duration; use {DURATION_FORMS}")
+    return seconds
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -91,17 +88,6 @@ def parse_port(text: str) -> int:
     return int(text)
 
 
-def parse_seconds(text: str) -> float:
-    """``"30"``, ``"0.5"`` → seconds (finite, ≥ 0)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("not a number of seconds; use e.g. 30 or 0.5")
-    return value
-
-
 def parse_log_level(text: str) -> str:
     """``debug``, ``INFO``, ... → the level's name in upper case."""
     name = text.strip().upper()
@@ -111,6 +97,15 @@ def parse_log_level(text: str) -> str:
 
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3 bucket naming rules
+
+
+def parse_runtime(text: str) -> str:
+    """``NAME=PATH`` with an absolute PATH (``--runtime``; the interpreter is asked
+    for its cache tag when the agent starts)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path.startswith("/"):
+        raise ValueError("NAME=PATH, e.g. python3.11=/usr/bin/python3.11 (an absolute path)")
+    return text
 
 
 def parse_origin(text: str) -> str:
@@ -170,7 +165,7 @@ FROM_COMMAND_LINE = "from the command line"
 
 # What the builtin types' own messages would say ("invalid literal for int() with
 # base 10"), said as the accepted forms; for flags added with type=int or float.
-_BUILTIN_FORMS: dict[Any, str] = {
+_BUILTIN_FORMS: dict[Callable[[str], object], str] = {
     int: "not a whole number; use digits, e.g. 64",
     float: "not a number; use e.g. 30 or 0.5",
 }
@@ -190,16 +185,19 @@ class _Given(str):
         return given
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
-class FlagValue:
+class FlagValue(Generic[_T]):
     """The ``type`` of a flag added by :func:`add_flag`: converts with ``parse``,
     and turns its ValueError into a :class:`ConfigError` of one line naming the
     flag, the value, its source and the accepted forms."""
 
     flag: str
-    parse: Callable[[str], Any]
+    parse: Callable[[str], _T]
 
-    def __call__(self, text: str) -> Any:
+    def __call__(self, text: str) -> _T:
         try:
             return self.parse(text)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
@@ -255,6 +253,40 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -
     if kw.get("default") not in (None, ""):
         shown += f" (default: {kw['default']})"
     parser.add_argument(flag, help=help + shown, **kw)
+
+
+def add_repeated_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    parse: Callable[[str], str],
+    metavar: str,
+    dest: str,
+) -> None:
+    """A repeatable flag collected into a tuple; without it on the command line,
+    ``CACHESVC_<FLAG>`` gives a comma-separated list. Each value is checked by
+    ``parse``, as :func:`add_flag` does."""
+    check = FlagValue(flag, parse)
+    env = env_value(flag)
+    default = tuple(check(_Given.of(item.strip(), f"from {env_name(flag)}"))
+                    for item in (env or "").split(",") if item.strip())  # fmt: skip
+    parser.add_argument(
+        flag, dest=dest, metavar=metavar, action=_Repeated, type=check, default=default,
+        help=f"{help} [env {env_name(flag)}, comma-separated]",
+    )  # fmt: skip
+
+
+class _Repeated(argparse.Action):
+    """Append, except that the first value on the command line replaces the
+    environment's list."""
+
+    def __call__(
+        self, parser: Any, namespace: Any, values: Any, option_string: str | None = None
+    ) -> None:
+        given = f"_{self.dest}_given"
+        current = getattr(namespace, self.dest) if getattr(namespace, given, False) else ()
+        setattr(namespace, self.dest, (*current, values))
+        setattr(namespace, given, True)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,16 @@
-"""The package digest: the one place a digest string is validated.
-
-A :class:`Digest` is ``sha256:<64 lowercase hex>`` of a package's bytes exactly
-as stored in the origin. Everything below the HTTP/CLI edge takes a ``Digest``,
-never a ``str``. This module does not hash bodies (the store does that).
+"""The package digest: :class:`Digest`, the one validator of ``sha256:<64 lowercase
+hex>``, and :func:`compare`, the one place a computed sha256 is checked against
+the expected one (ingest, re-hash, adoption; no switch skips it). Below the
+HTTP/CLI edge functions take a ``Digest``, never a ``str``. Hashes no bodies.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
-from cachesvc.errors import InvalidDigest
+from cachesvc.errors import DigestMismatch, InvalidDigest
 
 HEX = re.compile(r"[0-9a-f]{64}")  # a sha256 in lowercase hex, and nothing else
 PREFIX = "sha256:"
@@ -47,3 +47,17 @@ class Digest:
     def etag(self) -> str:
         """The strong HTTP entity tag, ``"sha256:<hex>"``."""
         return f'"{self}"'
+
+
+class Hashed(Protocol):
+    """A sha256 over a package's bytes (``hashlib.sha256()`` after its updates)."""
+
+    def hexdigest(self) -> str: ...
+
+
+def compare(digest: Digest, hashed: Hashed, what: str) -> None:
+    """The one comparison of computed and expected sha256 in cachesvc.
+    Raises :class:`DigestMismatch` (``what``: ingest, recheck, adopt, ...)."""
+    actual = hashed.hexdigest()
+    if actual != digest.hex:
+        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")

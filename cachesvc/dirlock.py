@@ -1,27 +1,14 @@
-"""One owner per directory: an advisory lock on a file inside it.
+"""One owner per directory: ``flock(LOCK_EX | LOCK_NB)`` on ``<dir>/.lock``,
+which holds the owner's pid, so a second owner fails at once naming the pid.
 
-A cache dir or code dir shared by two processes is corrupted quietly: each
-one's start-up sweep removes the other's work in progress. :class:`DirLock`
-takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``<dir>/.lock`` and writes the
-owner's pid into it, so a second owner fails at once with a message naming
-the directory and the pid holding it.
+* Exclusive across processes and within one (flock is per open file
+  description); close-on-exec, so a child never prolongs it.
+* Released by the kernel however the owner exits (kill -9 included); the lock
+  file is never removed (that would let two processes lock two files).
+* Never follows a link: anything but a regular file named ``.lock`` is replaced.
 
-Guarantees:
-
-* **Exclusive across processes and within one**: flock belongs to the open
-  file description, so a second :meth:`DirLock.acquire` on the same directory
-  fails even in the same process. The descriptor is close-on-exec: a child
-  process never inherits (and so never prolongs) the lock.
-* **Released by the kernel** when the owner exits, however it exits (kill -9
-  included): a stale lock file is harmless, and is never removed, because
-  removing a lock file lets two processes lock two different files.
-* **Never follows a link**: a link, directory or other non-file named
-  ``.lock`` is removed and a fresh file made.
-
-Rejected alternatives: ``fcntl.lockf``/POSIX record locks are per process (a
-second store in the same process would not be refused, and closing *any*
-descriptor of the file drops them); an O_EXCL pid file needs stale-pid
-guessing after a crash.
+Rejected: ``lockf``/POSIX locks are per process and dropped by closing any
+descriptor of the file; an O_EXCL pid file needs stale-pid guessing.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
     CachesvcError                      (500 internal)
     ├── InvalidRequest                 400 invalid_request
     │   ├── InvalidDigest              400 invalid_digest
-    │   └── MethodNotAllowed           405 invalid_request (with Allow)
+    │   ├── MethodNotAllowed           405 invalid_request (with Allow)
+    │   └── VersionNotSupported        505 invalid_request (then the connection closes)
     ├── Unauthorized                   401 unauthorized
     ├── NotFound                       404 not_found
     │   └── UnknownTenant              404 unknown_tenant
@@ -24,8 +25,8 @@
 
     ConfigError                        not a request error: a service cannot start
 
-Every class carries ``status`` and ``code``; :mod:`cachesvc.serve.http` turns them into
-``{"error": code, "detail": str(exc)}``. This module knows nothing of HTTP.
+Every class carries ``status`` and ``code``; knows nothing of HTTP
+(:mod:`cachesvc.serve.http` turns them into JSON).
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ class MethodNotAllowed(InvalidRequest):
     def __init__(self, method: str, allowed: list[str]) -> None:
         super().__init__(f"method {method} not allowed; use {', '.join(allowed)}")
         self.headers = {"Allow": ", ".join(allowed)}
+
+
+class VersionNotSupported(InvalidRequest):
+    """A request in an HTTP version other than 1.0 and 1.1 (RFC 9110 §15.6.6).
+    The answer closes the connection: its framing is not one we speak."""
+
+    status = 505
+
+    def __init__(self, version: str) -> None:
+        super().__init__(f"HTTP/{version} is not supported: use HTTP/1.1 (or 1.0)")
+        self.headers = {"Connection": "close"}
 
 
 class Unauthorized(CachesvcError):

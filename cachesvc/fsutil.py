@@ -1,18 +1,14 @@
 """Removing what we (or a crash, an operator, a hostile archive) left on disk.
 
-:func:`remove_tree` removes a file, a link or a whole directory tree under a
-directory we own, whatever its shape: any depth, paths far longer than
-``PATH_MAX``, directories without permissions, links anywhere (removed, never
-followed). It never recurses (no ``RecursionError``), holds at most two
-directory descriptors at a time, and never raises for what it finds on disk:
-it logs what it could not remove and answers False.
+:func:`remove_tree` removes a file, a link or a tree of any depth under a
+directory we own: links are removed, never followed; paths past ``PATH_MAX``
+and directories without permissions are handled; it never recurses and holds
+a bounded number of descriptors whatever the depth; it never raises for what
+it finds (it logs and answers False).
 
-Rejected alternative: ``shutil.rmtree`` recurses once per directory level
-(Python's recursion limit stops it near depth 1,000 on 3.11) and, without
-``dir_fd`` support in every branch, builds full paths that fail past
-``PATH_MAX``. Here every operation is relative to an open directory: the
-tree is flattened by renaming each subdirectory up to the top, one level at a
-time, and every top-level directory is emptied and removed.
+Rejected: ``shutil.rmtree`` recurses per level (stops near depth 1,000) and
+builds full paths that fail past ``PATH_MAX``; here every operation is
+relative to an open directory, the tree flattened one level at a time.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
-"""Every ``cachesvc_*`` Prometheus metric, defined once per service instance.
+"""Every ``cachesvc_*`` Prometheus metric, defined once per service instance, in
+that instance's own registry (several services may share a process: tests,
+``cachesvc up``).
 
-Each app gets its own registry (several services can share one process: tests,
-``cachesvc up``). Labels are bounded: ``tier`` (L1, L2, ORIGIN), ``upstream``
-(peer, agent, origin), ``outcome`` (ok, not_found, error, timeout, mismatch),
-``route`` (a fixed set), ``signal`` (warm, calls, publish), ``found_by``
-(startup, scrub, serve), ``runtime`` (the
-``--runtime`` names an operator gave). Digests, peers and
-tenants never become labels (they go in log lines), except the per-tenant warm
-counters, which are capped at :data:`MAX_TENANT_LABELS` distinct tenants
-(beyond that they count under ``tenant="_other"``).
+Labels take values from fixed sets only (tiers, upstreams, routes, signals,
+``found_by``, outcomes, job states, error codes, the ``--runtime`` names an
+operator gave); digests, peers and tenants go in log lines, except the
+per-tenant warm counter, capped at :data:`MAX_TENANT_LABELS` tenants (then
+``tenant="_other"``).
 """
 
 from __future__ import annotations
@@ -165,6 +163,12 @@ class Metrics:
         self.cache_bytes.set_function(lambda: usage()[1])
         self.cache_capacity.set_function(lambda: usage()[2])
 
+    def requests_served(self, tier: str) -> int:
+        """``cachesvc_requests_total`` for ``tier`` as the registry reports it
+        (call :meth:`sync` first to include the fast path's tallies)."""
+        value = self.registry.get_sample_value("cachesvc_requests_total", {"tier": tier})
+        return int(value or 0)
+
     def sync(self) -> None:
         """Bring in counts kept elsewhere for speed (the fast path's tallies)."""
         for flush in self.on_sync:
@@ -183,6 +187,7 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
     ``_sum``, unchanged since prometheus_client 0.4); without them it falls
     back to one ``observe`` per value.
     """
+    # No public API observes many values at once: see the docstring for the fallback.
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)

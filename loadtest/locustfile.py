@@ -40,15 +40,18 @@ import json
 import os
 import random
 import time
+from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import gevent
 import gevent.event
 from locust import LoadTestShape, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser, ResponseContextManager
 from locust.env import Environment
+from locust.event import EventHook
 
 CHUNK = 1 << 20
 ZIPF_S = 1.1  # popularity skew of FaaS functions: a few hot, a long tail
@@ -61,7 +64,29 @@ class Package:
     size: int
 
 
-@events.init_command_line_parser.add_listener
+Listener = TypeVar("Listener", bound=Callable[..., None])
+
+
+def listener(hook: EventHook) -> Callable[[Listener], Listener]:
+    """``@hook.add_listener`` that keeps the listener's type (locust leaves it unannotated)."""
+
+    def add(function: Listener) -> Listener:
+        hook.add_listener(function)
+        return function
+
+    return add
+
+
+def options_of(environment: Environment) -> Namespace:
+    """Locust's parsed command line (with the options added below); users and
+    shapes only run under it."""
+    if environment.parsed_options is None:
+        raise RuntimeError("cachesvc load test users need locust's command line (--packages ...)")
+    options: Namespace = environment.parsed_options  # configargparse's: untyped
+    return options
+
+
+@listener(events.init_command_line_parser)
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("cachesvc load test")
     add = group.add_argument
@@ -136,7 +161,7 @@ SAMPLE_FIELDS = ["start", "latency_ms", "bytes", "status", "tier", "name", "hex"
 _samples: dict[str, Any] = {}
 
 
-@events.test_start.add_listener
+@listener(events.test_start)
 def _open_samples(environment: Environment, **_: Any) -> None:
     path = environment.parsed_options.samples if environment.parsed_options else ""
     if path and "writer" not in _samples:
@@ -147,7 +172,7 @@ def _open_samples(environment: Environment, **_: Any) -> None:
         _samples.update(handle=handle, writer=writer)
 
 
-@events.quitting.add_listener
+@listener(events.quitting)
 def _close_samples(**_: Any) -> None:
     if "handle" in _samples:
         _samples.pop("handle").close()
@@ -196,7 +221,7 @@ class PackageUser(FastHttpUser):
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
-        opts = environment.parsed_options
+        opts = self.options = options_of(environment)
         self.index = next(PackageUser._ids)
         hosts = [h for h in (opts.hosts or "").split(",") if h] or [self.host]
         self.base = hosts[self.index % len(hosts)].rstrip("/")
@@ -271,7 +296,7 @@ class InstanceUser(PackageUser):
     abstract = True
 
     def wait_time(self) -> float:
-        return float(self.environment.parsed_options.hold)
+        return float(self.options.hold)
 
     @task
     def cold_start(self) -> None:
@@ -305,10 +330,10 @@ class TenantWarmUser(ZipfUser):
                 self.warm()
             finally:
                 cls._warm_done.set()
-        cls._warm_done.wait(self.environment.parsed_options.warm_timeout)
+        cls._warm_done.wait(self.options.warm_timeout)
 
     def warm(self) -> None:
-        mode = self.environment.parsed_options.warm
+        mode = self.options.warm
         if mode == "get":
             for pkg in self.packages:
                 self.fetch(pkg, name="warm-up")
@@ -317,7 +342,7 @@ class TenantWarmUser(ZipfUser):
 
     def _warm_by_api(self) -> None:
         """POST /warm on every agent, then poll each job to its end."""
-        opts = self.environment.parsed_options
+        opts = self.options
         hosts = [h for h in (opts.hosts or "").split(",") if h] or [self.host]
         tenant = load_manifest(opts.packages)["warm"]["tenant"]
         for host in hosts:
@@ -387,8 +412,9 @@ class ScenarioShape(LoadTestShape):
     SPAWN_AT_ONCE = 100.0  # 20 new instances in 0.2 s; locust warns above 100/s
 
     def tick(self) -> tuple[int, float] | None:
-        opts = self.runner.environment.parsed_options
-        now = self.get_run_time()
+        assert self.runner is not None  # locust sets it before the first tick
+        opts = options_of(self.runner.environment)
+        now = float(LoadTestShape.get_run_time(self))  # unannotated in locust
         if opts.shape == "waves":
             return waves(now, opts.step, opts.peak)
         if opts.shape == "burst":

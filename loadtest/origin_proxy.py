@@ -34,8 +34,8 @@ async def start_server(app: web.Application, port: int = 0) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    sock = site._server.sockets[0]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    bound = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{bound}"
 
 
 @dataclass

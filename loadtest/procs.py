@@ -56,9 +56,7 @@ class Child:
             await self.proc.wait()
 
 
-async def spawn(
-    name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, **kw: object
-) -> Child:
+async def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
     """Start ``argv`` with stdout and stderr to ``log``."""
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -67,7 +65,6 @@ async def spawn(
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
-            **kw,  # type: ignore[arg-type]
         )
     return Child(name, proc, log)
 

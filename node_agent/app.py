@@ -16,21 +16,23 @@ from cachesvc.config import Settings
 from cachesvc.digest import Digest
 from cachesvc.errors import NotHere
 from cachesvc.fanout.parents import check_requester
+from cachesvc.readpath.package import Package
 from cachesvc.serve.fastpath import FORWARDED_HEADER, REFUSED_HEADERS, HitRoute
 from cachesvc.serve.http import refuse_unrouted, route_digest, send_package, serve_package, timed
 from cachesvc.serve.service import CORE, Core, make_base_app, offer_hit_path, require_token
 from cachesvc.serve.warm_routes import add_routes as add_warm_routes
 from cachesvc.serve.warm_routes import prefetch_signal
+from cachesvc.tier import Role
 from cachesvc.upstream.peer_client import FORWARDED, VIA
 from node_agent.packages import add_routes as add_package_routes
 
 FEED_START_WAIT = 5.0  # seconds another host waits for this host's own fill to start
 # Requests from other hosts are fan-out feeds (capped, never a fetch): aiohttp's.
-AGENT_HITS = HitRoute(b"/pkg/", "L1", "pkg", REFUSED_HEADERS | {FORWARDED_HEADER})
+AGENT_HITS = HitRoute(b"/pkg/", Role.AGENT.local_tier, "pkg", REFUSED_HEADERS | {FORWARDED_HEADER})
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = make_base_app(settings, local_tier="L1")
+    app = make_base_app(settings, Role.AGENT)
     app.router.add_get("/pkg/{digest}", timed("pkg", get_package))
     add_package_routes(app)
     app.router.add_route("*", "/pkg/{rest:.*}", bad_pkg_path)
@@ -66,12 +68,14 @@ async def feed_host(request: web.Request, core: Core, digest: Digest) -> web.Str
         raise NotHere("this agent does not feed other hosts (--fanout 0 or no --advertise)")
     if request.method == "HEAD":
         raise NotHere("HEAD is for the owner peer")
+
+    async def send(package: Package) -> web.StreamResponse:
+        check_requester(request, package.via, me)
+        via = {VIA: ",".join((me, *package.via))}
+        return await send_package(request, core.metrics, core.egress, package, via)
+
     with core.feeds.slot(digest):
-        opened = core.tiers.open(digest, local_only=True, start_timeout=FEED_START_WAIT)
-        async with opened as package:
-            check_requester(request, package.via, me)
-            via = {VIA: ",".join((me, *package.via))}
-            return await send_package(request, core.metrics, core.egress, package, via)
+        return await core.tiers.deliver(digest, send, True, FEED_START_WAIT)
 
 
 async def bad_pkg_path(request: web.Request) -> web.StreamResponse:

@@ -1,12 +1,14 @@
-"""The agent's package endpoints: ``/pkg/{digest}/archive`` and ``/unpack``.
+"""The agent's package endpoints, ``/pkg/{digest}/archive`` and ``/unpack``, and
+the unpacker's lifetime (the code dir locked, then swept, before the first
+unpack). Peels and extracts nothing itself (:mod:`cachesvc.unpack`).
 
-Both first make the package present and verified in L1 (the same read-through
-walk as ``GET /pkg``), then work from the *open* store file (through
-``/proc/self/fd``), so an eviction in between cannot pull the bytes away.
-Layers are peeled by :mod:`cachesvc.unpack.codec`, trees extracted by
-:mod:`cachesvc.unpack.unpacker`; an evicted package takes its unpacked tree with it.
-Packages over ``--max-package-size`` are refused from their size alone (a HEAD),
-before any download.
+* Both refuse a package over ``--max-package-size`` from its size (a HEAD
+  through the tiers), before any download.
+* ``archive`` makes the package present and verified in L1 first, then reads
+  the open store file (``/proc/self/fd``): an eviction cannot pull it away.
+* ``unpack`` extracts while the package arrives; its tree is shown only after
+  the verdict. Without ``--code-dir`` it is refused (400); an evicted package
+  takes its tree with it.
 """
 
 from __future__ import annotations

@@ -148,17 +148,20 @@ class Run:
 
     def _outcome(self, wall: float) -> Outcome:
         agents = [h for name, h in self.hosts.items() if name != "P"]
-        missing = [h.name for h in agents if h.held_at is None]
+        held = {h.name: h.held_at for h in agents if h.held_at is not None}
+        missing = [h.name for h in agents if h.name not in held]
         assert not missing, f"simulation ended with agents not holding it: {missing[:5]}"
         origin_gets = len(self.origin.flows)
         assert origin_gets == 1, f"{origin_gets} origin GETs: the policy allows exactly one"
-        waits = [h.held_at - self.arrived[h.name] for h in agents]  # type: ignore[operator]
-        clients = [self.clients[h.name].done_at - self.arrived[h.name] for h in agents]  # type: ignore[operator]
+        done = {name: f.done_at for name, f in self.clients.items() if f.done_at is not None}
+        assert done.keys() == held.keys(), "simulation ended with clients still reading"
+        waits = [at - self.arrived[name] for name, at in held.items()]
+        clients = [done[name] - self.arrived[name] for name in held]
         first = min(self.arrived.values())
         top = max(self.hosts.values(), key=lambda h: h.uploaded)
         return Outcome(
             self.p,
-            max(h.held_at for h in agents) - first,  # type: ignore[type-var,operator]
+            max(held.values()) - first,
             statistics.median(waits),
             max(waits),
             statistics.median(clients),

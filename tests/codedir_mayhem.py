@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cachesvc.fsutil import remove_tree
-from tests.test_fsutil import _deep
+from tests.trees import deep_tree
 
 
 def fake_hex(label: str) -> str:
@@ -64,7 +64,7 @@ def plant(code: Path, outside: Path) -> Mayhem:
     (victim / "keep.txt").write_text("outside: never touched")
     (outside / "lookalike.json").write_text(manifest_for(fake_hex("manifest link")))
 
-    _deep(code / ".tmp-crashed-deep", 2000, name="y" * 200)  # far past PATH_MAX
+    deep_tree(code / ".tmp-crashed-deep", 2000, name="y" * 200)  # far past PATH_MAX
     (code / ".tmp-locked").mkdir()
     (code / ".tmp-locked" / "inner").mkdir()
     (code / ".tmp-locked" / "inner" / "f").write_text("x")

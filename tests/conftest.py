@@ -18,7 +18,7 @@ from moto.server import ThreadedMotoServer
 
 from cachesvc.digest import Digest
 from cachesvc.publish.upload import publish
-from cachesvc.upstream.origin import FileOrigin, S3Origin, make_origin
+from cachesvc.upstream.origin import Origin, make_origin
 from loadtest.seaweedfs import ADMIN, SeaweedFS, SeaweedUnavailable, weed_binary
 from tests.servers import S3Proxy, Stack, digest_of, free_port
 
@@ -48,8 +48,8 @@ class OriginFixture:
     proxy: S3Proxy | None
     root: Path | None
 
-    def seeding_origin(self) -> FileOrigin | S3Origin:
-        return make_origin(self.url, self.direct_endpoint)  # type: ignore[return-value]
+    def seeding_origin(self) -> Origin:
+        return make_origin(self.url, self.direct_endpoint)
 
     async def put(
         self,
@@ -76,19 +76,28 @@ class OriginFixture:
         return self.proxy.blob_gets(digest)
 
 
+@dataclass
+class S3OriginFixture(OriginFixture):
+    """An S3 origin: always behind the counting proxy, which a test can make misbehave."""
+
+    endpoint: str
+    direct_endpoint: str
+    proxy: S3Proxy
+
+
 @asynccontextmanager
-async def _s3_origin(moto_url: str) -> AsyncIterator[OriginFixture]:
+async def _s3_origin(moto_url: str) -> AsyncIterator[S3OriginFixture]:
     bucket = f"pkgs-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
     proxy = await S3Proxy(moto_url).start()
     try:
-        yield OriginFixture("s3", f"s3://{bucket}/prefix", proxy.url, moto_url, proxy, None)
+        yield S3OriginFixture("s3", f"s3://{bucket}/prefix", proxy.url, moto_url, proxy, None)
     finally:
         await proxy.stop()
 
 
 @pytest.fixture
-async def s3_origin(moto_url: str) -> AsyncIterator[OriginFixture]:
+async def s3_origin(moto_url: str) -> AsyncIterator[S3OriginFixture]:
     """A fresh bucket on moto, reached by services through a counting proxy."""
     async with _s3_origin(moto_url) as fixture:
         yield fixture
@@ -156,14 +165,14 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 
 
 @pytest.fixture
-async def seaweed_origin(seaweedfs: SeaweedFS) -> AsyncIterator[OriginFixture]:
+async def seaweed_origin(seaweedfs: SeaweedFS) -> AsyncIterator[S3OriginFixture]:
     """A fresh prefix of the SeaweedFS bucket, reached by services through a
     counting proxy (which keeps the signed Host header). A test that changed
     the identities or stopped the server gets them back as they were."""
     proxy = await S3Proxy(seaweedfs.endpoint).start()
     url = f"s3://{SEAWEED_BUCKET}/t-{uuid.uuid4().hex[:12]}"
     try:
-        yield OriginFixture("seaweedfs", url, proxy.url, seaweedfs.endpoint, proxy, None)
+        yield S3OriginFixture("seaweedfs", url, proxy.url, seaweedfs.endpoint, proxy, None)
     finally:
         await proxy.stop()
         if tuple(seaweedfs.identities) != (ADMIN,):

@@ -66,7 +66,7 @@ def numeric(value: int, width: int) -> bytes:
     digits = width - 1
     if 0 <= value < 8**digits:
         return f"{value:0{digits}o}".encode() + b"\x00"
-    raw = (value % 256 ** (width - 1)).to_bytes(width - 1, "big")
+    raw = (value % (1 << 8 * (width - 1))).to_bytes(width - 1, "big")  # 256 ** (width - 1)
     return (b"\xff" if value < 0 else b"\x80") + raw
 
 

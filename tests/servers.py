@@ -16,24 +16,40 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-import aiohttp
 from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.digest import Digest
-from loadtest.origin_proxy import S3Proxy, start_server  # noqa: F401  (re-exported)
+from loadtest.origin_proxy import S3Proxy as S3Proxy  # re-exported: the tests' S3 proxy
+from loadtest.origin_proxy import start_server as start_server
+from tests.http import get
+
+if TYPE_CHECKING:
+    from cachesvc.serve.fastpath import HitProtocol
 
 T = TypeVar("T")
 
 
+@overload
 async def eventually(
-    check: Callable[[], T | None | Awaitable[T | None]],
+    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = ..., step: float = ...
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T | None], what: str, timeout: float = ..., step: float = ...
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], object],
     what: str,
     timeout: float = 30.0,
     step: float = 0.02,
-) -> T:
+) -> Any:
     """The first truthy answer of ``check`` (sync or async), polled every
     ``step`` seconds; AssertionError naming ``what`` after ``timeout`` seconds.
     Bounded by the clock, not by a count, so a loaded machine only makes a
@@ -44,10 +60,20 @@ async def eventually(
         if inspect.isawaitable(answer):
             answer = await answer
         if answer:
-            return answer  # type: ignore[return-value]
+            return answer
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         await asyncio.sleep(step)
+
+
+def eventually_sync(
+    check: Callable[[], T | None], what: str, timeout: float = 30.0, step: float = 0.02
+) -> T:
+    """``eventually`` for a test that runs no event loop of its own (the
+    process tests drive their services synchronously): the same wait, on a
+    loop of its own, with ``check`` called in a thread (where it may run a
+    loop of its own in turn, e.g. ``asyncio.run(get(url))``)."""
+    return asyncio.run(eventually(lambda: asyncio.to_thread(check), what, timeout, step))
 
 
 def free_port() -> int:
@@ -173,12 +199,22 @@ class Stack:
         url = f"http://127.0.0.1:{port}"
         name = kw.pop("name", f"agent-{len(self.agents)}")
         peer_list = ",".join(self.peers if peers is None else peers)
-        kw.setdefault("code_dir", self.root / f"{name}-code")
+        kw.setdefault("code_dir", self.code_dir(name))
         kw.setdefault("advertise", url)  # reachable by other agents: fan-out on
         settings = self.settings(name, port, peers=peer_list, **kw)
         await self._start(url, make_app(settings), port)
         self.agents.append(url)
         return url
+
+    def code_dir(self, name: str = "agent-0") -> Path:
+        """Where the agent ``name`` unpacks (its default ``code_dir``)."""
+        return self.root / f"{name}-code"
+
+    def code_entries(self, name: str = "agent-0") -> set[str]:
+        """What the agent's code dir holds but for its own lock file (empty
+        before the agent made it)."""
+        root = self.code_dir(name)
+        return set(os.listdir(root)) - {".lock"} if root.exists() else set()
 
     async def _start(self, url: str, app: web.Application, port: int) -> None:
         """As the command runs it (agents get the L1-hit fast path)."""
@@ -191,16 +227,24 @@ class Stack:
         runner = self._runners.pop(url)
         await runner.cleanup()
 
+    def hit_connections(self, url: str) -> list[HitProtocol]:
+        """The connections the agent at ``url`` holds on its L1-hit fast path."""
+        from cachesvc.serve.runner import FastSite
+
+        return [
+            conn
+            for site in self._runners[url].sites
+            if isinstance(site, FastSite) and site.hit_server is not None
+            for conn in site.hit_server.connections
+        ]
+
     async def kill(self, url: str) -> None:
         """Like a crash: every open connection is cut at once (no graceful
         drain), then the server is gone."""
-        from cachesvc.serve.runner import FastSite
-
+        hits = self.hit_connections(url)
         runner = self._runners.pop(url)
         transports = [h.transport for h in runner.server.connections] if runner.server else []
-        for site in runner.sites:
-            if isinstance(site, FastSite) and site.hit_server is not None:
-                transports += [c.transport for c in site.hit_server.connections]
+        transports += [c.transport for c in hits]
         for transport in transports:
             if transport is not None:
                 transport.abort()
@@ -238,8 +282,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 async def metrics_of(url: str) -> str:
     """The Prometheus text a service at ``url`` exposes now."""
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
-        return await r.text()
+    return (await get(f"{url}/metrics")).body.decode()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

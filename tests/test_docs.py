@@ -10,6 +10,9 @@ docs quote are what the code does.
 - docs/API.md names every route of the agent and the peer apps, every flag of
   every ``cachesvc`` command (the real parser), every error code of
   ``cachesvc.errors``, and every metric ``cachesvc.metrics.Metrics`` exports.
+- README.md's layout table is the tree: every room (subpackage) of cachesvc
+  and node_agent with exactly its modules, in the layers that import-linter's
+  contract in pyproject.toml holds.
 - deploy/README.md quotes the ring reshuffle table ``bench/ring_moves.py``
   prints, recomputed here with the real ring; and its compose publish example
   passes the S3 credentials as environment, from the variables the compose
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,6 +252,7 @@ def test_the_api_reference_names_every_metric() -> None:
 # --- what deploy/README.md quotes -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_ring_reshuffle_table_is_what_the_real_ring_does() -> None:
     rows = all_moves()
     assert all(m.only_allowed for m in rows)  # consistent hashing: nothing else moved
@@ -270,3 +275,53 @@ def test_the_compose_publish_example_passes_the_s3_credentials_as_environment() 
     assert assigned == expected  # the tiers' own keys: MinIO's root user and password
     assert set(expected.values()) <= set(generated_secrets("compose"))
     assert "deploy/.env" in block and not re.search(r"#.*AWS_", block)
+
+
+# --- the layout table ----------------------------------------------------------
+
+
+LAYOUT_ROW = re.compile(r"^\| *(\d+|base) *\| *`([^`]+)/` *\| *((?:`[^`]+` *)+)\|", re.M)
+README = ROOT / "README.md"
+
+
+def layout_rows() -> dict[str, tuple[str, set[str]]]:
+    """README's layout table: room (a package, dotted) -> (layer, its modules)."""
+    section = README.read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for layer, room, modules in LAYOUT_ROW.findall(section):
+        rows[room.replace("/", ".")] = (layer, set(re.findall(r"`([^`]+)`", modules)))
+    return rows
+
+
+def rooms_on_disk() -> dict[str, set[str]]:
+    """Every package of the product (cachesvc, its subpackages, node_agent) and
+    its modules, dunder files left out."""
+    found = {}
+    for top in ("cachesvc", "node_agent"):
+        for init in sorted((ROOT / top).rglob("__init__.py")):
+            package = init.parent
+            dotted = ".".join(package.relative_to(ROOT).parts)
+            found[dotted] = {p.stem for p in package.glob("*.py") if not p.stem.startswith("__")}
+    return found
+
+
+def contract_layers() -> list[set[str]]:
+    """import-linter's layers contract, top first: each line's modules."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    return [{m.strip() for m in re.split(r"[|:]", line)} for line in layers]
+
+
+def test_the_readme_layout_lists_every_room_with_exactly_its_modules() -> None:
+    rows = layout_rows()
+    assert {room: modules for room, (_, modules) in rows.items()} == rooms_on_disk()
+
+
+def test_the_readme_layout_gives_the_layers_the_import_contract_holds() -> None:
+    rows = layout_rows()
+    base = {f"cachesvc.{m}" for m in rows.pop("cachesvc")[1]}
+    by_layer: dict[str, set[str]] = {}
+    for room, (layer, _) in rows.items():
+        by_layer.setdefault(layer, set()).add(room)
+    readme = [by_layer[k] for k in sorted(by_layer, key=int, reverse=True)] + [base]
+    assert readme == contract_layers()

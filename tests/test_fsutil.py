@@ -6,26 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from cachesvc.fsutil import remove_tree
+from tests.trees import deep_tree
 
 
-def _deep(root: Path, depth: int, name: str = "d") -> None:
-    """A chain of ``depth`` nested directories built with relative opens (the
-    full path is far past PATH_MAX), with a file at the bottom."""
-    root.mkdir()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir(name, dir_fd=fd)
-        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
-    os.close(os.open("bottom", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
-    os.close(fd)
-
-
+@pytest.mark.slow
 def test_removes_a_tree_deeper_than_the_recursion_limit_and_path_max(tmp_path: Path) -> None:
     target = tmp_path / "deep"
-    _deep(target, 3000, name="x" * 200)  # ~600 KB of path, 3000 levels
+    deep_tree(target, 3000, name="x" * 200)  # ~600 KB of path, 3000 levels
     assert remove_tree(target)
     assert not target.exists()
 
@@ -71,6 +61,7 @@ def test_files_and_missing_paths(tmp_path: Path) -> None:
     assert remove_tree(tmp_path / "never-was")
 
 
+@pytest.mark.slow
 def test_a_wide_tree_of_many_entries(tmp_path: Path) -> None:
     target = tmp_path / "wide"
     for i in range(50):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from cachesvc.metrics import LATENCY_BUCKETS, observe_many
+from cachesvc.metrics import LATENCY_BUCKETS, Metrics, observe_many
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
@@ -23,3 +23,10 @@ def test_observe_many_equals_one_observe_per_value() -> None:
     observe_many(h_many.labels("pkg"), values)
     assert exposition(one) == exposition(many)
     assert any('le="+Inf"' in line and line.endswith(" 11.0") for line in exposition(many))
+
+
+def test_requests_served_counts_each_tier_and_zero_for_a_tier_never_served() -> None:
+    metrics = Metrics()
+    metrics.requests.labels("L1").inc(3)
+    metrics.requests.labels("ORIGIN").inc()
+    assert [metrics.requests_served(t) for t in ("L1", "L2", "ORIGIN")] == [3, 0, 1]

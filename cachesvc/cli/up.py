@@ -14,6 +14,7 @@ GET would come from without downloading the body), never assumed.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import tempfile
@@ -22,11 +23,45 @@ from pathlib import Path
 
 import aiohttp
 
-from cachesvc.cli.main import serve
-from cachesvc.config import Settings, operator_token, parse_size, peer_token
+from cachesvc.cli import Commands
+from cachesvc.config import (
+    Settings,
+    add_flag,
+    check_dir,
+    operator_token,
+    parse_port,
+    parse_size,
+    peer_token,
+)
 from cachesvc.digest import Digest
+from cachesvc.publish.repack import compress
 from cachesvc.publish.upload import Published, publish
+from cachesvc.serve.registry import AGENT, PEER, load_service
+from cachesvc.serve.runner import serve
+from cachesvc.tier import Tier
 from cachesvc.upstream.origin import FileOrigin
+
+GRACE = 5.0  # seconds to drain on Ctrl-C: a demo, not a host's traffic
+
+
+def add_to(commands: Commands) -> None:
+    up = commands.add_parser(
+        "up",
+        help="run a whole stack on this machine (origin, 3 peers, 1 agent)",
+        description="A file:// origin, three L2 peers and one agent on loopback, with a "
+        "sample package published; prints curl lines. Ctrl-C stops it.",
+    )
+    add_flag(up, "--dir", "where origin and caches live (default: a temp dir)", type=Path)
+    add_flag(up, "--agent-port", "the agent's port", type=parse_port, default="8700")
+    add_flag(up, "--peer-port", "first of three peer ports", type=parse_port, default="8701")
+    up.set_defaults(run=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    if args.dir is not None:
+        check_dir("--dir", args.dir)
+    return run_up(args.dir, args.agent_port, args.peer_port)
+
 
 HANDLER = b"""def handler(event, context):
     return {"statusCode": 200, "body": "hello from a cachesvc package"}
@@ -51,8 +86,6 @@ def sample_zip() -> bytes:
 
 
 async def publish_sample(root: Path) -> Published:
-    from cachesvc.publish.repack import compress
-
     work = root / "sample"
     work.mkdir(parents=True, exist_ok=True)
     (work / "app.zip").write_bytes(sample_zip())
@@ -95,14 +128,8 @@ def stack_settings(root: Path, agent_port: int, peer_port: int) -> list[Settings
 
 
 def run_up(directory: Path | None, agent_port: int, peer_port: int) -> int:
-    import logging
-
-    from cachesvc.peer.app import make_app as make_peer
-    from node_agent.app import make_app as make_agent
-
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Publish the sample, then serve the stack until Ctrl-C (or SIGTERM)."""
+    make_peer, make_agent = load_service(PEER), load_service(AGENT)
     with tempfile.TemporaryDirectory(prefix="cachesvc-up-") as tmp:
         root = directory or Path(tmp)
         published = asyncio.run(publish_sample(root))
@@ -114,13 +141,13 @@ def run_up(directory: Path | None, agent_port: int, peer_port: int) -> int:
             first = await first_tier(agent_settings.listen_url, published.digest)
             print(_banner(root, agent_settings, peer_settings, published, first), flush=True)
 
-        return serve(apps, grace=5.0, banner=banner)
+        return serve(apps, GRACE, banner=banner)
 
 
 TIERS = {
-    "L1": "already on this host's disk",
-    "L2": "through its owner peer on the ring, which reads the origin",
-    "ORIGIN": "straight from the origin",
+    Tier.L1: "already on this host's disk",
+    Tier.L2: "through its owner peer on the ring, which reads the origin",
+    Tier.ORIGIN: "straight from the origin",
 }
 
 
@@ -142,7 +169,7 @@ async def first_tier(agent_url: str, digest: Digest) -> str:
 
 def _banner(root: Path, agent: Settings, peers: list[Settings], pub: Published, first: str) -> str:
     a = agent.listen_url
-    again = "L1" if first in TIERS else "L1, once the first one succeeded"
+    again = Tier.L1 if first in TIERS else f"{Tier.L1}, once the first one succeeded"
     return f"""
 cachesvc is up (data in {root}).
   origin  file://{root / "origin"}
@@ -168,7 +195,8 @@ Ctrl-C stops it.
 def _first_note(first: str) -> str:
     if first not in TIERS:
         return ""
-    return f"The first GET comes {TIERS[first]} (a HEAD through the agent answered {first}).\n"
+    how = TIERS[Tier(first)]
+    return f"The first GET comes {how} (a HEAD through the agent answered {first}).\n"
 
 
 def _operator_hint(agent: Settings, peers: list[Settings]) -> str:

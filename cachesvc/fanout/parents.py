@@ -35,10 +35,11 @@ from aiohttp import web
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, FanoutBusy, LoopRefused, PeerFailed
 from cachesvc.fanout.tracker import Tracker
+from cachesvc.tier import Tier, Upstream
 from cachesvc.upstream.membership import parse_base_url
-from cachesvc.upstream.origin import Body
 from cachesvc.upstream.peer_client import PARENT, PeerClient, Redirect
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Body
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,14 @@ class FanoutSource:
     me: str | None  # this agent's --advertise URL
     fanout: int
     avoided: Avoided
-    tier: str = "L2"
+    tier: Tier = Tier.L2  # bytes from a parent agent too: the AZ's tier
     serving: str = ""  # who sends the bytes now: the owner or a parent host
     senders: set[str] = field(default_factory=set)  # parents that sent bytes in this fill
     _parents: int = field(default=0)
 
     @property
-    def upstream(self) -> str:
-        return "agent" if self.serving not in ("", self.name) else "peer"
+    def upstream(self) -> Upstream:
+        return Upstream.AGENT if self.serving not in ("", self.name) else Upstream.PEER
 
     @asynccontextmanager
     async def open(self, digest: Digest, offset: int) -> AsyncIterator[Body]:
@@ -129,13 +130,13 @@ class FanoutSource:
     def retry(self, exc: CachesvcError) -> bool:
         """After a failure mid-body: ask the owner again (avoiding the parent)
         when a parent host failed, while this fill has parents left to try."""
-        if self.upstream != "agent":
+        if self.upstream is not Upstream.AGENT:
             return False
         self._parent_failed(self.serving, exc)
         return True  # bounded: past MAX_PARENTS the owner serves, and cannot redirect
 
     def failed(self) -> None:
-        if self.upstream == "agent":
+        if self.upstream is Upstream.AGENT:
             self.avoided.add(self.serving)
         else:
             self.ring.mark_down(self.name)
@@ -146,7 +147,7 @@ class FanoutSource:
         for parent in self.senders:
             self.avoided.add(parent)
         if not self.senders:
-            self.ring.mark_down(self.name)
+            self.ring.mark_refused(self.name)
 
     def succeeded(self) -> None:
         self.ring.mark_up(self.name)

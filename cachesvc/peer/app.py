@@ -32,15 +32,16 @@ from cachesvc.serve.service import (
     token_ok,
 )
 from cachesvc.serve.warm_routes import add_routes as add_warm_routes
+from cachesvc.tier import Role
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = make_base_app(settings, local_tier="L2")
+    app = make_base_app(settings, Role.PEER)
     blob = timed("blob", get_blob)
     app.router.add_get("/blob/{digest}", blob)  # also answers HEAD
     app.router.add_route("*", "/blob/{rest:.*}", bad_blob_path)
     add_warm_routes(app)
-    offer_hit_path(app, HitRoute(b"/blob/", "L2", "blob", decide=_decide(app)))
+    offer_hit_path(app, HitRoute(b"/blob/", Role.PEER.local_tier, "blob", decide=_decide(app)))
     return app
 
 

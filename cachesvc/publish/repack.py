@@ -1,12 +1,5 @@
 """Publisher transforms: add a compression layer, or repack a zip as tar.zst.
 
-Public API::
-
-    add_layer(src, dst, fmt="zstd", level=None) -> LayerReport  # dst kept only if smaller
-    compress(src, dst, fmt="zstd", level=None) -> int           # dst size, always written
-    repack(src_zip, dst, level=19) -> RepackReport
-    check_level(fmt, level) -> int                              # the level to use, or ValueError
-
 Both stream (nothing whole in memory) and write ``dst`` atomically (a temp
 file beside it, then rename): a failure leaves no partial ``dst``. Both
 block: ``cachesvc publish`` calls them before uploading, from a thread if it
@@ -120,7 +113,7 @@ _WRITERS: dict[str, Callable[[BinaryIO, int], Any]] = {
 
 
 @contextlib.contextmanager
-def _atomic_output(dst: Path) -> Iterator[BinaryIO]:
+def atomic_output(dst: Path) -> Iterator[BinaryIO]:
     """A temp file beside ``dst`` that replaces it only if the block succeeds."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
@@ -145,7 +138,7 @@ def compress(src: Path | str, dst: Path | str, fmt: str = "zstd", level: int | N
     """
     level = check_level(_known(fmt), level)
     dst = Path(dst)
-    with _atomic_output(dst) as out:
+    with atomic_output(dst) as out:
         _write_layer(src, out, fmt, level)
     return dst.stat().st_size
 

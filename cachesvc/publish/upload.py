@@ -1,9 +1,11 @@
-"""Putting packages into the origin layout (``cachesvc publish``).
+"""Putting packages into the origin layout (``cachesvc publish``), and the name
+rule of tenants, functions and versions. Compresses nothing (repack does) and
+warms nothing (the command does, before the reference).
 
-The blob goes to ``blobs/sha256/<hex>`` (skipped when already there: blobs are
-immutable), then the reference ``tenants/<t>/<f>/<v>.json`` is written, in that
-order, so a reference never points at a missing blob. The digest is computed
-here over the exact bytes uploaded (after any added compression layer).
+* The digest is computed over the exact bytes uploaded.
+* The blob goes to ``blobs/sha256/<hex>`` (skipped when the origin has it at
+  that size: blobs are immutable), then the reference
+  ``tenants/<t>/<f>/<v>.json``: a reference never points at a missing blob.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from cachesvc.digest import Digest
 from cachesvc.errors import InvalidRequest, NotFound
+from cachesvc.unpack.index import IndexRef
 from cachesvc.upstream.origin import Origin, blob_key
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -72,9 +75,14 @@ async def write_reference(
     size: int,
     layers: list[Digest] | None = None,
     calls: list[str] | None = None,
+    index: IndexRef | None = None,
 ) -> None:
-    """Write ``tenants/<t>/<f>/<v>.json``; the blob must already be in the origin."""
+    """Write ``tenants/<t>/<f>/<v>.json``; the blob must already be in the origin.
+    ``index``: the package is indexed (docs/INDEXED.md), and this is its index's
+    digest and size, which a reader of the index must trust instead of its bytes."""
     ref: dict[str, object] = {"digest": str(digest), "size": size}
+    if index is not None:
+        ref["index"] = {"digest": str(index.digest), "size": index.size}
     if layers:
         ref["layers"] = [str(d) for d in layers]
     if calls:
@@ -90,10 +98,11 @@ async def publish(
     version: str | None = None,
     layers: list[Digest] | None = None,
     calls: list[str] | None = None,
+    index: IndexRef | None = None,
 ) -> Published:
     """Upload the blob, then (with tenant/function/version) its reference."""
     key = reference_key(tenant, function, version) if tenant and function and version else None
     digest, size, uploaded = await publish_blob(origin, path)
     if key is not None:
-        await write_reference(origin, key, digest, size, layers, calls)
+        await write_reference(origin, key, digest, size, layers, calls, index)
     return Published(digest, size, key, uploaded)

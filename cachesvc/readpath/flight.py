@@ -29,7 +29,9 @@ Guarantees: the fill runs in its own task, owned by :class:`Flights`, so a
 follower's disconnect never cancels it; :meth:`Flights.close` cancels and
 awaits them all. The temp file stays open until the fill is over *and* the
 last follower is gone. This module does not know where bytes come from, and
-never judges them: :meth:`Ingest.verify` (or :meth:`Recheck.verify`) does.
+never judges them: :meth:`Ingest.verify` (or :meth:`Recheck.verdict`) does,
+and the store keeps what they found right (:meth:`Store.commit`,
+:meth:`Store.settle`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, Overloaded, UpstreamError
 from cachesvc.readpath.package import FileSpan, Span, span_len
 from cachesvc.store.castore import Ingest, Recheck, Store, StoreFull
+from cachesvc.tier import Tier
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class Flight:
         self.digest = digest
         self.stall_timeout = stall_timeout
         self.size: int | None = None
-        self.tier: str | None = None
+        self.tier: Tier | None = None
         self.via: tuple[str, ...] = ()  # agents the current source's bytes come through
         self.ingest: Ingest | Recheck | None = None
         self.started: asyncio.Future[None] = _future()
@@ -76,7 +79,7 @@ class Flight:
 
     # -- the fill side ---------------------------------------------------------
 
-    async def begin(self, size: int, tier: str) -> None:
+    async def begin(self, size: int, tier: Tier) -> None:
         """The first source answered: size and tier are known; followers may start."""
         self.size, self.tier = size, tier
         try:
@@ -87,7 +90,7 @@ class Flight:
         self.ingest.on_written = self._on_disk
         _settle(self.started)
 
-    def begin_recheck(self, recheck: Recheck, tier: str) -> None:
+    def begin_recheck(self, recheck: Recheck, tier: Tier) -> None:
         """A committed entry is re-verified in place: followers read the bytes
         hashed so far straight from its file (:meth:`grew` after each step)."""
         self.size, self.tier, self.ingest = recheck.size, tier, recheck
@@ -135,13 +138,22 @@ class Flight:
     async def finish(self) -> None:
         """All bytes are in: verify, release followers' last bytes, then keep
         (rename and index are off the followers' critical path). Raises what
-        :meth:`Ingest.verify` and :meth:`Ingest.persist` raise."""
+        :meth:`Ingest.verify`, :meth:`Store.commit` and :meth:`Store.settle` raise
+        (a recheck's wrong bytes are dropped by the store first)."""
         assert self.ingest is not None
-        await self.ingest.verify()
+        if isinstance(self.ingest, Recheck):
+            await self.store.settle(self.ingest.verdict())
+            self._verdict_in()
+            return
+        verified = await self.ingest.verify()
+        self._verdict_in()
+        await self.store.commit(verified)
+        self._trim()
+
+    def _verdict_in(self) -> None:
+        """The bytes are right: followers may send their last byte."""
         _settle(self.done)
         self._wake()
-        await self.ingest.persist()
-        self._trim()
 
     def fail(self, exc: BaseException) -> None:
         """End the flight without a good verdict; followers abort."""
@@ -269,9 +281,18 @@ class Follower:
     def __init__(self, flight: Flight) -> None:
         self.flight = flight
         self.digest = flight.digest
-        self.tier = ""
         self.position = 0
+        self._tier: Tier | None = None
         self._gone = False
+
+    @property
+    def tier(self) -> Tier:
+        assert self._tier is not None, "the read path sets the tier once the flight started"
+        return self._tier
+
+    @tier.setter
+    def tier(self, tier: Tier) -> None:
+        self._tier = tier
 
     @property
     def size(self) -> int:
@@ -315,6 +336,13 @@ class Follower:
     async def complete(self) -> None:
         await self.flight.verdict()
         await asyncio.shield(self.flight.ended)
+
+    async def cut_short(self, reason: str) -> None:
+        """Nothing to drop: the flight's verdict is on the bytes it hashed, not
+        on its file. A recheck hashes this very file and finds it short itself;
+        a fill's temp file that lost bytes is kept short, and its first serve
+        finds that and drops it."""
+        log.warning("flight %s: a follower's read came up short: %s", self.digest.short, reason)
 
     async def leave(self) -> None:
         """Stop following; idempotent. The last user closes the temp file."""

@@ -1,22 +1,14 @@
-"""What the read path hands to whoever sends or consumes a package.
+"""What the read path hands out: a :class:`Package`, one request's view of one
+package (``size``, ``tier``, ``via``, and :meth:`Package.spans`: a range as
+:class:`FileSpan` s for ``sendfile`` or ``bytes``). Every package comes from
+``Tiers.open``, which owns its lifetime; this module fetches and verifies nothing.
 
-A :class:`Package` is one request's view of one package: its ``size``, the
-``tier`` its bytes come from, and :meth:`Package.spans`, the bytes of a range
-as a sequence of :data:`Span` s, each either a :class:`FileSpan` (bytes of an
-open file, for ``sendfile``) or ``bytes``. The HTTP layer only writes spans
-and aborts on failure; warm, prefetch and unpack only wait for
-:meth:`Package.complete`. Every package comes from :meth:`Tiers.open
-<cachesvc.readpath.tiers.Tiers.open>`, which owns its lifetime.
-
-Guarantee of every implementation: the last byte of a range is yielded only
-after the package's sha256 verdict is good; a bad verdict raises
-(:class:`~cachesvc.errors.CachesvcError`) instead. So a consumer that writes
-every span it got and finishes only when :meth:`spans` ends has sent a
-complete body only of verified bytes.
-
-Two implementations: :class:`BlobPackage` here (a verified entry of the
-store: one span of the open file), and :class:`cachesvc.readpath.flight.Follower` (a
-body growing while it is fetched or re-verified).
+Guarantee of every implementation (:class:`BlobPackage` here, ``Follower`` in
+:mod:`cachesvc.readpath.flight`): the last byte of a range is yielded only
+after a good sha256 verdict; a bad one raises instead. A consumer that
+finishes only when :meth:`Package.spans` ends has sent only verified bytes.
+The HTTP layer and a cold unpack consume spans; warm and prefetch wait for
+:meth:`Package.complete` (``Tiers.fetch``).
 """
 
 from __future__ import annotations
@@ -27,7 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cachesvc.digest import Digest
-from cachesvc.store.castore import Blob
+from cachesvc.store.castore import Blob, Store
+from cachesvc.tier import Tier
 
 SMALL = 64 << 10
 """Bodies up to this size are read and sent with their response headers in
@@ -60,7 +53,7 @@ class Package(Protocol):
     def size(self) -> int: ...
 
     @property
-    def tier(self) -> str:
+    def tier(self) -> Tier:
         """X-Cache-Tier: where the bytes of this request come from."""
         ...
 
@@ -78,11 +71,18 @@ class Package(Protocol):
         """Wait until every byte is verified (and kept, when the store can keep it)."""
         ...
 
+    async def cut_short(self, reason: str) -> None:
+        """A :class:`FileSpan` it gave held fewer bytes than it said (its file
+        shrank on disk): drop what the file belongs to, so the next request
+        refetches it. The consumer aborts its response either way."""
+        ...
+
 
 class BlobPackage:
     """A verified entry of the store, leased by ``Tiers.open`` for the request."""
 
-    def __init__(self, blob: Blob, tier: str) -> None:
+    def __init__(self, blob: Blob, tier: Tier, store: Store) -> None:
+        self.store = store
         self.blob = blob
         self.digest = blob.digest
         self.size = blob.size
@@ -95,3 +95,7 @@ class BlobPackage:
 
     async def complete(self) -> None:
         return None
+
+    async def cut_short(self, reason: str) -> None:
+        """Dropped as corrupt (found by "serve"), as the fast path drops it."""
+        await self.store.drop_corrupt(self.digest, reason, lease=self.blob)

@@ -19,8 +19,9 @@ How a request for a digest is answered (the README's "loading process"):
    moves the walk on.
 5. **Verify.** The flight's ingest checks size and sha256 before anything is
    kept or the last byte is released to followers. Wrong bytes from a peer
-   mark it down and start a fresh fill from the next source, so the request
-   after a refused one is served correctly.
+   mark it refused and start a fresh fill from the next source, so the request
+   after a refused one is served correctly, and so is the refused one itself
+   when none of its answer went out yet (:meth:`Tiers.deliver`).
 
 This module does not hash, parse HTTP or pick status codes.
 """
@@ -31,10 +32,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TypeVar
 
 from cachesvc.digest import Digest
 from cachesvc.errors import (
@@ -50,49 +51,19 @@ from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flight, Flights
 from cachesvc.readpath.package import BlobPackage, Package
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier, Upstream
 from cachesvc.upstream.origin import Origin
 from cachesvc.upstream.peer_client import PeerClient
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Opened, Source
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 10.0
 NEGATIVE_MAX = 10_000
+MAX_REFILLS = 3  # refused fills one request walks past before the refusal is its answer
 
-
-class Source(Protocol):
-    """One upstream, as the walk sees it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def tier(self) -> str:
-        """What X-Cache-Tier says when this source served the bytes."""
-        ...
-
-    @property
-    def upstream(self) -> str:
-        """Metric label of who sends the bytes now: "peer", "agent" or "origin"."""
-        ...
-
-    def open(self, digest: Digest, offset: int) -> Any: ...
-
-    async def head(self, digest: Digest) -> int: ...
-
-    def retry(self, exc: CachesvcError) -> bool:
-        """Whether to ask this source again, resuming, after ``exc`` mid-body."""
-        ...
-
-    def failed(self) -> None:
-        """It failed (down, error, broke off): skip it for a while."""
-        ...
-
-    def refused(self) -> None:
-        """Bytes it delivered did not match the digest."""
-        ...
-
-    def succeeded(self) -> None: ...
+T = TypeVar("T")
 
 
 @dataclass
@@ -100,10 +71,10 @@ class PeerSource:
     client: PeerClient
     ring: Ring
     name: str
-    tier: str = "L2"
-    upstream: str = "peer"
+    tier: Tier = Tier.L2
+    upstream: Upstream = Upstream.PEER
 
-    def open(self, digest: Digest, offset: int) -> Any:
+    def open(self, digest: Digest, offset: int) -> Opened:
         return self.client.open(self.name, digest, offset)
 
     async def head(self, digest: Digest) -> int:
@@ -116,7 +87,7 @@ class PeerSource:
         self.ring.mark_down(self.name)
 
     def refused(self) -> None:
-        self.ring.mark_down(self.name)
+        self.ring.mark_refused(self.name)
 
     def succeeded(self) -> None:
         self.ring.mark_up(self.name)
@@ -126,10 +97,10 @@ class PeerSource:
 class OriginSource:
     origin: Origin
     name: str = "origin"
-    tier: str = "ORIGIN"
-    upstream: str = "origin"
+    tier: Tier = Tier.ORIGIN
+    upstream: Upstream = Upstream.ORIGIN
 
-    def open(self, digest: Digest, offset: int) -> Any:
+    def open(self, digest: Digest, offset: int) -> Opened:
         return self.origin.open(digest, offset)
 
     async def head(self, digest: Digest) -> int:
@@ -176,7 +147,8 @@ class NegativeCache:
 
 
 class Tiers:
-    """The walk. ``local_tier`` is this service's own tier label (L1 or L2)."""
+    """The walk. ``local_tier`` is the tier of what this service serves from
+    its own store (L1 on agents, L2 on peers)."""
 
     def __init__(
         self,
@@ -184,7 +156,7 @@ class Tiers:
         flights: Flights,
         sources: Callable[[Digest], Sequence[Source]],
         metrics: Metrics,
-        local_tier: str,
+        local_tier: Tier,
         negative: NegativeCache | None = None,
     ) -> None:
         self.store = store
@@ -210,7 +182,7 @@ class Tiers:
         blob = await self.store.lease(digest)
         if blob is not None and self.store.is_verified(digest):
             try:
-                yield BlobPackage(blob, self.local_tier)
+                yield BlobPackage(blob, self.local_tier, self.store)
             finally:
                 self.store.release(blob)
             return
@@ -229,6 +201,39 @@ class Tiers:
         finally:
             await follower.leave()
 
+    async def deliver(
+        self,
+        digest: Digest,
+        send: Callable[[Package], Awaitable[T]],
+        local_only: bool = False,
+        start_timeout: float | None = None,
+    ) -> T:
+        """``send`` the package :meth:`open` yields; ``send`` raises only
+        before any of its answer went out (after that it aborts).
+
+        When it raises :class:`DigestMismatch` and the refusal started a refill
+        from the next source (step 5: a peer, a parent agent or a rotten entry
+        refused, not the origin), the same request follows that refill, at most
+        :data:`MAX_REFILLS` times: a lie caught before answering is invisible
+        to the client.
+        """
+        refills = 0
+        while True:
+            try:
+                async with self.open(digest, local_only, start_timeout) as package:
+                    return await send(package)
+            except DigestMismatch:
+                if refills == MAX_REFILLS or not self._refilled(digest):
+                    raise
+                refills += 1
+                log.info("%s: refused bytes before answering; following the refill", digest.short)
+
+    def _refilled(self, digest: Digest) -> bool:
+        """Whether a refill follows a refusal: it was scheduled (call_soon)
+        before the refused flight failed, so it is running by the time anyone
+        hears of the failure (or already kept what it fetched)."""
+        return self.flights.get(digest) is not None or digest in self.store
+
     def _join(self, digest: Digest, recheck: bool, local_only: bool = False) -> Flight:
         """The running flight for ``digest``, or a new one (no await: the caller
         follows it at once)."""
@@ -246,13 +251,13 @@ class Tiers:
             raise NotFound(f"{digest} is not in the origin (negative cache)")
         return self.flights.start(digest, self._fill)
 
-    def _tier_of(self, flight: Flight) -> str:
+    def _tier_of(self, flight: Flight) -> Tier:
         """X-Cache-Tier for a request following ``flight`` (once it started):
         this service's own tier once the bytes are verified and being kept."""
         assert flight.tier is not None
         return self.local_tier if flight.local else flight.tier
 
-    async def fetch(self, digest: Digest) -> tuple[int, str]:
+    async def fetch(self, digest: Digest) -> tuple[int, Tier]:
         """Make sure the package is here and verified (kept, when the store can
         keep it): for warm, prefetch and unpack. Returns (size, tier the bytes
         came from; this service's own tier if they were already here)."""
@@ -260,7 +265,7 @@ class Tiers:
             await package.complete()
             return package.size, package.tier
 
-    async def head(self, digest: Digest) -> tuple[int, str]:
+    async def head(self, digest: Digest) -> tuple[int, Tier]:
         """Size and tier without downloading the body."""
         size = self.store.size_of(digest)
         if size is not None:
@@ -364,7 +369,7 @@ class Tiers:
         self.metrics.digest_mismatch.inc()
         log.error("fetch %s via %s refused: %s", flight.digest.short, source.name, exc)
         source.refused()
-        if source.upstream != "origin":  # the origin may still have the right bytes
+        if source.upstream is not Upstream.ORIGIN:  # the origin may still have the right bytes
             asyncio.get_running_loop().call_soon(self._refill, flight.digest)
 
     def _refill(self, digest: Digest) -> None:

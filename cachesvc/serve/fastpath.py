@@ -5,7 +5,7 @@ every other request goes to aiohttp.
 A service's listening socket is served by :class:`HitProtocol` connections.
 Each one reads a request head, has it parsed by ``httptools`` (llhttp, the
 parser uvicorn uses: never by hand), and answers it itself only when all of
-these hold: ``GET`` over HTTP/1.1 with keep-alive, the path is exactly the
+these hold: ``GET`` over HTTP/1.1, the path is exactly the
 route's prefix and a digest (no query, no escapes), no body, no ``Range``, no
 conditional or ``Expect`` header (nor, on agents, a request from another
 cachesvc host: those are fan-out feeds), no egress limit, the route's own
@@ -15,6 +15,11 @@ entry *open and verified* right now (:meth:`Store.lease_hot`: a synchronous
 lookup, no thread hop). The answer is the same as aiohttp's path gives
 (status, the contract's headers, the bytes by ``sendfile`` from the open
 file), counted in the same metrics and handed to the same prefetch hook.
+A request with ``Connection: close`` is answered, then the connection
+closes (RFC 9112 §9.6: what the client sent after it is never read). A
+request in an HTTP version other than 1.0 or 1.1 is refused here, ``505`` as
+aiohttp's path refuses it, and the connection closes (aiohttp would answer it
+in that version's name over HTTP/1.1 framing).
 
 Anything else, at any point, hands the connection over: the protocol of the
 transport becomes an aiohttp request handler, which receives every byte read
@@ -41,18 +46,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
+from http import HTTPStatus
+from typing import NamedTuple
 
 import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from cachesvc.digest import Digest
-from cachesvc.errors import InvalidDigest
+from cachesvc.errors import CachesvcError, InvalidDigest, VersionNotSupported
 from cachesvc.fanout.parents import redirect_headers
 from cachesvc.metrics import Metrics, observe_many
 from cachesvc.readpath.package import SMALL
 from cachesvc.serve.http import CACHE_CONTROL, sendfile_now
 from cachesvc.store.castore import Blob, Store
+from cachesvc.tier import Tier
 from cachesvc.upstream.peer_client import FORWARDED
 
 log = logging.getLogger(__name__)
@@ -70,7 +78,15 @@ REFUSED_HEADERS = frozenset(
     )
 )  # fmt: skip
 FORWARDED_HEADER = FORWARDED.lower().encode()
+HTTP_VERSIONS = frozenset(("1.0", "1.1"))  # others are refused (RFC 9110 §15.6.6)
 SERVE = ""  # HitRoute.decide: answer the hit here (else None: aiohttp; a URL: redirect)
+
+
+class Reply(NamedTuple):
+    """A whole response the fast path writes itself, then maybe closes."""
+
+    data: bytes
+    close: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,7 @@ class HitRoute:
     """What one service's fast path answers, and how it is labelled."""
 
     prefix: bytes  # b"/pkg/" (agents) or b"/blob/" (peers)
-    tier: str  # X-Cache-Tier of a hit: L1 on agents, L2 on peers
+    tier: Tier  # X-Cache-Tier of a hit: L1 on agents, L2 on peers
     label: str  # cachesvc_request_seconds{route}
     refused: frozenset[bytes] = REFUSED_HEADERS  # headers that send a request to aiohttp
     decide: Callable[[Head, Digest], str | None] | None = None
@@ -90,6 +106,8 @@ class Head:
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
+        self.keep_alive = False
+        self.parser: httptools.HttpRequestParser | None = None  # while it parses
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -97,15 +115,24 @@ class Head:
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.lower()] = value
 
+    def on_headers_complete(self) -> None:
+        # Asked here, not after feed_data: llhttp clears the Connection header's
+        # flags once the message completes (a GET without a body completes in
+        # the same feed), and then answers "keep alive" for every HTTP/1.1 request.
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
+
 
 def parse_head(raw: bytes) -> tuple[Head, httptools.HttpRequestParser] | None:
     """The parsed head, or None when httptools refuses it (aiohttp answers)."""
     head = Head()
-    parser = httptools.HttpRequestParser(head)
+    parser = head.parser = httptools.HttpRequestParser(head)
     try:
         parser.feed_data(raw)
     except httptools.HttpParserError:
         return None
+    finally:
+        head.parser = None  # no cycle between the two: freed at once, not by the GC
     return head, parser
 
 
@@ -214,7 +241,9 @@ class HitServer:
             if conn.transport is not None:
                 conn.transport.abort()
 
-    def response_head(self, blob: Blob) -> bytes:
+    def response_head(self, blob: Blob, last: bool) -> bytes:
+        """The head aiohttp writes for this hit (``last``: the client asked to
+        close, RFC 9112 §9.6: so does the answer, as aiohttp's does)."""
         return b"".join(
             (
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
@@ -222,18 +251,31 @@ class HitServer:
                 b"Cache-Control: ", CACHE, b"\r\nAccept-Ranges: bytes\r\n",
                 b"X-Cache-Tier: ", self._tier, b"\r\nContent-Length: ", str(blob.size).encode(),
                 b"\r\nDate: ", self.date(), b"\r\nServer: ", SERVER,
-                b"\r\n\r\n",
+                b"\r\nConnection: close\r\n\r\n" if last else b"\r\n\r\n",
             )
         )  # fmt: skip
 
-    def redirect_response(self, parent: str, digest: Digest) -> bytes:
+    def redirect_response(self, parent: str, digest: Digest, last: bool) -> Reply:
         """The tracker's 307, as :func:`cachesvc.fanout.parents.redirect` answers it."""
-        body = json.dumps({"parent": parent}).encode()
-        lines = [f"{k}: {v}" for k, v in redirect_headers(parent, digest).items()]
-        lines += ["Content-Type: application/json; charset=utf-8", f"Content-Length: {len(body)}"]
-        head = "\r\n".join(["HTTP/1.1 307 Temporary Redirect", *lines, ""]).encode()
         self.metrics.fanout_redirects.inc()
-        return head + b"Date: " + self.date() + b"\r\nServer: " + SERVER + b"\r\n\r\n" + body
+        headers = redirect_headers(parent, digest) | ({"Connection": "close"} if last else {})
+        reply = self._json("307 Temporary Redirect", headers, {"parent": parent})
+        return reply._replace(close=last)
+
+    def refusal(self, exc: CachesvcError) -> Reply:
+        """A contract error, as :func:`cachesvc.serve.http.error_middleware`
+        answers it (a ``Connection: close`` among its headers ends the connection)."""
+        status = f"{exc.status} {HTTPStatus(exc.status).phrase}"
+        reply = self._json(status, exc.headers, {"error": exc.code, "detail": str(exc)})
+        return reply._replace(close=exc.headers.get("Connection") == "close")
+
+    def _json(self, status: str, headers: dict[str, str], body: object) -> Reply:
+        data = json.dumps(body).encode()
+        lines = [f"{k}: {v}" for k, v in headers.items()]
+        lines += ["Content-Type: application/json; charset=utf-8", f"Content-Length: {len(data)}"]
+        head = "\r\n".join([f"HTTP/1.1 {status}", *lines, ""]).encode()
+        tail = b"Date: " + self.date() + b"\r\nServer: " + SERVER + b"\r\n\r\n"
+        return Reply(head + tail + data)
 
     def served(self, blob: Blob, started: float, upload: bool) -> None:
         self._counts.add(blob.size, time.perf_counter() - started, upload)
@@ -250,6 +292,7 @@ class HitProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.sending: asyncio.Task[None] | None = None
         self.active = 0.0  # loop time of the last bytes received
+        self.last = False  # the request being answered asked to close the connection
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -287,53 +330,60 @@ class HitProtocol(asyncio.Protocol):
                 self._hand_over()
                 return
             del self.buf[: end + 4]
-            if isinstance(answer, bytes):  # the tracker's redirect
-                self.transport.write(answer)
+            if isinstance(answer, Reply):  # the tracker's redirect, or a refusal
+                self.transport.write(answer.data)
+                if answer.close:
+                    self.transport.close()
             elif not self._send(*answer):
                 return  # the rest goes out in a task; it resumes the loop
 
-    def _answer(self, raw: bytes) -> tuple[Blob, bool] | bytes | None:
-        """(the leased blob, whether it is an upload) for a hit, the bytes of a
-        redirect, or None: aiohttp answers. Nothing is counted or assigned
-        before the answer is certain to be the fast path's."""
-        admitted = self._admit(raw)
-        if admitted is None:
+    def _answer(self, raw: bytes) -> tuple[Blob, bool] | Reply | None:
+        """(the leased blob, whether it is an upload) for a hit, a complete
+        reply (a redirect, a refusal), or None: aiohttp answers. Nothing is
+        counted or assigned before the answer is certain to be the fast path's."""
+        parsed = parse_head(raw)
+        if parsed is None:
             return None
-        head, digest = admitted
+        head, parser = parsed
+        version = parser.get_http_version()
+        if version not in HTTP_VERSIONS:  # aiohttp would echo it in its status line
+            return self.server.refusal(VersionNotSupported(version))
+        digest = self._admit(head, parser)
+        if digest is None:
+            return None
         store = self.server.store
         if not store.is_hot(digest):
             return None
         decide = self.server.route.decide
         verdict = SERVE if decide is None else decide(head, digest)
         if verdict != SERVE:  # refused or redirected: the entry's recency is not touched
-            return None if verdict is None else self.server.redirect_response(verdict, digest)
+            if verdict is None:
+                return None
+            return self.server.redirect_response(verdict, digest, self.last)
         blob = store.lease_hot(digest)
         assert blob is not None, "hot a moment ago, with no await in between"
         return blob, FORWARDED_HEADER in head.headers
 
-    def _admit(self, raw: bytes) -> tuple[Head, Digest] | None:
-        """The parsed head and digest of a plain keep-alive GET of the route."""
+    def _admit(self, head: Head, parser: httptools.HttpRequestParser) -> Digest | None:
+        """The digest of a plain HTTP/1.1 GET of the route."""
         if not self.server.enabled() or self.server.closing:
             return None
-        parsed = parse_head(raw)
-        if parsed is None:
-            return None
-        head, parser = parsed
         route = self.server.route
         if parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
             return None
-        if not parser.should_keep_alive() or route.refused & head.headers.keys():
+        if route.refused & head.headers.keys():
             return None
         if head.headers.get(b"content-length", b"0") != b"0":
             return None
-        digest = route_digest(head.url, self.server.route.prefix)
-        return None if digest is None else (head, digest)
+        digest = route_digest(head.url, route.prefix)
+        self.last = not head.keep_alive  # Connection: close: answer, then close (RFC 9112 §9.6)
+        return digest
 
     def _send(self, blob: Blob, upload: bool) -> bool:
         """Head and body; True when all went out now, else a task finishes it."""
         assert self.transport is not None
         started = time.perf_counter()
-        head = self.server.response_head(blob)
+        head = self.server.response_head(blob, self.last)
         if blob.size <= SMALL:  # head and body in one segment: one syscall, not two
             body = os.pread(blob.file.fileno(), blob.size, 0)
             if len(body) != blob.size:
@@ -392,7 +442,10 @@ class HitProtocol(asyncio.Protocol):
     def _done(self, blob: Blob, started: float, upload: bool) -> None:
         Store.release(blob)
         self.server.served(blob, started, upload)
-        if self.server.closing:
+        if self.last:
+            assert self.transport is not None
+            self.transport.close()  # after what was written; later requests are not read
+        elif self.server.closing:
             self.close_if_idle()
 
     # -- handing over, idling -----------------------------------------------------------

@@ -2,7 +2,8 @@
 
 * :func:`route_digest`: the route parameter becomes a :class:`Digest` here.
 * :func:`error_middleware`: contract errors (and aiohttp's own 404/405/...)
-  become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500.
+  become ``{"error", "detail"}`` JSON; unexpected exceptions a logged 500;
+  HTTP versions other than 1.0 and 1.1 a 505 that closes the connection.
 * :func:`refuse_unrouted`: the answer of a catch-all route: 405 with ``Allow``
   when another route takes the path with other methods, else 400
   ``invalid_digest``.
@@ -23,17 +24,18 @@ The package's spans hold back the last byte of every body until the digest check
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from cachesvc.digest import Digest
 from cachesvc.errors import (
@@ -42,11 +44,13 @@ from cachesvc.errors import (
     MethodNotAllowed,
     Overloaded,
     RangeNotSatisfiable,
+    VersionNotSupported,
 )
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.package import SMALL, FileSpan, Package, Span
 from cachesvc.readpath.tiers import Tiers
 from cachesvc.serve.egress import TokenBucket
+from cachesvc.tier import Tier
 from cachesvc.upstream.peer_client import FORWARDED
 
 log = logging.getLogger(__name__)
@@ -79,13 +83,18 @@ _AIOHTTP_CODES = {404: "not_found", 405: "invalid_request", 413: "too_large"}
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        if request.version not in (HttpVersion10, HttpVersion11):
+            raise VersionNotSupported("{}.{}".format(*request.version))
         return await handler(request)
     except CachesvcError as exc:
         if isinstance(exc, Overloaded) and METRICS in request.app:
             request.app[METRICS].overloaded.inc()
         if exc.status >= 500:
             log.warning("%s %s: %s %s", request.method, request.path, exc.code, exc)
-        return json_error(exc.status, exc.code, str(exc), **exc.headers)
+        resp = json_error(exc.status, exc.code, str(exc), **exc.headers)
+        if exc.headers.get("Connection") == "close":
+            resp.force_close()
+        return resp
     except web.HTTPMethodNotAllowed as exc:  # no catch-all route under this path
         allowed = MethodNotAllowed(exc.method, sorted(exc.allowed_methods))
         return json_error(allowed.status, allowed.code, str(allowed), **allowed.headers)
@@ -162,14 +171,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _headers(digest: Digest, tier: str | None) -> dict[str, str]:
+def _headers(digest: Digest, tier: Tier | None) -> dict[str, str]:
     headers = {
         "ETag": digest.etag,
         "Cache-Control": CACHE_CONTROL,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
-    if tier:
+    if tier is not None:
         headers["X-Cache-Tier"] = tier
     return headers
 
@@ -182,7 +191,7 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
 
 
 def _start(
-    request: web.Request, digest: Digest, size: int, tier: str
+    request: web.Request, digest: Digest, size: int, tier: Tier
 ) -> tuple[int, dict[str, str], int, int]:
     """Status, headers and the byte span ``[start, end)`` for a body of ``size`` bytes."""
     if_range = request.headers.get("If-Range")
@@ -213,8 +222,7 @@ async def serve_package(
         resp = web.StreamResponse(headers=_headers(digest, tier))
         resp.content_length = size
         return resp
-    async with tiers.open(digest) as package:
-        return await send_package(request, tiers.metrics, egress, package)
+    return await tiers.deliver(digest, partial(send_package, request, tiers.metrics, egress))
 
 
 async def send_package(
@@ -226,23 +234,26 @@ async def send_package(
 ) -> web.StreamResponse:
     """The package's bytes for this request's range, paced by ``egress``.
 
-    Headers go out once the first span is ready (a failure before it is a
-    JSON error; an empty body waits for the verdict), then every span; after
-    that a failure aborts the connection. A body of at most :data:`SMALL`
-    bytes is gathered first (so all of it is verified) and goes out with its
-    headers in one write. Bytes to another cachesvc host (a forwarded request)
-    count as upload."""
+    Headers go out once the first span is ready (a failure before it is
+    raised: nothing was answered, so :meth:`Tiers.deliver` may try the next
+    source, else it becomes a JSON error; an empty body waits for the
+    verdict), then every span; after that a failure aborts the connection. A
+    body of at most :data:`SMALL` bytes is gathered first (so all of it is
+    verified) and goes out with its headers in one write. A request is
+    counted once answered. Bytes to another cachesvc host (a forwarded
+    request) count as upload."""
     status, fields, start, end = _start(request, package.digest, package.size, package.tier)
     fields.update(headers or {})
-    metrics.requests.labels(package.tier).inc()
     async with aclosing(package.spans(start, end)) as spans:
         if end - start <= SMALL:
-            resp = await _small(request, spans, status, fields, egress, package.digest)
+            resp, whole = await _small(request, package, spans, status, fields, egress), True
         else:
             resp = web.StreamResponse(status=status, headers=fields)
             resp.content_length = end - start
-            if not await _streamed(request, resp, spans, egress, package.digest):
-                return resp  # aborted
+            whole = await _streamed(request, resp, package, spans, egress)
+    metrics.requests.labels(package.tier).inc()
+    if not whole:
+        return resp  # aborted
     if FORWARDED in request.headers:
         metrics.upload_bytes.inc(end - start)
     metrics.bytes_served.labels(package.tier).inc(end - start)
@@ -251,11 +262,11 @@ async def send_package(
 
 async def _small(
     request: web.Request,
+    package: Package,
     spans: AsyncGenerator[Span, None],
     status: int,
     fields: dict[str, str],
     egress: TokenBucket,
-    digest: Digest,
 ) -> web.StreamResponse:
     """The whole (small) body, read before anything is sent, then one write
     with its headers. The reads are bounded (at most :data:`SMALL` bytes of
@@ -263,9 +274,10 @@ async def _small(
     parts: list[bytes] = []
     async for span in spans:  # a failure here is still a JSON error
         try:
-            parts.append(span if isinstance(span, bytes) else _pread(span))
+            async with _dropping_short(package):
+                parts.append(span if isinstance(span, bytes) else _pread(span))
         except OSError as exc:
-            log.warning("GET %s: aborting the response: %s", digest.short, exc)
+            log.warning("GET %s: aborting the response: %s", package.digest.short, exc)
             abort_stream(request)
             return web.Response()
     body = b"".join(parts)  # one part (a hit) is not copied
@@ -276,9 +288,9 @@ async def _small(
 async def _streamed(
     request: web.Request,
     resp: web.StreamResponse,
+    package: Package,
     spans: AsyncGenerator[Span, None],
     egress: TokenBucket,
-    digest: Digest,
 ) -> bool:
     """Headers at the first span, then every span; False if it had to abort."""
     first = await anext(spans, None)
@@ -289,8 +301,8 @@ async def _streamed(
         async for span in spans:
             yield span
 
-    return await stream_body(request, resp, rest(), partial(_write_span, request, resp, egress),
-                             f"GET {digest.short}")  # fmt: skip
+    write = partial(_write_span, request, resp, egress, package)
+    return await stream_body(request, resp, rest(), write, f"GET {package.digest.short}")
 
 
 async def stream_body(
@@ -315,17 +327,44 @@ async def stream_body(
     return True
 
 
+class ShortFile(OSError):
+    """A file span's file ended before the span did: it shrank on disk."""
+
+
+@asynccontextmanager
+async def _dropping_short(package: Package) -> AsyncIterator[None]:
+    """A short file is the package's to drop (:meth:`Package.cut_short`, as
+    the fast path drops it); the failure goes on, and the response aborts."""
+    try:
+        yield
+    except ShortFile as exc:
+        await package.cut_short(str(exc))
+        raise
+
+
 def _pread(span: FileSpan) -> bytes:
     data = os.pread(span.file.fileno(), span.count, span.offset)
     if len(data) != span.count:
-        raise OSError(f"file ended at {span.offset + len(data)} of {span.offset + span.count}")
+        end = span.offset + span.count
+        raise ShortFile(f"its file ended at byte {span.offset + len(data)} of {end}")
     return data
 
 
 async def _write_span(
-    request: web.Request, resp: web.StreamResponse, egress: TokenBucket, span: Span
+    request: web.Request,
+    resp: web.StreamResponse,
+    egress: TokenBucket,
+    package: Package,
+    span: Span,
 ) -> None:
     """One span out: ``sendfile`` for file spans, in egress-sized slices when limited."""
+    async with _dropping_short(package):
+        await _send_span(request, resp, egress, span)
+
+
+async def _send_span(
+    request: web.Request, resp: web.StreamResponse, egress: TokenBucket, span: Span
+) -> None:
     if isinstance(span, bytes):
         await egress.take(len(span))
         await resp.write(span)
@@ -339,12 +378,12 @@ async def _write_span(
 
 
 async def _sendfile(
-    request: web.Request, resp: web.StreamResponse, file: Any, offset: int, count: int
+    request: web.Request, resp: web.StreamResponse, file: io.FileIO, offset: int, count: int
 ) -> None:
     """Zero-copy: one direct ``sendfile(2)`` first, then the loop's machinery
     for whatever did not fit. Where the loop has no sendfile (uvloop, TLS),
     ``pread`` + write: never asyncio's fallback, which seeks the shared file
-    object. Raises OSError when the file holds fewer bytes than promised."""
+    object. Raises :class:`ShortFile` when the file holds fewer bytes than promised."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
@@ -358,10 +397,10 @@ async def _sendfile(
         await _copy(resp, file, offset + sent, count - sent)  # "not implemented"; both subclass it
         return
     if sent != count:
-        raise OSError(f"file ended after {sent} of {count} bytes")
+        raise ShortFile(f"its file ended at byte {offset + sent} of {offset + count}")
 
 
-def sendfile_now(transport: asyncio.Transport, file: Any, offset: int, count: int) -> int:
+def sendfile_now(transport: asyncio.Transport, file: io.FileIO, offset: int, count: int) -> int:
     """One non-blocking ``sendfile(2)`` straight on the socket, when nothing is
     queued ahead of it. ``loop.sendfile`` costs ~100 µs of Python and four
     ``epoll_ctl`` calls per response even when one syscall sends it all (measured:
@@ -377,13 +416,13 @@ def sendfile_now(transport: asyncio.Transport, file: Any, offset: int, count: in
         return 0
 
 
-async def _copy(resp: web.StreamResponse, file: Any, offset: int, count: int) -> None:
+async def _copy(resp: web.StreamResponse, file: io.FileIO, offset: int, count: int) -> None:
     end = offset + count
     while offset < end:
         n = min(FALLBACK_CHUNK, end - offset)
         data = await asyncio.to_thread(os.pread, file.fileno(), n, offset)
         if not data:
-            raise OSError(f"file ended at {offset} of {end}")
+            raise ShortFile(f"its file ended at byte {offset} of {end}")
         await resp.write(data)
         offset += len(data)
 

@@ -1,31 +1,19 @@
-"""Readiness: whether a service should be sent traffic now, and if not, why.
+"""Readiness: whether a service should get traffic now, and if not, why (the
+verdict of ``/readyz``; the route itself is :mod:`cachesvc.serve.service`'s).
+Story: README "Under pressure".
 
-``GET /readyz`` asks :meth:`Readiness.report`. A service is **not ready**
-(503 ``{"status": "not_ready", "reason": ...}``) when:
-
-* its store is not open, or its directory does not take a write (checked on
-  every probe: one small local file);
-* its origin *refused* it: the origin answered and said no — a wrong secret
-  (``SignatureDoesNotMatch``), an unknown key, no permission, no such bucket,
-  a ``file://`` directory that is missing or unreadable. Such a service would
-  answer 502 to every miss; not ready, a rolling update with a wrong Secret
-  stops at its first pod, and the reason says what to fix.
-
-An origin that does *not answer* (connection refused, timeout, 5xx) leaves the
-service ready, with ``"origin": "unreachable: ..."`` in the answer and a
-warning in the log. An outage hits every replica at once: pulling them all out
-of their Service would also take the peers off the agents' ring (the headless
-Service publishes ready addresses only) and lose the hits they can still
-serve from their caches. Rejected: not ready on any origin failure, for that
-reason.
-
-The origin check is cached (:class:`OriginCheck`): at most one request to the
-origin per ``ttl`` seconds however often probes come, and none when nobody
-probes. It is refreshed *on probe*: a probe that finds the verdict older than
-``ttl`` starts one check and waits for it at most ``wait`` seconds (under the
-probe's own timeout), answering with the previous verdict if the check takes
-longer. Rejected: a background timer (it asks the origin when nobody looks)
-and asking on every probe (a request per probe, and probes wait on S3).
+* Not ready (503, with the reason) when the store's directory does not take a
+  write (checked on every probe), when the origin refused us (wrong secret,
+  unknown key, no bucket, a missing ``file://`` dir), or before the first
+  origin check ends.
+* An origin that does not answer leaves the service ready
+  (``"origin": "unreachable: ..."``). Rejected: not ready on any origin
+  failure: an outage would take every peer off the agents' ring (the headless
+  Service publishes ready addresses only) and lose the hits caches still serve.
+* :class:`OriginCheck`: at most one origin check per ``ttl``, one at a time,
+  only when probed; a probe waits at most ``wait`` and never raises. Rejected:
+  a background timer (asks when nobody looks) and a check per probe (probes
+  wait on S3).
 """
 
 from __future__ import annotations
@@ -38,7 +26,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Required, TypedDict
 
 from cachesvc.upstream.origin import Origin, Probe
 
@@ -46,6 +34,18 @@ log = logging.getLogger(__name__)
 
 ORIGIN_TTL = 10.0  # seconds a verdict of the origin is reused
 PROBE_WAIT = 1.0  # seconds a probe waits for a fresh check (k8s probes time out at 2 s here)
+
+
+class ReadyzJSON(TypedDict, total=False):
+    """The body of ``/readyz``: ``origin`` when ready (and ``peers``, which the
+    service adds); ``reason``, ``error`` and ``detail`` when not."""
+
+    status: Required[str]
+    origin: str
+    peers: int
+    reason: str
+    error: str
+    detail: str
 
 
 class OriginCheck:
@@ -113,7 +113,7 @@ class Readiness:
         self.store_tmp = store_tmp
         self.origin = origin
 
-    async def report(self) -> tuple[int, dict[str, Any]]:
+    async def report(self) -> tuple[int, ReadyzJSON]:
         """(HTTP status, JSON body): 200 ``{"status": "ready", "origin": ...}``
         or 503 ``{"status": "not_ready", "reason": ...}`` (with the contract's
         ``error``/``detail`` keys too, as every error answer has them)."""
@@ -136,7 +136,7 @@ class Readiness:
         await self.origin.close()
 
 
-def not_ready(reason: str) -> tuple[int, dict[str, Any]]:
+def not_ready(reason: str) -> tuple[int, ReadyzJSON]:
     return 503, {"status": "not_ready", "reason": reason, "error": "not_ready", "detail": reason}
 
 

@@ -1,9 +1,12 @@
-"""Running aiohttp apps until a signal, with a graceful stop.
+"""Running aiohttp apps until a signal: several apps share one loop (that is how
+``cachesvc up`` runs a stack in one process); an app that offers the hit fast
+path is bound through it (:class:`FastSite`). Builds no app.
 
-On SIGINT or SIGTERM: stop accepting connections, let in-flight requests run
-for up to ``grace`` seconds, then cancel what is left and run every app's
-cleanup (fills cancelled, temp files removed, store order flushed). Several apps
-share one loop: that is how ``cachesvc up`` runs a whole stack in one process.
+* On SIGINT or SIGTERM: stop accepting, let in-flight requests run up to
+  ``grace`` s (0: no wait), then cancel the rest and run every app's cleanup.
+* A failed start is one line: a directory or lock problem is a
+  ``ConfigError`` naming the path; a bind failure exits 1 naming the address.
+  Whatever had started is cleaned up first.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -20,6 +22,10 @@ from cachesvc.errors import ConfigError
 from cachesvc.serve.fastpath import HIT_PATH, HitFactory, HitServer
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+Banner = Callable[[], Awaitable[None]]
 
 
 class ListenError(Exception):
@@ -103,7 +109,7 @@ async def _cleanup_quietly(runner: web.AppRunner) -> None:
 async def run_until_signal(
     apps: list[tuple[web.Application, tuple[str, int]]],
     grace: float,
-    banner: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    banner: Banner | None = None,
 ) -> int:
     """Serve ``apps`` until SIGINT/SIGTERM. Returns 1 when an address cannot be
     bound; raises :class:`ConfigError` when a service cannot start."""
@@ -129,3 +135,16 @@ async def run_until_signal(
             await runner.cleanup()
     log.info("stopped cleanly")
     return 0
+
+
+def serve(
+    apps: list[tuple[web.Application, tuple[str, int]]],
+    grace: float,
+    log_level: str = "INFO",
+    banner: Banner | None = None,
+) -> int:
+    """Log at ``log_level`` (a name: ``DEBUG`` ... ``ERROR``) to stderr, then run
+    ``apps`` in a new event loop until SIGINT/SIGTERM (see
+    :func:`run_until_signal`); blocks, and returns the exit status."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    return asyncio.run(run_until_signal(apps, grace, banner))

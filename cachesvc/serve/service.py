@@ -1,11 +1,18 @@
-"""What the agent and the peer have in common: the core objects, their
-lifetimes, and the operational endpoints.
+"""What the agent and the peer share: the :class:`Core` (origin, ring and
+membership, peer client, store and scrubber, flights, tiers, egress bucket,
+fan-out tracker and feeds), its lifetime in the app's ``cleanup_ctx``, the
+order of the walk's sources per role (README "How a request is answered",
+step 5), the bearer-token check, the hit fast path's offer, and
+``/healthz`` ``/readyz`` ``/metrics`` ``/stats``. No package route here
+(:mod:`cachesvc.peer.app`, :mod:`node_agent.app`).
 
-:func:`make_base_app` returns an aiohttp app whose ``cleanup_ctx`` opens the
-store, the origin client, the peer client and membership, and closes them in
-reverse on shutdown (running fills are cancelled and their temp files removed;
-the store's access order is flushed). Both services add their own routes on
-top: :mod:`cachesvc.peer.app` and :mod:`node_agent.app`. No request logic here.
+* Shutdown closes in reverse: running fills cancelled (temp files removed),
+  the store's access order flushed; it is also flushed every
+  :data:`FLUSH_EVERY` s, a failed flush retried, never the end of flushing.
+* Token comparison is constant-time; no token configured means open (callers
+  decide whether that is allowed).
+* The fast path is offered only without an egress limit (its bucket lives in
+  the aiohttp path) and on loops with native ``sendfile``.
 """
 
 from __future__ import annotations
@@ -25,17 +32,19 @@ from cachesvc.fanout.parents import Avoided, FanoutSource, Feeds
 from cachesvc.fanout.tracker import Tracker
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.flight import Flights
-from cachesvc.readpath.tiers import OriginSource, PeerSource, Source, Tiers
+from cachesvc.readpath.tiers import OriginSource, PeerSource, Tiers
 from cachesvc.serve.egress import TokenBucket
 from cachesvc.serve.fastpath import HIT_PATH, HitFactory, HitRoute, HitServer, hit_path_available
 from cachesvc.serve.http import METRICS, error_middleware, json_error
 from cachesvc.serve.readiness import OriginCheck, Readiness
 from cachesvc.store.castore import Store
 from cachesvc.store.scrub import Scrubber
+from cachesvc.tier import Role, Tier
 from cachesvc.upstream.membership import Membership
 from cachesvc.upstream.origin import Origin, make_origin
 from cachesvc.upstream.peer_client import PeerClient
 from cachesvc.upstream.ring import Ring
+from cachesvc.upstream.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,7 @@ class Core:
     """The objects a service is made of; created in the app's cleanup_ctx."""
 
     settings: Settings
+    role: Role
     metrics: Metrics
     origin: Origin
     ring: Ring
@@ -67,20 +77,19 @@ READINESS = web.AppKey("readiness", Readiness)
 
 
 def make_base_app(
-    settings: Settings, local_tier: str, on_core: Callable[[Core], None] | None = None
+    settings: Settings, role: Role, on_core: Callable[[Core], None] | None = None
 ) -> web.Application:
     """An app with the ops routes and the core's lifetime wired up.
 
-    ``local_tier`` is "L1" (agent: reads go to the ring's owners, then the
-    origin) or "L2" (peer: reads go to the origin only; the ring is used for
-    ownership, e.g. by warm).
+    ``role``: an agent's reads go to the ring's owners, then the origin; a
+    peer's to the origin only (its ring is used for ownership, e.g. by warm).
     """
     app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        core = await _open_core(settings, app[METRICS], local_tier)
+        core = await _open_core(settings, app[METRICS], role)
         app[CORE] = core
         app[READINESS] = Readiness(core.store.root / "tmp", OriginCheck(core.origin))
         if on_core is not None:
@@ -97,7 +106,7 @@ def make_base_app(
     return app
 
 
-async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> Core:
+async def _open_core(settings: Settings, metrics: Metrics, role: Role) -> Core:
     origin = make_origin(settings.origin, settings.s3_endpoint, settings.origin_timeout)
     await origin.start()
     ring = Ring()
@@ -113,11 +122,11 @@ async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> C
     store.on_evict.append(lambda _d, _s: metrics.evictions.inc())
     metrics.bind_store(lambda: _usage(store))
     flights = Flights(store, settings.max_fetches, settings.max_queued)
-    sources = _sources_for(settings, local_tier, ring, peer_client, origin)
-    tiers = Tiers(store, flights, sources, metrics, local_tier)
+    sources = _sources_for(settings, role, ring, peer_client, origin)
+    tiers = Tiers(store, flights, sources, metrics, role.local_tier)
     me = settings.self_url or settings.listen_url
     core = Core(
-        settings, metrics, origin, ring, membership, peer_client, store, flights, tiers,
+        settings, role, metrics, origin, ring, membership, peer_client, store, flights, tiers,
         egress=TokenBucket(settings.egress_limit),
         tracker=Tracker(me, settings.fanout),
         feeds=Feeds(settings.fanout),
@@ -126,7 +135,7 @@ async def _open_core(settings: Settings, metrics: Metrics, local_tier: str) -> C
     core.tasks.append(asyncio.get_running_loop().create_task(scrubber.run()))
     log.info(
         "%s ready: store %s (%d entries, %d bytes of %d), origin %s, peers %s",
-        local_tier,
+        role.local_tier,
         settings.cache_dir,
         *_usage(store),
         origin.url,
@@ -156,19 +165,19 @@ def _usage(store: Store) -> tuple[int, int, int]:
 
 
 def _sources_for(
-    settings: Settings, local_tier: str, ring: Ring, client: PeerClient, origin: Origin
+    settings: Settings, role: Role, ring: Ring, client: PeerClient, origin: Origin
 ) -> Callable[[Digest], Sequence[Source]]:
     origin_source = OriginSource(origin)
-    if local_tier != "L1":
+    if role is Role.PEER:
         return lambda _digest: (origin_source,)
     avoided = Avoided()
     me = settings.self_url
 
     def walk(digest: Digest) -> list[Source]:
-        # Peers marked down are skipped: after them only the origin would be
-        # asked anyway, and its answer is authoritative. The owner is asked
-        # as the digest's fan-out tracker: it may name another agent to use.
-        owners = ring.up_owners(digest)
+        # Peers marked down come last but are still asked before the origin
+        # (why: cachesvc.upstream.ring). The first is asked as the digest's
+        # fan-out tracker: it may name another agent to use.
+        owners = ring.owners(digest)
         peers: list[Source] = [PeerSource(client, ring, url) for url in owners[1:]]
         if owners:
             peers.insert(0, FanoutSource(client, ring, owners[0], me, settings.fanout, avoided))
@@ -269,10 +278,7 @@ async def stats(request: web.Request) -> web.Response:
     usage = core.store.usage()
     local = core.tiers.local_tier
     core.metrics.sync()
-    served = {
-        tier: int(core.metrics.requests.labels(tier)._value.get())
-        for tier in ("L1", "L2", "ORIGIN")
-    }
+    served = {tier: core.metrics.requests_served(tier) for tier in Tier}
     return web.json_response(
         {
             "tier": local,

@@ -1,29 +1,14 @@
-"""The operator API for warm jobs and pins, shared by the agent and the peer.
+"""The operator routes (``/warm``, ``/warm/{job}``, ``/warm/unpin``), shared by
+agent and peer: body validation, the bearer check, and on agents (``prefetch``
+and ``Settings.prefetch_calls``) the reference refresher and the prefetch hook. No
+warm logic lives here (:mod:`cachesvc.warm`); bodies, answers and codes:
+docs/API.md; story: README "Operators".
 
-Routes (every one needs ``Authorization: Bearer $CACHESVC_TOKEN``; a service
-started without ``CACHESVC_TOKEN`` answers 401 "operator API disabled"):
-
-``POST /warm``
-    Body: ``{"tenant": T}`` and/or ``{"digests": [D, ...]}``, optional
-    ``"pin": true`` and ``"signal": "warm"|"publish"`` (which
-    ``cachesvc_prefetches_total`` label the fills count under). A tenant means
-    every reference under ``tenants/T/`` plus its layers, listed from the
-    origin now. Answers ``202 {"job": ID, "total": N}`` with ``Location``.
-    400 ``invalid_request`` (body, tenant name, over 10000 digests),
-    400 ``invalid_digest``, 404 ``unknown_tenant`` (no references), 503
-    ``overloaded`` (too many jobs running).
-``GET /warm/{job}[?items=all|failed|none]``
-    ``{"job", "state": "running"|"done"|"failed", "total", "done", "failed",
-    "fetched", "cached", "skipped", "bytes", "seconds", "items": [...]}``;
-    404 ``not_found`` for unknown or expired jobs.
-``POST /warm/unpin``
-    Same body as ``POST /warm`` (``pin``/``signal`` not allowed): unpins those
-    packages here. Answers ``200 {"unpinned": n, "total": N}``; idempotent.
-
-On agents, :func:`add_routes` with ``prefetch=True`` also starts the reference
-index refresher and the prefetcher along ``calls``, and registers an
-``on_response_prepare`` hook that hands each served digest to it (a dict
-lookup; see :mod:`cachesvc.warm.prefetch`). No warm logic lives here.
+* Every route needs ``Authorization: Bearer $CACHESVC_TOKEN``; a service
+  without it refuses them all (401).
+* A job holds at most :data:`~cachesvc.warm.jobs.MAX_ITEMS` digests, a
+  tenant's packages and layers first, duplicates dropped.
+* The prefetch hook is a dict lookup after a 200/206 ``GET``: no I/O, never raises.
 """
 
 from __future__ import annotations
@@ -33,7 +18,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -41,6 +25,7 @@ from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, InvalidRequest, Unauthorized, UnknownTenant
 from cachesvc.publish.upload import check_name
 from cachesvc.serve.service import CORE, SETTINGS, Core, require_token
+from cachesvc.tier import Role
 from cachesvc.warm.jobs import MAX_ITEMS, SIGNALS, Scope, WarmJobs
 from cachesvc.warm.prefetch import Prefetcher
 from cachesvc.warm.references import ReferenceIndex
@@ -104,7 +89,7 @@ def _open(core: Core, prefetch: bool) -> Warm:
 
 
 def _scope(core: Core) -> Scope:
-    if core.tiers.local_tier == "L1":
+    if core.role is Role.AGENT:
         return Scope()
     return Scope(core.ring, core.settings.advertise or core.settings.listen_url)
 
@@ -186,14 +171,14 @@ async def post_unpin(request: web.Request) -> web.Response:
     return web.json_response({"unpinned": unpinned, "total": len(digests)})
 
 
-async def _json(request: web.Request) -> Any:
+async def _json(request: web.Request) -> object:
     try:
         return await request.json()
     except ValueError as exc:
         raise InvalidRequest(f"the body must be a JSON object: {exc}") from exc
 
 
-def parse_body(body: Any, allow: tuple[str, ...]) -> WarmRequest:
+def parse_body(body: object, allow: tuple[str, ...]) -> WarmRequest:
     """Validate a warm/unpin body; raises :class:`InvalidRequest`/``InvalidDigest``."""
     if not isinstance(body, dict):
         raise InvalidRequest('the body must be a JSON object: {"tenant": T} or {"digests": [...]}')
@@ -215,7 +200,7 @@ def parse_body(body: Any, allow: tuple[str, ...]) -> WarmRequest:
     return WarmRequest(name, digests, pin, signal)
 
 
-def _parse_digests(value: Any) -> list[Digest]:
+def _parse_digests(value: object) -> list[Digest]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(d, str) for d in value):

@@ -1,8 +1,8 @@
-"""A committed package file, open and shared by the requests that read it.
-
-Handed out by :meth:`cachesvc.store.castore.Store.lease`; the store alone calls
-:meth:`Blob.acquire`, :meth:`Blob.release` and :meth:`Blob.retire`. Files are
-opened and hashed here without ever following a link or blocking on a fifo.
+"""A committed package file, open and shared by the requests that lease it. The
+store alone acquires and retires it; a lease is given back with
+:meth:`Blob.release`. The file closes when it is neither kept hot nor leased.
+Files are opened and hashed here without following a link or blocking on a
+fifo; :func:`open_file` refuses anything but a regular file of the expected size.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from cachesvc.digest import Digest
+from cachesvc.digest import Digest, Hashed
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 HASH_BLOCK = 1 << 20
@@ -68,7 +68,7 @@ def open_file(path: Path, size: int) -> io.FileIO:
         raise
 
 
-def file_sha256(path: Path) -> tuple[hashlib._Hash, int]:
+def file_sha256(path: Path) -> tuple[Hashed, int]:
     """Hash a file (never through a link); returns the hash and the bytes read.
     Raises OSError. Blocking."""
     sha256 = hashlib.sha256()

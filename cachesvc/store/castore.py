@@ -1,41 +1,21 @@
-"""The content-addressed package store on local disk.
+"""The content-addressed package store on local disk: reservations, commit of
+what an ingest verified, LRU eviction, pins, leases on open blobs. Owns
+``blobs/sha256/<hex>`` (read-only, the only files served), ``tmp/``,
+``index/`` and ``quarantine/`` under its root. Knows nothing of HTTP, peers,
+origins or the ring; it does not hash (ingest and recheck report, it acts).
 
-Layout under the store's root::
-
-    .lock                 the owner's flock and pid (cachesvc.dirlock)
-    blobs/sha256/<hex>    committed packages, read-only (0444): the only files served
-    tmp/<hex>.<random>    ingests in progress; swept at every start
-    index/                diskcache: hex -> Entry(size, last_access, pinned)
-    quarantine/           indexes found corrupt at start, kept for a post-mortem
-
-Guarantees:
-
-* **Only verified bytes are ever committed.** :meth:`Ingest.verify` checks
-  them, and :class:`Recheck` bytes read back from disk, both with
-  :func:`cachesvc.store.ingest.compare`, the one comparison of computed and
-  expected digests; there is no switch to skip it. Commit is temp file ->
-  verify -> chmod 0444 -> rename -> index, so a process crash at any moment
-  (kill -9 included) leaves either nothing or a complete verified blob. No
-  fsync: after an OS crash a file may be short or garbage, and every entry is
-  re-hashed before it is served again (first serve, scrub), so it is dropped.
-* **The disk is not trusted.** :meth:`Store.open` never raises for anything
-  found on disk and never follows a link; :mod:`cachesvc.store.recovery` says what
-  start-up checks and what it leaves to the scrubber and the first serve. An
-  entry is ``verified`` once this process hashed its bytes (ingest, adoption
-  at start, scrub, first serve); wrong bytes are dropped by :meth:`drop_corrupt`.
-* **One owner.** The store holds an advisory lock on its directory from
-  open to close; a second store on it (any process) fails with
-  :class:`~cachesvc.errors.ConfigError` naming the pid that holds it.
-* **Size-capped, least-recently-used eviction.** Recency lives in memory (an
-  ``OrderedDict``, so a hit costs no disk write) and is flushed to the index
-  periodically and on close, so the order survives restarts. Eviction
-  removes one victim at a time down to a low-water mark; pinned entries are
-  skipped. diskcache's own culling is off (see :mod:`cachesvc.store.index`).
-* **Open handles outlive eviction.** A :class:`Blob` lease keeps its file open;
-  an evicted file is unlinked, and its space is freed when the last lease ends.
-
-The store knows nothing of HTTP, peers, origins or the ring. Blocking calls
-(diskcache, rename, hashing, open) run in threads.
+* Only what :meth:`Ingest.verify` returned is committed: chmod 0444, rename,
+  then the index row within :data:`ROW_DELAY`; a kill -9 at any moment leaves
+  nothing or a complete verified blob (a blob without a row is adopted at start).
+* No fsync (1-12 ms per miss): after an OS crash a short file is caught by the
+  re-hash before its first serve (README "Trust").
+* One owner per directory (:mod:`cachesvc.dirlock`); opening never raises for
+  what is on disk (:mod:`cachesvc.store.recovery`).
+* Recency lives in memory (a hit writes nothing) and reaches the index when
+  flushed (by the service, and on close); pinned entries are never evicted.
+* A lease outlives eviction; verdicts land only on the file the lease read.
+* Blocking work (diskcache, rename, open, unlink) runs in threads, except
+  :meth:`Store.check`.
 """
 
 from __future__ import annotations
@@ -54,15 +34,26 @@ from pathlib import Path
 
 from cachesvc.digest import Digest
 from cachesvc.dirlock import DirLock
+from cachesvc.errors import DigestMismatch
 from cachesvc.store import recovery
 from cachesvc.store.blob import Blob, open_file
 from cachesvc.store.index import Entry, Index
-from cachesvc.store.ingest import Ingest
-from cachesvc.store.recheck import Recheck
+from cachesvc.store.ingest import Ingest, Verified
+from cachesvc.store.recheck import Recheck, Verdict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Blob", "Entry", "Ingest", "Recheck", "Store", "StoreFull", "Usage"]
+__all__ = [
+    "Blob",
+    "Entry",
+    "Ingest",
+    "Recheck",
+    "Store",
+    "StoreFull",
+    "Usage",
+    "Verdict",
+    "Verified",
+]
 
 LOW_WATER = 0.90  # evict down to this share of capacity when making room
 MAX_OPEN_BLOBS = 512  # open file handles kept for hot entries
@@ -120,7 +111,7 @@ class Store:
         self._row_flushes: set[asyncio.Task[None]] = set()
         self._open: OrderedDict[str, Blob] = OrderedDict()
         self._bytes = 0
-        self._reserved = 0
+        self._writing: dict[Path, Ingest] = {}  # temp path -> ingest: their sizes are reserved
         self.on_evict: list[Callable[[Digest, int], None]] = []
         self.startup_report: dict[str, int] = {}
 
@@ -332,7 +323,21 @@ class Store:
     def recheck(self, lease: Blob, found_by: str = "serve") -> Recheck:
         """Re-hash a leased entry in place (see :mod:`cachesvc.store.recheck`); the
         recheck takes over the lease and releases it on close."""
-        return Recheck(self, lease, found_by)
+        return Recheck(lease, found_by)
+
+    async def settle(self, verdict: Verdict) -> None:
+        """Act on a recheck's verdict, only if the entry is still the file its
+        lease read: matching bytes mark it verified; wrong ones drop it (see
+        :meth:`drop_corrupt`, counted as found by ``verdict.found_by``), and
+        then :class:`DigestMismatch` is raised."""
+        digest = verdict.lease.digest
+        if verdict.problem is None:
+            self.mark_verified(digest, verdict.lease)
+            return
+        await self.drop_corrupt(
+            digest, verdict.problem, found_by=verdict.found_by, lease=verdict.lease
+        )
+        raise DigestMismatch(verdict.problem)
 
     def _current(self, digest: Digest, lease: Blob | None) -> bool:
         return lease is None or self._generation.get(digest.hex) == lease.generation
@@ -340,27 +345,36 @@ class Store:
     # -- writes ----------------------------------------------------------------
 
     async def begin(self, digest: Digest, size: int) -> Ingest:
-        """Reserve room and start an ingest. Raises :class:`StoreFull` when the
-        package cannot be kept (over capacity, or the disk refuses the file)."""
+        """Reserve room and start an ingest; the room stays reserved until the
+        ingest is committed (:meth:`commit`) or closed. Raises :class:`StoreFull`
+        when the package cannot be kept (over capacity)."""
         await self.make_room(size)
-        if self._bytes + self._reserved + size > self.capacity:
+        if self._bytes + self._reserved() + size > self.capacity:
             raise StoreFull(f"no room for {size} bytes in a {self.capacity}-byte store")
-        self._reserved += size  # counted at once: concurrent begins see it
         path = self._tmp / f"{digest.hex}.{secrets.token_hex(4)}"
-        return Ingest(self, digest, size, path)  # its first write creates the file
+        ingest = Ingest(digest, size, path)  # its first write creates the file
+        self._writing[path] = ingest  # counted at once: concurrent begins see it
+        return ingest
 
     def begin_unstored(self, digest: Digest, size: int) -> Ingest:
         """An ingest that only verifies: for packages the store cannot keep."""
-        return Ingest(self, digest, size, None)
+        return Ingest(digest, size, None)
+
+    def _reserved(self) -> int:
+        """Bytes reserved for ingests begun and neither committed nor closed.
+        A closed ingest's room is released here, when the store next asks."""
+        for path in [p for p, ingest in self._writing.items() if ingest.closed]:
+            del self._writing[path]
+        return sum(ingest.size for ingest in self._writing.values())
 
     async def make_room(self, size: int) -> None:
         """Evict least-recently-used, unpinned entries until ``size`` more bytes fit
         under the low-water mark (or nothing evictable is left)."""
         target = min(self.capacity * LOW_WATER, self.capacity - size)
-        if self._bytes + self._reserved + size <= self.capacity:
+        if self._bytes + self._reserved() + size <= self.capacity:
             return
         for key in list(self._lru):
-            if self._bytes + self._reserved <= target:
+            if self._bytes + self._reserved() <= target:
                 break
             if key not in self._pinned:
                 await self.evict(Digest(key))
@@ -391,16 +405,30 @@ class Store:
         self._index.delete(key)
         (self._blobs / key).unlink(missing_ok=True)
 
-    async def _commit(self, ingest: Ingest) -> None:
-        """The verified file takes its place, open and hot (the next request is
-        served from it without a thread hop); its index row is written with the
-        next flush, within :data:`ROW_DELAY` (a crash before that leaves a
-        blob without a row, which start-up re-hashes and adopts)."""
-        key = ingest.digest.hex
-        file = await asyncio.to_thread(self._publish, ingest)
+    async def commit(self, verified: Verified) -> None:
+        """Keep what an ingest of this store verified: the file takes its place,
+        open and hot (the next request is served from it without a thread hop),
+        and the ingest's reservation is released (its bytes count as stored
+        now). Its index row is written with the next flush, within
+        :data:`ROW_DELAY` (a crash before that leaves a blob without a row,
+        which start-up re-hashes and adopts). What a spilled ingest verified
+        (no ``path``) is not kept. Raises ValueError for a path that is not an
+        open ingest of this store, and OSError when the disk refuses the rename."""
+        if verified.path is None:
+            return
+        ingest = self._writing.get(verified.path)
+        if ingest is None or ingest.closed or ingest.digest != verified.digest:
+            raise ValueError(f"commit {verified.digest.short}: not an ingest this store writes")
+        file = await asyncio.to_thread(self._publish, ingest.fd, verified)
+        self._writing.pop(verified.path, None)
+        self._add(verified.digest, verified.size, file)
+
+    def _add(self, digest: Digest, size: int, file: io.FileIO) -> None:
+        """A committed file joins the entries: most recently used, verified, hot."""
+        key = digest.hex
         if key not in self._lru:
-            self._bytes += ingest.size
-        self._lru[key] = ingest.size
+            self._bytes += size
+        self._lru[key] = size
         self._lru.move_to_end(key)
         self._verified.add(key)
         self._touched.add(key)
@@ -408,7 +436,7 @@ class Store:
         stale = self._open.pop(key, None)  # a handle on a file this commit replaced
         if stale is not None:
             stale.retire()
-        self._keep_open(Blob(ingest.digest, ingest.size, file, generation))
+        self._keep_open(Blob(digest, size, file, generation))
         self._flush_soon()
 
     def _keep_open(self, blob: Blob) -> None:
@@ -430,7 +458,7 @@ class Store:
         self._row_flushes.add(task)
         task.add_done_callback(self._row_flushes.discard)
 
-    def _publish(self, ingest: Ingest) -> io.FileIO:
+    def _publish(self, fd: int, verified: Verified) -> io.FileIO:
         # No fsync: it cost 1-12 ms per package here, on every miss, and bought
         # nothing the read path needs. A process crash (kill -9) loses nothing
         # written (the page cache survives it); after an OS crash a renamed
@@ -438,11 +466,11 @@ class Store:
         # its first serve after a start (and by the scrubber), so such a file
         # is found and dropped, never served. A cache may lose entries; it may
         # not serve wrong bytes.
-        assert ingest.path is not None
-        os.fchmod(ingest.fd, BLOB_MODE)  # before the rename: never a writable blob
-        final = self._blobs / ingest.digest.hex
-        os.rename(ingest.path, final)
-        return open_file(final, ingest.size)
+        assert verified.path is not None
+        os.fchmod(fd, BLOB_MODE)  # before the rename: never a writable blob
+        final = self._blobs / verified.digest.hex
+        os.rename(verified.path, final)
+        return open_file(final, verified.size)
 
     # -- pins ------------------------------------------------------------------
 

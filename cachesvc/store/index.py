@@ -1,25 +1,15 @@
-"""The store's index: one diskcache row per committed package, ``hex -> Entry``.
+"""The store's index: one diskcache row per committed package, ``hex -> Entry``
+(size, last access, pin). Holds no bytes: a lost index is rebuilt from the
+blobs.
 
-The index holds what must survive a restart and is cheap to lose: each
-entry's size, last access and pin. Blobs themselves live outside it
-(``blobs/sha256/<hex>``, owned by :mod:`cachesvc.store.castore`), so a lost index is
-rebuilt from the blobs by re-hashing them.
-
-Guarantees:
-
-* **Opening never fails for what is on disk.** An index that is not a
-  directory, a database SQLite refuses (garbage, truncated, malformed), or
-  one whose settings table holds keys diskcache would not write, is moved
-  aside to ``quarantine/`` under the store's root (the newest
-  :data:`QUARANTINE_KEEP` are kept for a post-mortem, older ones removed) and a
-  fresh, empty index is created. Rows whose key is not 64 lowercase hex or
-  whose value is not an :class:`Entry` are deleted one by one.
-* **A tampered index cannot run code or touch files.** diskcache unpickles
-  values, removes files a row names, and applies its settings table to the
-  cache object and as SQLite pragmas. Here values are unpickled without any
-  global (tuples of numbers only: no class, no callable can be reached), rows
-  naming a file are refused and such files are never removed, and a settings
-  table with unknown keys is quarantined before diskcache reads it.
+* Opening never fails for what is on disk: a non-directory, a database SQLite
+  refuses, or a settings table with keys diskcache would not write is moved
+  to ``quarantine/`` (newest :data:`QUARANTINE_KEEP` kept) and a fresh index
+  made; bad rows are deleted one by one.
+* A tampered index cannot run code or remove files: values are unpickled
+  without globals, rows naming a file are refused, unknown settings are
+  quarantined before diskcache applies them. diskcache's culling is off (it
+  deleted the row just inserted).
 
 Blocking (SQLite): call from a thread.
 """

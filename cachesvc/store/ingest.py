@@ -1,11 +1,12 @@
-"""One package being written into the store, and the one digest comparison.
+"""One package being written into the store's ``tmp/``, hashed as it is written.
+:meth:`Ingest.verify` checks size and sha256 (:func:`cachesvc.digest.compare`)
+and returns a :class:`Verified`, the only thing ``Store.commit`` keeps. The
+ingest never calls the store: the store reserves, commits and releases.
 
-:class:`Ingest` hashes bytes as they are written to ``tmp/`` and, at the end,
-checks size and sha256 before :class:`cachesvc.store.castore.Store` may commit them.
-:func:`compare` is the only place in cachesvc where a computed sha256 is
-compared with the expected one: ingests, start-up adoption and re-hashes of
-stored blobs (:class:`cachesvc.store.recheck.Recheck`) all ask it. There is no
-switch to skip it.
+* Hashing and writing run in a thread, one batch in flight: memory is bounded.
+* Disk full (ENOSPC, EDQUOT): it keeps hashing, stops writing (``spilled``).
+* :meth:`Ingest.close` is idempotent, waits for a running write, and removes
+  the temp file unless a commit renamed it away.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ import io
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cachesvc.digest import Digest
-from cachesvc.errors import DigestMismatch, UpstreamError
-
-if TYPE_CHECKING:
-    from cachesvc.store.castore import Store
+from cachesvc.digest import Digest, compare
+from cachesvc.errors import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +30,33 @@ MIN_BATCH = 256 << 10  # bytes gathered before a thread hop hashes + writes them
 WRITE_BATCH = 2 << 20  # ... and at most this much while the previous batch is written
 
 
-def compare(digest: Digest, hashed: hashlib._Hash, what: str) -> None:
-    """The one comparison of computed and expected sha256 in cachesvc.
-    Raises :class:`DigestMismatch` (``what``: ingest, recheck, adopt, ...)."""
-    actual = hashed.hexdigest()
-    if actual != digest.hex:
-        raise DigestMismatch(f"{what} {digest.short}: bytes hash to sha256:{actual[:12]}")
+@dataclass(frozen=True)
+class Verified:
+    """What :meth:`Ingest.verify` found right (made there only): ``size`` bytes
+    hashing to ``digest``, all of them in the temp file at ``path``, or
+    ``path`` None when the ingest spilled and holds nothing to keep."""
+
+    digest: Digest
+    size: int
+    path: Path | None
 
 
 class Ingest:
-    """One package being written: :meth:`write`, then :meth:`commit`, then :meth:`close`.
+    """One package being written: :meth:`write`, then :meth:`verify`, then :meth:`close`.
 
-    The temp file at ``path`` is created by the first batch's thread (one
-    thread hop less per package). ``file`` is readable while writing: followers
-    of a coalesced fetch read ``[0, on_disk)`` from it, so it stays open until
-    :meth:`close`, even after commit renamed it. When the disk refuses the file
-    or a write (ENOSPC), or the store had no room to begin with
-    (:meth:`Store.begin_unstored`, no ``path``), the ingest keeps hashing but
-    stops writing: ``on_disk`` freezes, ``spilled`` is set, and :meth:`commit`
-    then only verifies.
+    Made by :meth:`Store.begin <cachesvc.store.castore.Store.begin>`, which
+    reserves ``size`` bytes until the ingest is committed or closed. The temp
+    file at ``path`` is created by the first batch's thread (one thread hop
+    less per package). ``file`` is readable while writing: followers of a
+    coalesced fetch read ``[0, on_disk)`` from it, so it stays open until
+    :meth:`close`, even after a commit renamed it. When the disk refuses the
+    file or a write (ENOSPC), or the store had no room to begin with
+    (``Store.begin_unstored``, no ``path``), the ingest keeps hashing but stops
+    writing: ``on_disk`` freezes, ``spilled`` is set, and what it verifies has
+    nothing to keep.
     """
 
-    def __init__(self, store: Store, digest: Digest, size: int, path: Path | None):
-        self.store = store
+    def __init__(self, digest: Digest, size: int, path: Path | None):
         self.digest = digest
         self.size = size
         self.path = path
@@ -63,10 +65,7 @@ class Ingest:
         self.received = 0
         self.on_disk = 0
         self.spilled = path is None
-        self.verified = False
-        self.committed = False
-        self._closing = False
-        self._reservation = size if path is not None else 0
+        self.closed = False  # close() began: the store no longer reserves room for it
         self._writing: asyncio.Future[None] | None = None
         self.on_written: Callable[[], None] | None = None  # after each batch lands on disk
         self._hash = hashlib.sha256()
@@ -143,12 +142,7 @@ class Ingest:
         self.file = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115
         self.fd = fd
 
-    async def commit(self) -> None:
-        """:meth:`verify`, then :meth:`persist`."""
-        await self.verify()
-        await self.persist()
-
-    async def verify(self) -> None:
+    async def verify(self) -> Verified:
         """Check size and sha256 of everything written (:func:`compare`).
         Raises :class:`DigestMismatch`, or :class:`UpstreamError` for a short body.
         """
@@ -156,40 +150,36 @@ class Ingest:
         if self.received != self.size:
             raise UpstreamError(f"ingest {self.digest.short}: got {self.received} of {self.size}")
         compare(self.digest, self._hash, "ingest")
-        self.verified = True
-
-    async def persist(self) -> None:
-        """Make verified bytes visible (chmod, rename, index); a
-        spilled ingest keeps nothing."""
-        if not self.verified:
-            raise DigestMismatch(f"ingest {self.digest.short}: persist before verify")
-        if not self.spilled:
-            await self.store._commit(self)
-            self.committed = True
-            self._release_reservation()  # the bytes are counted as stored now
+        return Verified(self.digest, self.size, None if self.spilled else self.path)
 
     async def close(self) -> None:
-        """Release the reservation and the file; idempotent. An uncommitted
-        temp file is removed. Waits for a write still running in its thread,
-        so the fd is never closed (and reused) under it, and a temp file that
-        write makes is removed too."""
-        if self._closing:
+        """Close the file; idempotent. A temp file no commit renamed away is
+        removed. Waits for a write still running in its thread, so the fd is
+        never closed (and reused) under it, and a temp file that write makes
+        is removed too."""
+        if self.closed:
             return
-        self._closing = True
-        self._release_reservation()
+        self.closed = True
+        # The store forgets a closed ingest when it next counts its reservations;
+        # until then the ingest holds no bytes and no flight.
+        self._pending, self._pending_len = [], 0
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
+        self.on_written = None  # the last batch's callback ran before the gather returned
         fd, self.fd = self.fd, -2
         if fd >= 0:
             await asyncio.to_thread(self._close, fd)
 
-    def _release_reservation(self) -> None:
-        self.store._reserved -= self._reservation
-        self._reservation = 0
-
     def _close(self, fd: int) -> None:
+        """Close ``fd``; unlink ``path`` if it still names this file. After a
+        commit it names nothing (or, in theory, a later ingest's temp file)."""
         assert self.file is not None and self.path is not None
+        ours = os.fstat(fd)
         self.file.close()  # fd >= 0: the file was created
         os.close(fd)
-        if not self.committed:
+        try:
+            there = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if os.path.samestat(ours, there):
             self.path.unlink(missing_ok=True)

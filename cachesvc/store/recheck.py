@@ -1,18 +1,14 @@
-"""A committed entry re-hashed in place: by its first serve since this process
-started (followers read it while it is hashed), or by the scrubber.
+"""A committed entry re-hashed in place, by its first serve since this process
+started or by the scrubber. Only reports (:meth:`Recheck.verdict`);
+:meth:`cachesvc.store.castore.Store.settle` acts on it.
 
-:class:`Recheck` is shaped like :class:`~cachesvc.store.ingest.Ingest` for
-:class:`~cachesvc.readpath.flight.Flight`: ``file``, ``on_disk`` (bytes hashed so far,
-readable by followers), ``received``, :meth:`verify`, :meth:`persist`,
-:meth:`close`. It holds its own lease on the blob, so eviction cannot pull the
-file away, and a verdict only lands on the file it read: a fresh copy
-committed meanwhile is neither dropped nor marked. A mismatch, a short file or
-an unreadable block drops the entry (:meth:`cachesvc.store.castore.Store.drop_corrupt`,
-counted as found by ``found_by``); a match marks it verified.
-
-Every block is read in a thread; if the caller is cancelled meanwhile, the read
-still finishes before the cancellation goes on, so :meth:`close` never closes
-the descriptor under it.
+* Shaped like an :class:`~cachesvc.store.ingest.Ingest` for a flight
+  (``file``, ``on_disk``, ``received``, ``close``): followers read what is hashed.
+* Holds its own lease: eviction cannot pull the file away; the verdict names
+  that lease, so it never lands on a fresh copy committed meanwhile.
+* A short file or an unreadable block is a problem, like a mismatch.
+* Every block is read in a thread that finishes even if the caller is
+  cancelled, so :meth:`Recheck.close` never closes the descriptor under it.
 """
 
 from __future__ import annotations
@@ -23,14 +19,12 @@ import io
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
+from cachesvc.digest import compare
 from cachesvc.errors import DigestMismatch
 from cachesvc.store.blob import Blob
-from cachesvc.store.ingest import compare
-
-if TYPE_CHECKING:
-    from cachesvc.store.castore import Store
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +33,22 @@ RECHECK_BLOCK = 1 << 20
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What a recheck found in the file ``lease`` reads: ``problem`` says what
+    was wrong, None when size and sha256 matched."""
+
+    lease: Blob
+    found_by: str
+    problem: str | None
+
+
 class Recheck:
     """One leased entry being re-hashed; made by :meth:`~cachesvc.store.castore.Store.recheck`."""
 
     spilled = False
 
-    def __init__(self, store: Store, blob: Blob, found_by: str = "serve") -> None:
-        self.store = store
+    def __init__(self, blob: Blob, found_by: str = "serve") -> None:
         self.blob = blob
         self.digest = blob.digest
         self.size = blob.size
@@ -67,7 +70,7 @@ class Recheck:
         fd = self.blob.file.fileno()
         try:
             data = await finish_in_thread(os.pread, fd, want, self.on_disk)
-        except OSError as exc:  # an unreadable block is rot too: verify() drops the entry
+        except OSError as exc:  # an unreadable block is rot too: a short file
             log.error("store: reading %s at %d: %s", self.digest.short, self.on_disk, exc)
             data = b""
         self._hash.update(data)
@@ -75,27 +78,24 @@ class Recheck:
         self._short = len(data) < want
         return not self._short and self.on_disk < self.size
 
-    async def verify(self) -> None:
-        """Size and sha256 of the file as it is on disk; a mismatch drops the entry."""
+    def verdict(self) -> Verdict:
+        """Size and sha256 of the file as it was read, once every block is hashed."""
+        return Verdict(self.blob, self.found_by, self._problem())
+
+    def _problem(self) -> str | None:
+        if self.on_disk != self.size:
+            return f"recheck {self.digest.short}: file has {self.on_disk} of {self.size} bytes"
         try:
-            if self.on_disk != self.size:
-                raise DigestMismatch(
-                    f"recheck {self.digest.short}: file has {self.on_disk} of {self.size} bytes"
-                )
             compare(self.digest, self._hash, "recheck")
         except DigestMismatch as exc:
-            await self.store.drop_corrupt(
-                self.digest, str(exc), found_by=self.found_by, lease=self.blob
-            )
-            raise
-
-    async def persist(self) -> None:
-        self.store.mark_verified(self.digest, self.blob)
+            return str(exc)
+        return None
 
     async def close(self) -> None:
+        """Give the lease back; idempotent."""
         if self.file is not None:
             self.file = None
-            self.store.release(self.blob)
+            self.blob.release()
 
 
 async def finish_in_thread(fn: Callable[..., T], *args: object) -> T:

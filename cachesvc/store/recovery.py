@@ -1,35 +1,20 @@
-"""Start-up recovery of a store directory: whatever a crash, an operator,
-another program or a failing disk left there is found, logged and removed,
-and nothing found raises.
+"""Start-up recovery of a store directory: whatever a crash, an operator or a
+failing disk left is found, logged and removed; nothing found raises (only a
+directory that cannot be created does). Never follows a link below the root.
 
-What start-up checks (``Store.open``, after taking the directory's lock and
-before anything is served), in this order:
+What start-up checks (README "Trust"):
 
-1. **Layout** (:func:`prepare_layout`): ``blobs/``, ``blobs/sha256/`` and
-   ``tmp/`` are real directories; a file or a link in their place is removed
-   (a link is never followed) and the directory made again.
-2. **Temp leftovers** (:func:`sweep_tmp`): everything under ``tmp/`` is an
-   interrupted ingest and is removed, trees of any depth included
-   (:func:`cachesvc.fsutil.remove_tree`).
-3. **The index** (:mod:`cachesvc.store.index`): quarantined and rebuilt if corrupt.
-4. **Blobs** (:func:`scan_blobs`): only regular files named by 64 lowercase
-   hex stay. Links (dangling or not), directories, other names and files
-   that cannot even be stat'ed are removed. A file with an index row must
-   have the row's size, else it is removed as corrupt; one without a row is
-   an *orphan* (renamed, then a crash before indexing) that the store re-hashes
-   and adopts only if it matches its name (hashing it here, as one whose
-   bytes this process checked). Rows without a file are dropped.
+1. Layout (:func:`prepare_layout`): ``blobs/``, ``blobs/sha256/``, ``tmp/``
+   are real directories; anything else in their place is removed.
+2. Temp leftovers (:func:`sweep_tmp`): everything under ``tmp/``, any depth.
+3. The index (:mod:`cachesvc.store.index`): quarantined and rebuilt if corrupt.
+4. Blobs (:func:`scan_blobs`): only regular files named by 64 hex stay; a
+   size that disagrees with its row is corrupt; a file without a row is
+   re-hashed here and adopted only if it matches its name; rows without a
+   file are dropped.
 
-The store's root itself may be a link (an operator's choice); nothing inside
-it is followed. Other names in the root or in ``blobs/`` are left alone.
-
-What start-up leaves to later: files whose row and size agree are **not**
-read (that would make every restart read the whole store). They stay
-unverified until re-hashed: by the background scrubber (:mod:`cachesvc.store.scrub`)
-or by their first serve, which hashes while streaming and holds back the last
-byte until the bytes match. Either way, wrong bytes drop the entry.
-
-Blocking: call from a thread.
+Files whose row and size agree are not read (a restart would read the whole
+store): the scrub or their first serve re-hashes them. Blocking: call from a thread.
 """
 
 from __future__ import annotations
@@ -41,12 +26,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cachesvc.digest import HEX, Digest
+from cachesvc.digest import HEX, Digest, compare
 from cachesvc.errors import DigestMismatch
 from cachesvc.fsutil import remove_tree
 from cachesvc.store.blob import file_sha256
 from cachesvc.store.index import Entry, Index
-from cachesvc.store.ingest import compare
 
 log = logging.getLogger(__name__)
 

@@ -1,30 +1,16 @@
-"""The background scrubber: re-hashes every stored entry at a bounded rate, a
-full pass every interval, so rot under a running service is found within one
-interval and never served again.
+"""The background scrubber: re-hashes every stored entry at a bounded rate, so
+rot under a running service is found within one interval. It does not drop
+or count entries itself: the store settles its verdicts (``found_by="scrub"``).
 
-Guarantees:
+* A full pass every ``interval``: every entry present at its start,
+  unverified ones first; an over-long pass is followed at once by the next,
+  with a warning. A failed pass is logged; the scrubber never just stops.
+* Never faster than ``rate`` bytes per second; idle time earns no credit.
+* Safe against eviction: reads through a lease that does not touch recency.
+* Off the loop: one :class:`~cachesvc.store.recheck.Recheck` block per thread
+  hop; a cancelled block finishes before the lease is released.
 
-* **A full pass every** ``interval`` seconds: a pass starts, re-hashes every
-  entry there is at its start, then the scrubber sleeps out the rest of the
-  interval. A pass that takes longer than the interval (the rate is too low
-  for the store) is followed at once by the next, and says so in the log.
-  Entries not yet verified by this process go first in each pass.
-* **Never faster than** ``rate`` bytes per second: each block (at most
-  :data:`BLOCK` bytes) is read only once the previous blocks' time at that
-  rate has passed. Idle time earns no credit, so the burst is one block.
-* **Safe against eviction**: entries are read through a store lease that
-  does not touch their recency; an evicted file stays readable through it,
-  and a verdict on an entry evicted or committed afresh meanwhile is ignored
-  by the store. Reads never follow a link.
-* **Off the event loop**: hashing is a :class:`~cachesvc.store.recheck.Recheck`
-  (the same re-hash a first serve does), one block per thread hop; when the
-  scrubber is cancelled, the block in its thread finishes before the lease is
-  released, so the descriptor is never closed under a read.
-* A mismatch, a short file or a read error drops the entry
-  (:meth:`cachesvc.store.castore.Store.drop_corrupt`, counted as found by ``scrub``);
-  the next request refetches it. A match marks it verified.
-
-Clock and sleep are injected: tests never wait for real intervals.
+Clock and sleep are injected.
 """
 
 from __future__ import annotations
@@ -125,8 +111,7 @@ class Scrubber:
         recheck = self._store.recheck(blob, found_by="scrub")
         try:
             await self._hash(recheck)
-            await recheck.verify()  # drops the entry and raises when the bytes are wrong
-            await recheck.persist()
+            await self._store.settle(recheck.verdict())  # wrong bytes: dropped, and it raises
         except DigestMismatch:
             pass  # dropped and counted by the store
         finally:

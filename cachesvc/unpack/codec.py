@@ -1,40 +1,20 @@
-"""Package layers: detection by magic bytes and a bounded streaming decoder stack.
+"""Package layers: detection by magic bytes and a bounded streaming decoder
+stack. Names the layers outermost first (``X-Package-Layers``) and peels them;
+never trusts a file name, never touches archive members or paths
+(:mod:`cachesvc.unpack.extract` and :mod:`cachesvc.unpack.tree` do).
 
-A package is an archive (``zip`` or ``tar``) wrapped in zero or more
-compression layers. This module owns the *layers*: it names them, outermost
-first (``["zstd", "gzip", "tar"]``, the contract's ``X-Package-Layers``), and
-peels them as a stream. It never trusts a file name, and never touches archive
-members or paths inside the archive (that is :mod:`cachesvc.unpack.unpacker`).
+* zstd, gzip, xz, bzip2, lz4 frame around zip or tar, at most
+  ``limits.max_depth`` layers; anything else, or corrupt data met while
+  decoding, is ``UnsupportedFormat``. Concatenated streams decode whole.
+* Nothing whole in memory: bounded reads; zstd windows capped at 128 MiB.
+* Every layer's output is bounded by ``Limits.max_decoded_size`` and by
+  ``max_ratio`` against package bytes read so far (the first
+  :data:`RATIO_FLOOR` count as read): ``TooLarge`` as soon as crossed. A
+  package over ``max_package_size`` is refused before decoding.
 
-Public API::
-
-    Limits(max_package_size, max_unpacked_size, max_files, max_ratio, max_depth)
-    detect_layers(path, limits) -> list[str]          # reads headers only
-    open_archive(path, limits, spool_dir=None)        # sync context manager -> Archive
-    archive_stream(path, limits, chunk_size)          # async context manager -> ArchiveStream
-
-Guarantees:
-
-* Detection is by magic bytes: zstd, gzip, xz, bzip2 and lz4 (frame format)
-  around zip or tar; at most ``limits.max_depth`` compression layers.
-  Anything else raises :class:`UnsupportedFormat`, as does corrupt
-  compressed data met while decoding.
-* Nothing is held whole in memory: each layer is a stream read in bounded
-  chunks (zstd windows are capped at 128 MiB, the ``zstd --long`` default).
-* Every layer's output is bounded by :attr:`Limits.max_decoded_size` and by
-  the compression ratio ``max_ratio`` against the package bytes read so far
-  (the first :data:`RATIO_FLOOR` bytes of input count as read, so tiny
-  packages may still expand to ``max_ratio * RATIO_FLOOR``). Either bound
-  raises :class:`TooLarge` as soon as it is crossed, not after the fact.
-* A package larger than ``max_package_size`` is refused before decoding.
-* Concatenated streams (multi-frame zstd/lz4, multi-member gzip) decode whole.
-
-Everything here blocks: call it from a thread, except :func:`archive_stream`,
-which runs each blocking read in a worker thread itself.
-
-Rejected alternative: decompressor objects driven by hand (httpx's
-``MultiDecoder``) buffer a whole ``decompress(chunk)`` output; the stdlib file
-wrappers take ``read(n)`` and so give an output bound per call for free.
+Blocking: call from a thread, except :func:`archive_stream` (it hops itself).
+Rejected: decompressor objects driven by hand (httpx's ``MultiDecoder``)
+buffer a whole ``decompress(chunk)``; the stdlib file wrappers bound each ``read(n)``.
 """
 
 from __future__ import annotations

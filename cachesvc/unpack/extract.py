@@ -1,34 +1,20 @@
-"""Reading a package's archive (zip or tar) into a :class:`~cachesvc.unpack.tree.Tree`.
+"""Reading a package's archive into a :class:`~cachesvc.unpack.tree.Tree`: layers
+peeled by :mod:`cachesvc.unpack.codec`, a tar by ``tarfile`` in stream mode, a
+zip by :mod:`cachesvc.unpack.extract_zip` (a package still arriving is read
+as it grows). Paths and limits are the tree's.
 
-:func:`extract` peels the package's layers (:mod:`cachesvc.unpack.codec`), reads
-the zip with ``zipfile`` or the tar with ``tarfile`` in streaming mode
-(``r|``), and feeds every member to the tree, which owns paths and limits.
-It refuses what a code package has no use for: every link (symlink or
-hardlink: validating targets against links made earlier is a classic source
-of escapes), devices, fifos, sparse and unknown tar members, encrypted zip
-members.
+* Refuses what a code package has no use for: every link (symlink or
+  hardlink: checking targets against earlier links is a classic escape),
+  devices, fifos, sparse and unknown tar members, encrypted zip members.
+* Only contract errors: the parsers' own errors are ``UnsupportedFormat``,
+  ``MemoryError`` is ``TooLarge``; a fault of this host (EIO, a read-only code
+  dir) stays a 500.
+* Bounded per header: tar PAX and long-name records over :data:`TAR_META_MAX`
+  are refused before they are read; a bad checksum mid-archive is refused
+  (``tarfile`` would take it for the end). Time is not bounded here
+  (CVE-2024-6232): the worker's wall-clock budget does that.
 
-Guarantees:
-
-* **Only contract errors.** Whatever an archive provokes ends as
-  :class:`TooLarge`, :class:`UnsafeArchive` or :class:`UnsupportedFormat`:
-  the parsers' own errors (``tarfile.TarError``, ``zipfile.BadZipFile``,
-  decoder errors, ``EOFError``, ``ValueError``, ``OverflowError``,
-  ``RecursionError``, ...) are :class:`UnsupportedFormat`, ``MemoryError``
-  is :class:`TooLarge`. A fault of this host (EIO reading the package, a
-  read-only code dir) stays a :class:`CachesvcError` (500).
-* **Bounded per header.** A tar's PAX and GNU long-name records are read
-  whole by ``tarfile``; records over :data:`TAR_META_MAX` are refused before
-  they are read. Time is *not* bounded here: Python 3.11.7's PAX parser is
-  quadratic on crafted records (CVE-2024-6232), so this runs in a worker
-  process with a wall-clock budget (:mod:`cachesvc.unpack.worker`).
-* **Never trusts a header.** A tar header that fails its checksum
-  mid-archive is refused, not taken for the end of the archive (``tarfile``
-  would stop there silently); negative sizes are refused; the zip central
-  directory's claimed size and entry count are checked against the limits
-  before ``zipfile`` reads it into memory.
-
-Blocking, and meant for a worker process: see :mod:`cachesvc.unpack.worker`.
+Blocking, and meant for the unpack worker process.
 """
 
 from __future__ import annotations
@@ -41,9 +27,9 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack import codec
@@ -80,7 +66,7 @@ class Extracted(NamedTuple):
     layers: tuple[str, ...]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Extracted | None:
+    def from_json(cls, data: Mapping[str, object]) -> Extracted | None:
         """The counts and layers a worker's answer or a manifest records, if
         well formed (counts >= 0, at least one known layer); else None."""
         files, size, layers = data.get("files"), data.get("bytes"), data.get("layers")
@@ -178,12 +164,12 @@ class _StrictTarInfo(tarfile.TarInfo):
         except _BAD_HEADERS as exc:
             raise UnsupportedFormat(f"corrupt tar header: {exc}") from exc
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _TAR_META_TYPES and not 0 <= self.size <= TAR_META_MAX:
             raise UnsupportedFormat(f"tar metadata record of {self.size} bytes")
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise UnsupportedFormat(f"sparse tar member: {show(self.name)}")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
 
     def _refuse_sparse(self, *_args: object) -> None:
         raise UnsupportedFormat("sparse tar member (PAX GNU.sparse)")

@@ -1,20 +1,18 @@
-"""Zips into a :class:`~cachesvc.unpack.tree.Tree`: read whole with ``zipfile``, or
-read while they arrive and then checked against their central directory.
+"""Zips into a :class:`~cachesvc.unpack.tree.Tree`: read whole with ``zipfile``,
+or, while the package arrives, from its local headers (``stream_unzip``,
+CRC-checked) and then checked against its central directory, the only
+authority on its members.
 
-A zip's central directory (the only authority on its members) sits at its
-end, so ``zipfile`` can start only when the whole file is there. For a
-package still arriving, :func:`extract_arriving` first extracts from the
-local headers as the bytes come (``stream_unzip``, a maintained streaming
-reader, CRC-checking every member), then, once the file is complete, reads
-the central directory with ``zipfile`` and keeps that speculative tree only
-if it holds exactly the files the directory lists (names, sizes, CRC-32s),
-applying the directory's modes and times. Anything else (a local header
-that disagrees, a member ``stream_unzip`` cannot read, an error) discards
-it and extracts again with ``zipfile``: what is kept is always what
-``zipfile`` reads, and a tree becomes visible only after the package's
-verdict (:mod:`cachesvc.unpack.unpacker`).
+* What is kept is always what ``zipfile`` reads: the speculative tree stays
+  only if it holds exactly the listed files (names, sizes, CRC-32s), and takes
+  the directory's modes and times; anything else discards it and extracts
+  again with ``zipfile``.
+* The end record's entry count and directory size are checked against the
+  limits before ``zipfile`` loads the directory.
+* A compressed zip is spooled to an unlinked temp file inside the destination.
 
-Blocking: runs in an unpack worker (:mod:`cachesvc.unpack.worker`).
+Does not decide visibility (the unpacker renames after the verdict).
+Blocking: runs in an unpack worker.
 """
 
 from __future__ import annotations

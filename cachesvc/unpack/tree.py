@@ -1,34 +1,21 @@
-"""A tree being written from archive members: the only code that creates paths from them.
+"""A tree being written from archive members: the only code that creates paths
+from them. :func:`member_parts` is the name rule; :class:`Tree` writes members
+under one root, within the limits. Reads no archive (:mod:`cachesvc.unpack.extract`
+does); makes no link, device or fifo (callers refuse them).
 
-:func:`member_parts` is the name rule: it turns a member name into path
-components or refuses it, and says which rule refused it. :class:`Tree` writes
-members under one root directory, within the limits, counting what it writes.
+* Never outside the root: NUL, absolute names (``/x``, ``\\x``, ``C:x``) and
+  ``..`` are ``UnsafeArchive``; names past 4096 bytes, 255 per component or
+  :data:`MAX_DEPTH` levels are ``UnsupportedFormat``, before any system call.
+  Files are created ``O_EXCL | O_NOFOLLOW``: a duplicate or conflict is refused.
+* Bounded by bytes written (entries, bytes, ratio), never by sizes an archive
+  claims: ``TooLarge`` at once.
+* Files 0644 (0755 if any execute bit), directories 0755, never setuid,
+  setgid or sticky; a member's mtime kept only when it is a real time.
+* An ``OSError`` becomes a contract error (no space or ``RLIMIT_FSIZE``:
+  ``TooLarge``; a conflict: ``UnsafeArchive``; a refused name:
+  ``UnsupportedFormat``); a fault of this host stays a 500.
 
-Guarantees:
-
-* **Never outside the root.** Every name goes through :func:`member_parts`:
-  NUL bytes, absolute names (``/x``, ``\\x``, ``C:x``) and ``..`` components
-  raise :class:`UnsafeArchive`; names longer than Linux allows (4096 bytes,
-  255 per component) or deeper than :data:`MAX_DEPTH` raise
-  :class:`UnsupportedFormat` before any system call.
-  Files are created with ``O_EXCL | O_NOFOLLOW``, so a duplicate or a
-  file/directory conflict is refused rather than followed or overwritten.
-  The tree never creates links, devices or fifos (callers refuse them).
-* **Bounded by bytes written.** Entries (files and directories), bytes and
-  the unpacked/packed ratio are counted as they are written, never taken from
-  sizes an archive claims, and raise :class:`TooLarge` at once.
-* **Sane modes and times.** Files are 0644, or 0755 when the archive marks
-  any execute bit; directories 0755; never setuid, setgid or sticky. A
-  member's mtime is kept when it is a real time (bundled ``.pyc`` files stay
-  valid); an infinite, NaN or absurd one is ignored.
-* **Errors say what.** An ``OSError`` of writing becomes a contract error:
-  no space or a file over ``RLIMIT_FSIZE`` is :class:`TooLarge`, a conflict is
-  :class:`UnsafeArchive`, a name the filesystem refuses is
-  :class:`UnsupportedFormat`; anything else (EIO, a read-only code dir) is a
-  fault of this host and stays a :class:`CachesvcError` (500).
-
-Blocking: call from the unpack worker (see :mod:`cachesvc.unpack.worker`).
-This module does not read archives (:mod:`cachesvc.unpack.extract` does).
+Blocking: call from the unpack worker.
 """
 
 from __future__ import annotations

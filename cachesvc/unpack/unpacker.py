@@ -1,17 +1,5 @@
 """Unpacked packages: a package extracted safely into ``<code_dir>/<hex>/``, once.
 
-Public API::
-
-    Unpacker(code_dir, limits, workers=2, budget=Budget(timeout, memory))
-        .start()                                         # async: starts the worker forkserver
-        async with Unpacker(...) as unpacker:            # start(), then aclose()
-        .unpack(digest, package_path) -> UnpackResult   # async, coalesced
-        .remove(digest)                                  # async, with the package's eviction
-        .path_for(digest) -> Path
-        .sweep_temp() -> int                             # at startup, before serving
-        .aclose()                                        # kills workers, waits for the rest
-    UnpackResult(digest, path, files, bytes, layers).as_json()
-
 Layout of ``code_dir``: ``<hex>/`` is the tree, exactly the archive's
 members; ``<hex>.json`` beside it is the manifest (files, bytes, layers);
 ``.tmp-*`` are work in progress or leftovers of a crash. Other names are
@@ -58,7 +46,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypedDict, TypeVar, TypeVarTuple
 
 from cachesvc.digest import HEX, Digest
 from cachesvc.fsutil import remove_tree
@@ -76,6 +64,17 @@ MANIFEST_MAX = 64 * 1024
 TREE_MODE = 0o755
 
 _T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+
+class UnpackJSON(TypedDict):
+    """The contract's body for an unpacked package, and its manifest."""
+
+    digest: str
+    path: str
+    files: int
+    bytes: int
+    layers: list[str]
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class UnpackResult:
     bytes: int
     layers: tuple[str, ...]
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> UnpackJSON:
         """The contract's body: ``{"digest", "path", "files", "bytes", "layers"}``."""
         return {
             "digest": str(self.digest),
@@ -99,10 +98,21 @@ class UnpackResult:
         }
 
 
-@dataclass
-class _Flight:
-    kind: str  # "unpack" or "remove"
-    task: asyncio.Task[Any]
+@dataclass(frozen=True)
+class _Unpacking:
+    """The extraction of a digest running now; callers join it."""
+
+    task: asyncio.Task[UnpackResult]
+
+
+@dataclass(frozen=True)
+class _Removing:
+    """The removal of a digest's tree running now; callers wait it out."""
+
+    task: asyncio.Task[None]
+
+
+_Flight = _Unpacking | _Removing
 
 
 class Unpacker:
@@ -128,7 +138,7 @@ class Unpacker:
         return self.code_dir / digest.hex
 
     async def start(self) -> None:
-        """Start the workers' forkserver now rather than on the first unpack."""
+        """Start the workers' fork server now rather than on the first unpack."""
         await self.workers.start()
 
     async def __aenter__(self) -> Unpacker:
@@ -148,18 +158,21 @@ class Unpacker:
         nothing). A caller's cancellation does not cancel the shared extraction.
         """
         while (flight := self._flights.get(digest)) is not None:
-            if flight.kind == "unpack":
+            if isinstance(flight, _Unpacking):
                 return await asyncio.shield(flight.task)
             await asyncio.wait([flight.task])
         source = Path(package) if isinstance(package, str) else package
-        task = self._start(digest, "unpack", self._unpack(digest, source))
-        return await asyncio.shield(task)
+        unpacking = _Unpacking(asyncio.ensure_future(self._unpack(digest, source)))
+        self._start(digest, unpacking)
+        return await asyncio.shield(unpacking.task)
 
     async def remove(self, digest: Digest) -> None:
         """Remove the tree and its manifest after any extraction in flight; no-op if absent."""
         while (flight := self._flights.get(digest)) is not None:
             await asyncio.wait([flight.task])
-        await asyncio.shield(self._start(digest, "remove", self._io(self._remove_sync, digest)))
+        removing = _Removing(asyncio.ensure_future(self._io(self._remove_sync, digest)))
+        self._start(digest, removing)
+        await asyncio.shield(removing.task)
 
     async def aclose(self) -> None:
         """Kill running workers, then wait for every extraction and removal in flight
@@ -211,20 +224,19 @@ class Unpacker:
         self._remove_sync(digest)
         return len(found)
 
-    def _start(self, digest: Digest, kind: str, work: Any) -> asyncio.Task[Any]:
-        flight = _Flight(kind, asyncio.ensure_future(work))
+    def _start(self, digest: Digest, flight: _Flight) -> None:
+        """Register ``flight`` as the digest's one flight until its task ends."""
         self._flights[digest] = flight
 
-        def done(task: asyncio.Task[Any]) -> None:
+        def done(task: asyncio.Task[object]) -> None:
             if self._flights.get(digest) is flight:
                 del self._flights[digest]
             if not task.cancelled():
                 task.exception()  # retrieved here: every caller may have gone
 
         flight.task.add_done_callback(done)
-        return flight.task
 
-    async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _io(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.disk, fn, *args)
 
     async def _unpack(self, digest: Digest, package: Path | Package) -> UnpackResult:
@@ -331,7 +343,7 @@ def _read_regular(path: Path, limit: int) -> bytes:
         return file.read(limit + 1)[:limit]
 
 
-def _result_of(digest: Digest, path: Path, data: Any) -> UnpackResult | None:
+def _result_of(digest: Digest, path: Path, data: object) -> UnpackResult | None:
     """The result a manifest records, if it is one for ``digest``."""
     if not isinstance(data, dict) or data.get("digest") != str(digest):
         return None

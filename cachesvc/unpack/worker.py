@@ -5,8 +5,9 @@ An archive is hostile input read by parsers we do not own (``tarfile``,
 CPU (CVE-2024-6232: a 64 KiB PAX header of digits costs 4.4 s here, and they
 chain) or memory. A thread running such a parser cannot be stopped. So the
 agent never parses an archive itself: :class:`Workers` runs each extraction
-in a fresh process forked from a ``multiprocessing`` forkserver (about 6 ms a
-package here; a fresh interpreter costs 75 ms) and answers for it.
+in a fresh process forked from a fork server (:mod:`cachesvc.unpack.forkserver`;
+about 6 ms a package here, a fresh interpreter costs 150-200 ms) and answers
+for it. The worker's side is :mod:`cachesvc.unpack.child`.
 
 Guarantees:
 
@@ -17,8 +18,8 @@ Guarantees:
   runs under ``RLIMIT_AS`` (``Budget.memory``), ``RLIMIT_CPU`` (twice the
   timeout: the decoder's read-ahead thread may use a second core),
   ``RLIMIT_FSIZE`` (the largest inner archive), ``RLIMIT_NOFILE`` (64) and no
-  core dumps, at ``nice`` 10 so serving keeps the CPU. It dies with its
-  parent (``PR_SET_PDEATHSIG``; the forkserver exits with the agent).
+  core dumps, at ``nice`` 10 so serving keeps the CPU. It dies with the fork
+  server, which exits with the agent.
 * **Never on the default thread pool.** Starting a worker (a few blocking
   milliseconds) runs on this object's own threads; waiting is a file
   descriptor watched by the event loop. Store I/O and fills never wait for
@@ -29,7 +30,8 @@ Guarantees:
   :class:`UnsupportedFormat`), :class:`TooLarge` for a worker killed by its
   time, CPU or memory limit, :class:`UnsupportedFormat` for one that crashed
   on the package (e.g. SIGSEGV in a decoder). The worker's answer is read as
-  bounded JSON, never unpickled: a worker is as untrusted as its input.
+  bounded JSON from a pipe, never unpickled: a worker is as untrusted as its
+  input.
 * **One process per package.** Nothing a hostile package does to its worker
   outlives that package.
 
@@ -41,22 +43,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import io
 import json
 import logging
-import multiprocessing
 import os
-import resource
 import signal
-import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
-from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerProcess, set_spawning_popen
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +61,16 @@ from cachesvc.errors import (
     UnsupportedFormat,
 )
 from cachesvc.readpath.package import Package
+from cachesvc.unpack.child import DETAIL_MAX, Job
 from cachesvc.unpack.codec import GiB, Limits
-from cachesvc.unpack.extract import Extracted, extract
-from cachesvc.unpack.feed import Feed, GrowingFile, readable_ends
+from cachesvc.unpack.extract import Extracted
+from cachesvc.unpack.feed import Feed, readable_ends
+from cachesvc.unpack.forkserver import Child, ForkServer
 
 log = logging.getLogger(__name__)
+
+REFUSALS = (TooLarge, UnsafeArchive, UnsupportedFormat)
+"""What a worker answers about a package (413, 422), as opposed to a fault of this host."""
 
 QUEUE_PER_WORKER = 32
 """Callers that may wait for each worker before new ones are refused (503)."""
@@ -80,14 +78,11 @@ QUEUE_PER_WORKER = 32
 NICE = 10
 """Added to a worker's nice value: when the CPU is short, serving goes first."""
 ANSWER_MAX = 16 * 1024
-"""Largest answer read from a worker; details are cut well below it."""
-
-DETAIL_MAX = 1000
+"""Largest answer read from a worker; details are cut well below it (``DETAIL_MAX``)."""
 KILL_WAIT = 10.0
 """Seconds to wait for a SIGKILLed worker to be reaped before giving up on it."""
 
-_PR_SET_PDEATHSIG = 1
-_CTX = multiprocessing.get_context("forkserver")
+_SERVER = ForkServer("cachesvc.unpack.child")
 _ERRORS: dict[str, type[CachesvcError]] = {
     cls.code: cls for cls in (TooLarge, UnsafeArchive, UnsupportedFormat)
 }
@@ -123,69 +118,6 @@ class Budget:
         return int(2 * self.timeout) + 1
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What the parent sends the worker (pickled parent -> child only)."""
-
-    dest: str
-    limits: Limits
-    budget: Budget
-    size: int | None = None  # a package still arriving: its size (read through a feed)
-
-
-class _InheritedFd:
-    """An open file descriptor handed to the worker through the forkserver."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # DupFd must be made while the Process is being pickled for launch.
-        return (_InheritedFd._rebuild, (reduction.DupFd(self.fd),))
-
-    @staticmethod
-    def _rebuild(dup: Any) -> _InheritedFd:
-        return _InheritedFd(dup.detach())
-
-
-class _Popen(popen_forkserver.Popen):
-    """The stdlib's forkserver launch, except that the worker does not re-run the
-    agent's ``__main__`` first (multiprocessing's "safe importing of main").
-
-    A worker then holds this module only, and an agent started as a script or
-    with ``python -m`` pays no import per package. Rejected: preloading
-    ``__main__`` into the forkserver (it does not cover ``python -m`` mains,
-    and loads the whole agent into every worker).
-    """
-
-    def _launch(self, process_obj: BaseProcess) -> None:
-        prep_data = spawn.get_preparation_data(process_obj.name)
-        prep_data.pop("init_main_from_path", None)
-        prep_data.pop("init_main_from_name", None)
-        buf = io.BytesIO()
-        set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            set_spawning_popen(None)
-        # From here on exactly as popen_forkserver.Popen._launch (Python 3.11).
-        fds = self._fds  # type: ignore[attr-defined]
-        self.sentinel, w = forkserver.connect_to_new_process(fds)
-        _parent_w = os.dup(w)
-        close_fds = util.close_fds  # type: ignore[attr-defined]
-        self.finalizer = util.Finalize(self, close_fds, (_parent_w, self.sentinel))
-        with open(w, "wb", closefd=True) as f:
-            f.write(buf.getbuffer())
-        self.pid = forkserver.read_signed(self.sentinel)
-
-
-class _Process(ForkServerProcess):
-    @staticmethod
-    def _Popen(process_obj: BaseProcess) -> _Popen:  # noqa: N802 (multiprocessing's name)
-        return _Popen(process_obj)
-
-
 class Workers:
     """A bounded set of unpack worker processes; see the module docstring."""
 
@@ -200,24 +132,23 @@ class Workers:
         self.started = 0
         self._slots = asyncio.Semaphore(count)
         self._waiting = 0
-        self._running: set[BaseProcess] = set()
+        self._running: set[Child] = set()
         self._closing = False
         self._threads = ThreadPoolExecutor(count, thread_name_prefix="cachesvc-unpack-start")
 
     def pids(self) -> list[int]:
         """The process ids of the workers running now."""
-        return [proc.pid for proc in self._running if proc.pid is not None]
+        return [child.pid for child in self._running]
 
     async def start(self) -> None:
-        """Start the forkserver now (a fresh interpreter, ~0.2 s), not on the first unpack."""
-        await asyncio.get_running_loop().run_in_executor(self._threads, _ensure_forkserver)
+        """Start the fork server now (a fresh interpreter, ~0.2 s), not on the first unpack."""
+        await asyncio.get_running_loop().run_in_executor(self._threads, _SERVER.ensure_running)
 
     async def aclose(self) -> None:
         """Kill the running workers (their callers get an error) and stop the threads."""
         self._closing = True
-        for proc in list(self._running):
-            with contextlib.suppress(OSError, ValueError):
-                proc.kill()
+        for child in list(self._running):
+            child.kill()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def extract(self, package: Path | Package, dest: Path, limits: Limits) -> Extracted:
@@ -226,8 +157,32 @@ class Workers:
         still arriving (the worker reads them as they do: :mod:`cachesvc.unpack.feed`;
         a failure of its fetch is raised as such).
 
+        A refusal (413, 422) of a package still arriving is raised only after
+        the package's verdict: bytes that fail their digest are the upstream's
+        fault (its error is raised instead), never the package's.
+
         Raises :class:`Overloaded` when too many callers already wait.
         """
+        try:
+            return await self._in_a_slot(package, dest, limits)
+        except REFUSALS as refusal:
+            if not isinstance(package, Path):
+                await self._verdict_before(package, refusal)
+            raise
+
+    async def _verdict_before(self, package: Package, refusal: CachesvcError) -> None:
+        """Wait (within the unpack budget, the worker's slot given back) until
+        the package is verified; raise its failure if it is not. A verdict that
+        takes longer leaves the refusal standing."""
+        try:
+            await asyncio.wait_for(package.complete(), self.budget.timeout)
+        except TimeoutError:
+            log.warning("unpack %s: refused (%s) before its verdict, which took over %g s",
+                        package.digest.short, refusal, self.budget.timeout)  # fmt: skip
+        except CachesvcError as failure:
+            raise failure from refusal
+
+    async def _in_a_slot(self, package: Path | Package, dest: Path, limits: Limits) -> Extracted:
         if self._slots.locked() and self._waiting >= self.queue:
             raise Overloaded(f"{self._waiting} unpacks are already waiting for a worker")
         self._waiting += 1
@@ -237,13 +192,17 @@ class Workers:
             self._waiting -= 1
         try:
             if isinstance(package, Path):
-                job = _Job(str(dest), limits, self.budget)
-                return await self._run(job, lambda: _spawn_path(package, job), None)
-            return await self._run_fed(package, _Job(str(dest), limits, self.budget, package.size))
+                job = self._job(dest, limits, None)
+                return await self._run(lambda: _spawn_path(package, job), None)
+            return await self._run_fed(package, self._job(dest, limits, package.size))
         finally:
             self._slots.release()
 
-    async def _run_fed(self, package: Package, job: _Job) -> Extracted:
+    def _job(self, dest: Path, limits: Limits, size: int | None) -> Job:
+        budget = self.budget
+        return Job(str(dest), limits, budget.memory, budget.cpu_seconds, budget.nice, size)
+
+    async def _run_fed(self, package: Package, job: Job) -> Extracted:
         """A worker reading the package file as it grows, told how far it may read."""
         async with contextlib.aclosing(readable_ends(package)) as ends:
             first = await anext(ends, None)
@@ -260,21 +219,20 @@ class Workers:
             try:
                 feed.readable(end)
                 pump = _pump(ends, feed)
-                return await self._run(job, lambda: _spawn_fd(fd, control, job), pump)
+                return await self._run(lambda: _spawn_fd(fd, control, job), pump)
             finally:
                 feed.close()
                 os.close(control)
 
     async def _run(
         self,
-        job: _Job,
-        spawn: Callable[[], tuple[BaseProcess, Connection]],
+        spawn: Callable[[], tuple[Child, int]],
         pump: Coroutine[Any, Any, None] | None,
     ) -> Extracted:
         if self._closing:
             raise Overloaded("the agent is shutting down")
         loop = asyncio.get_running_loop()
-        proc, answers = await loop.run_in_executor(self._threads, spawn)
+        proc, answers = await loop.run_in_executor(self._threads, spawn)  # answers: a pipe
         self.started += 1
         self._running.add(proc)
         feeding = asyncio.ensure_future(pump) if pump is not None else None
@@ -293,10 +251,10 @@ class Workers:
                 feeding.cancel()
                 await asyncio.gather(feeding, return_exceptions=True)
             self._running.discard(proc)
-            answers.close()
+            os.close(answers)
             _close(proc)
 
-    def _outcome(self, proc: BaseProcess, answers: Connection, timed_out: bool) -> Extracted:
+    def _outcome(self, proc: Child, answers: int, timed_out: bool) -> Extracted:
         if self._closing:
             raise Overloaded("the agent is shutting down")
         if timed_out:
@@ -314,9 +272,7 @@ async def _pump(ends: AsyncIterator[tuple[int, int]], feed: Feed) -> None:
         feed.readable(end)
 
 
-async def _exited(
-    proc: BaseProcess, timeout: float, feeding: asyncio.Future[None] | None = None
-) -> bool:
+async def _exited(proc: Child, timeout: float, feeding: asyncio.Future[None] | None = None) -> bool:
     """Wait until the process has exited (its sentinel is readable), or its feed
     failed; False on timeout."""
     loop = asyncio.get_running_loop()
@@ -344,20 +300,25 @@ async def _exited(
             feeding.remove_done_callback(fed)
 
 
-def _close(proc: BaseProcess) -> None:
-    if proc.exitcode is None:  # a worker we could not reap: leave it to multiprocessing
+def _close(proc: Child) -> None:
+    if proc.exitcode is None:
         log.error("unpack worker pid %s did not exit after SIGKILL", proc.pid)
-        return
-    proc.close()
+    proc.close()  # the fork server kills one still running
 
 
-def _read_answer(answers: Connection) -> dict[str, Any] | None:
-    """The worker's JSON answer, if it sent one (bounded; never unpickled)."""
+def _read_answer(answers: int) -> dict[str, Any] | None:
+    """The worker's JSON answer, if it sent one (bounded; never unpickled).
+    Call once the worker has exited: the pipe then holds all it wrote."""
+    data = b""
     try:
-        if not answers.poll():
-            return None
-        answer = json.loads(answers.recv_bytes(ANSWER_MAX))
-    except (OSError, EOFError, ValueError) as exc:
+        os.set_blocking(answers, False)
+        with contextlib.suppress(BlockingIOError):  # a worker killed with its server
+            while len(data) <= ANSWER_MAX and (chunk := os.read(answers, ANSWER_MAX + 1)):
+                data += chunk
+        if len(data) > ANSWER_MAX:
+            raise ValueError(f"an answer of over {ANSWER_MAX} bytes")
+        answer = json.loads(data) if data else None
+    except (OSError, ValueError) as exc:
         log.error("unpack worker sent no usable answer: %s", exc)
         return None
     return answer if isinstance(answer, dict) else None
@@ -393,12 +354,7 @@ def _death(exitcode: int | None, budget: Budget) -> CachesvcError:
 # ---- parent side, blocking (on Workers' own threads) ----
 
 
-def _ensure_forkserver() -> None:
-    _CTX.set_forkserver_preload([__name__])
-    forkserver.ensure_running()
-
-
-def _spawn_path(package: Path, job: _Job) -> tuple[BaseProcess, Connection]:
+def _spawn_path(package: Path, job: Job) -> tuple[Child, int]:
     """Start a worker on ``job`` with ``package`` open; return it and its answer pipe."""
     fd = os.open(package, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -407,73 +363,15 @@ def _spawn_path(package: Path, job: _Job) -> tuple[BaseProcess, Connection]:
         os.close(fd)
 
 
-def _spawn_fd(fd: int, control: int | None, job: _Job) -> tuple[BaseProcess, Connection]:
+def _spawn_fd(fd: int, control: int | None, job: Job) -> tuple[Child, int]:
     """Start a worker on ``job`` with the package's open ``fd`` (and, for a package
     still arriving, the read end of its feed); return it and its answer pipe."""
-    _ensure_forkserver()
-    answers, reply = _CTX.Pipe(duplex=False)
-    feed = _InheritedFd(control) if control is not None else None
-    proc = _Process(
-        target=_child,
-        args=(job, _InheritedFd(fd), feed, reply),
-        name="cachesvc-unpack",
-        daemon=True,
-    )
+    answers, reply = os.pipe()
     try:
-        proc.start()
+        fds = [reply, fd] if control is None else [reply, fd, control]
+        return _SERVER.launch(job.encode(), fds), answers
+    except BaseException:
+        os.close(answers)
+        raise
     finally:
-        reply.close()
-    return proc, answers
-
-
-# ---- the worker process ----
-
-
-def _child(job: _Job, package: _InheritedFd, feed: _InheritedFd | None, reply: Connection) -> None:
-    """The worker's whole life: confine itself, extract, answer in JSON, exit."""
-    _confine(job)
-    try:
-        found = _extract(job, package, feed)
-        answer: dict[str, Any] = {"files": found.files, "bytes": found.bytes}
-        answer["layers"] = list(found.layers)
-    except CachesvcError as exc:
-        answer = {"error": exc.code, "detail": str(exc)[:DETAIL_MAX]}
-    except MemoryError:
-        answer = {"error": TooLarge.code, "detail": _memory_detail(job.budget)}
-    except BaseException as exc:  # a bug of ours or a parser's: say so, never hang the parent
-        traceback.print_exc(limit=20)
-        answer = {"error": CachesvcError.code, "detail": f"unpack failed: {exc!r}"[:DETAIL_MAX]}
-    reply.send_bytes(json.dumps(answer).encode())
-
-
-def _extract(job: _Job, package: _InheritedFd, feed: _InheritedFd | None) -> Extracted:
-    """Read the whole file; one still arriving is read as it grows, then to its
-    end (the verdict) before the answer."""
-    if feed is None or job.size is None:
-        return extract(Path(f"/proc/self/fd/{package.fd}"), Path(job.dest), job.limits)
-    growing = GrowingFile(package.fd, feed.fd, job.size)
-    found = extract(growing, Path(job.dest), job.limits)
-    growing.drain()
-    return found
-
-
-def _memory_detail(budget: Budget) -> str:
-    return f"unpacking needs over {budget.memory} bytes of memory (--unpack-memory)"
-
-
-def _confine(job: _Job) -> None:
-    """Limits set before the first byte of the package is read; hard = soft, so the
-    worker cannot raise them again."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.nice(job.budget.nice)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-size write fails with EFBIG
-    cpu = job.budget.cpu_seconds
-    for limit, value in (
-        (resource.RLIMIT_AS, job.budget.memory),
-        (resource.RLIMIT_FSIZE, job.limits.max_decoded_size),
-        (resource.RLIMIT_NOFILE, 64),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        resource.setrlimit(limit, (value, value))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL
+        os.close(reply)

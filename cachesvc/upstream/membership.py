@@ -1,11 +1,11 @@
-"""Where the list of L2 peers comes from, kept up to date in a :class:`Ring`.
+"""The list of L2 peers, kept up to date in a :class:`~cachesvc.upstream.ring.Ring`,
+and the one validator of ``--peers`` and of base URLs. Does not choose owners.
 
-``--peers`` is either a comma-separated list of base URLs (static), or
-``dns+http://NAME:PORT``: NAME is resolved to all its addresses (a Kubernetes
-headless Service has one per ready pod) and re-resolved every ``interval``
-seconds; each change is pushed into the ring. A failed lookup keeps the last
-known membership (a DNS hiccup must not empty the ring). This module does not
-choose owners.
+* ``--peers`` is static base URLs, or one ``dns+http://NAME:PORT`` resolved
+  to all its addresses and re-resolved every ``interval``; each change is
+  pushed into the ring.
+* A failed, slow (5 s) or empty lookup keeps the last membership: a DNS hiccup never
+  empties the ring.
 """
 
 from __future__ import annotations

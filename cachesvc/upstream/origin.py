@@ -1,23 +1,18 @@
-"""The origin: where every package lives for good.
+"""The origin, where every package lives for good: the :class:`Origin` protocol
+over one layout (``blobs/sha256/<hex>``,
+``tenants/<tenant>/<function>/<version>.json``), as :class:`S3Origin`
+(``s3://BUCKET[/PREFIX]``, aioboto3; blob reads on a custom endpoint through
+:mod:`cachesvc.upstream.s3reads`) and :class:`FileOrigin` (``file:///DIR``,
+the default of ``cachesvc up``). Neither verifies nor keeps bytes.
 
-One protocol, :class:`Origin`, with two implementations over the same layout
-(``blobs/sha256/<hex>``, ``tenants/<tenant>/<function>/<version>.json``):
-
-* :class:`S3Origin`: ``s3://BUCKET[/PREFIX]`` through aioboto3; path-style
-  addressing for custom endpoints (MinIO); bodies streamed with
-  ``iter_chunks()``, never read whole. Credentials come from the standard AWS
-  variables and files.
-* :class:`FileOrigin`: ``file:///DIR``, the embedded default of ``cachesvc up``.
-
-Every call has a timeout, and every botocore/OS failure is mapped in one place
-(:func:`_mapped`) to :class:`NotFound`, :class:`UpstreamTimeout` or
-:class:`UpstreamError`, whose text says what we asked and what the store said
-(its own error code, e.g. ``SignatureDoesNotMatch``, and what to check when
-it refused our credentials). The origin neither verifies nor caches nor
-retries beyond botocore's small bounded retry.
-
-``probe()`` answers whether the origin accepts us at all (readiness asks it;
-:mod:`cachesvc.serve.readiness` caches the answer).
+* Bodies are streamed, never read whole.
+* Every S3 call has a timeout; retries are bounded (botocore's standard mode,
+  2 attempts; s3reads' 3 before the first body byte).
+* Every botocore/OS failure is mapped in one place (:func:`_mapped`) to
+  ``NotFound``, ``UpstreamTimeout`` or ``UpstreamError``, saying what we asked
+  and what the store said, with a hint when it refused our credentials.
+* :meth:`Origin.probe` never raises; readiness caches its answer.
+* ``FileOrigin`` writes atomically (temp beside the target, then rename).
 """
 
 from __future__ import annotations
@@ -30,26 +25,18 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
+
+import aiohttp
 
 from cachesvc.config import parse_origin
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, UpstreamError, UpstreamTimeout
 from cachesvc.upstream.s3reads import SignedReads
+from cachesvc.upstream.source import Body, Opened
 
 CHUNK = 1 << 20
-
-
-@dataclass
-class Body:
-    """An open upstream body: ``size`` of the whole package, bytes from ``offset``;
-    ``via``: the agents these bytes come through, nearest first (fan-out)."""
-
-    size: int
-    offset: int
-    chunks: AsyncIterator[bytes]
-    via: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,8 +60,8 @@ class Origin(Protocol):
     async def probe(self) -> Probe:
         """Whether the origin answers and accepts us; never raises."""
 
-    def open(self, digest: Digest, offset: int = 0) -> Any:
-        """Async context manager yielding a :class:`Body`; :class:`NotFound` if absent."""
+    def open(self, digest: Digest, offset: int = 0) -> Opened:
+        """The body from byte ``offset``; :class:`NotFound` if absent."""
 
     async def head(self, digest: Digest) -> int:
         """The package's size; :class:`NotFound` if absent."""
@@ -173,7 +160,7 @@ class S3Origin:
         self.endpoint = endpoint
         self.timeout = timeout
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
-        self._client: Any = None
+        self._client: Any = None  # aioboto3's S3 client and its __aexit__: untyped
         self._exit: Any = None
         self._reads: SignedReads | None = None  # blob reads on a custom endpoint
 
@@ -256,11 +243,14 @@ class S3Origin:
                 size = _signed_size(resp, offset, what)
                 yield Body(size, offset, self._signed_chunks(resp, digest))
 
-    async def _signed_chunks(self, resp: Any, digest: Digest) -> AsyncIterator[bytes]:
+    async def _signed_chunks(
+        self, resp: aiohttp.ClientResponse, digest: Digest
+    ) -> AsyncIterator[bytes]:
         with _mapped(f"read {self.url}/{blob_key(digest)}"):
             while chunk := (await resp.content.readchunk())[0]:  # as received, no join
                 yield chunk
 
+    # stream: botocore's StreamingBody (untyped)
     async def _chunks(self, stream: Any, digest: Digest) -> AsyncIterator[bytes]:
         with _mapped(f"read {self.url}/{blob_key(digest)}"):
             async for chunk in stream.iter_chunks(CHUNK):
@@ -322,7 +312,7 @@ class S3Origin:
             await client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=text.encode())
 
 
-def _signed_size(resp: Any, offset: int, what: str) -> int:
+def _signed_size(resp: aiohttp.ClientResponse, offset: int, what: str) -> int:
     """The whole package's size from a signed GET's answer; a store that
     ignored our range would send the wrong bytes from the wrong place."""
     if not offset:
@@ -345,7 +335,7 @@ def range_total(content_range: str, offset: int) -> int | None:
     return int(total)
 
 
-def _total_size(resp: dict[str, Any]) -> int:
+def _total_size(resp: dict[str, Any]) -> int:  # botocore's GetObject answer
     content_range = resp.get("ContentRange")  # "bytes a-b/total" on ranged GETs
     if content_range:
         return int(content_range.rsplit("/", 1)[1])
@@ -389,7 +379,7 @@ class FileOrigin:
         finally:
             f.close()
 
-    async def _chunks(self, f: Any, path: Path) -> AsyncIterator[bytes]:
+    async def _chunks(self, f: BinaryIO, path: Path) -> AsyncIterator[bytes]:
         with _mapped(f"read {path}"):
             while chunk := await asyncio.to_thread(f.read, CHUNK):
                 yield chunk

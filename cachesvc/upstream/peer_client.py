@@ -1,17 +1,14 @@
-"""The client side of ``/blob/{digest}``: how an agent asks an L2 peer.
+"""The client side of another cachesvc host: an agent's ``GET /blob/{digest}`` to
+an L2 peer (which may answer 307 naming a fan-out parent: :class:`Redirect`),
+and its ``GET /pkg/{digest}`` to such a parent agent. Does not trust the bytes
+(the flight's ingest verifies them).
 
-Every request carries the peer token (when set) and ``X-Cachesvc-Forwarded:
-1``; a peer never forwards a marked request again (peers read only from the
-origin), so ring disagreements cannot loop. Timeouts: a short connect timeout
-(a dead peer costs little), a header timeout long enough for the peer's own
-origin fetch (so a slow-but-alive owner is waited for, never bypassed on a
-timer), and an idle-read timeout. Every failure but an authoritative 404 is a
-:class:`PeerFailed`; the bytes are not trusted here (the flight verifies them).
-
-A peer's error answer carries its reason (the contract's ``{"error",
-"detail"}``): the :class:`PeerFailed` text quotes it, bounded in length and
-made one printable line, so the agent's log says *why* a peer answered 502
-(e.g. its origin refused the credentials), not only that it did.
+* Every request carries ``X-Cachesvc-Forwarded: 1`` and the peer token when set.
+* Timeouts: a short connect, headers long enough for the peer's own origin
+  fetch (a slow owner is never bypassed on a timer), an idle read per chunk.
+* Only a peer's 404 is final (``NotFound``); every other failure, and any
+  404 from an agent, is a ``PeerFailed`` quoting the answer's reason, bounded
+  and made one printable line.
 """
 
 from __future__ import annotations
@@ -25,7 +22,8 @@ import aiohttp
 
 from cachesvc.digest import Digest
 from cachesvc.errors import NotFound, PeerFailed
-from cachesvc.upstream.origin import Body, range_total
+from cachesvc.upstream.origin import range_total
+from cachesvc.upstream.source import Body
 
 FORWARDED = "X-Cachesvc-Forwarded"
 PARENT = "X-Cachesvc-Parent"  # on a 307 from a peer: the host to fetch from (fan-out)

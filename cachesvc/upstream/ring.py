@@ -1,14 +1,16 @@
-"""The consistent-hash ring of L2 peers, with down-marking.
+"""The consistent-hash ring of L2 peers (uhashring: md5, 160 vnodes, the same
+owner in every process), with down-marking. No network, no membership (that
+is :mod:`cachesvc.upstream.membership`).
 
-:meth:`Ring.owners` gives, for a digest, every peer in the order to try: the
-owner first, then exactly the peers that would own it if the ones before left
-(uhashring, md5, 160 vnodes per node: deterministic across processes, so every
-agent and peer computes the same owner). Peers recently marked down move to the
-end of that order instead of disappearing, so the list is never empty while the
-ring has nodes, and a whole-tier outage still tries someone.
-
-Ring changes (:meth:`Ring.set_nodes`) move only the keys they must: consistent
-hashing. The clock is injected so tests never sleep for a TTL. No network here.
+* :meth:`Ring.owners` is the try order: the owner, then exactly the peers
+  that would own the digest if the ones before left.
+* Peers that failed in the last :data:`DOWN_FOR` s move to the end, never
+  out. Rejected: skipping them. An origin blip makes every peer answer 502,
+  and skipping would send every agent to the origin (one GET per agent, not
+  per AZ); README "How a request is answered", step 5.
+* Peers that sent wrong bytes are left out for :data:`DOWN_FOR` s, so the
+  refill goes elsewhere.
+* :meth:`Ring.set_nodes` moves only the keys it must. The clock is injected.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from uhashring import HashRing
 
 from cachesvc.digest import Digest
 
-DOWN_FOR = 10.0  # seconds a failed peer is skipped
+DOWN_FOR = 10.0  # seconds a failed peer is tried after the others, a refused one not at all
 
 
 class Ring:
@@ -35,6 +37,7 @@ class Ring:
         self._down_for = down_for
         self._vnodes = vnodes
         self._down_until: dict[str, float] = {}
+        self._refused_until: dict[str, float] = {}
         self._ring = HashRing(nodes=[], vnodes=vnodes)
         self.nodes: tuple[str, ...] = ()
         self.set_nodes(nodes)
@@ -46,7 +49,7 @@ class Ring:
             return False
         for gone in set(self.nodes) - set(wanted):
             self._ring.remove_node(gone)
-            self._down_until.pop(gone, None)
+            self.mark_up(gone)
         for new in set(wanted) - set(self.nodes):
             self._ring.add_node(new, {"vnodes": self._vnodes})
         self.nodes = wanted
@@ -56,23 +59,28 @@ class Ring:
         return self._ring.get_node(digest.hex) if self.nodes else None
 
     def owners(self, digest: Digest) -> list[str]:
-        """All peers in try order: ring order, with peers marked down moved last."""
+        """The peers in try order: ring order, the peers marked down moved last
+        (in ring order among themselves), the peers refused left out."""
         if not self.nodes:
             return []
         order = [n["nodename"] for n in self._ring.range(digest.hex, size=len(self.nodes))]
         now = self._clock()
-        up = [n for n in order if self._down_until.get(n, 0.0) <= now]
-        return up + [n for n in order if n not in up]
-
-    def up_owners(self, digest: Digest) -> list[str]:
-        """Like :meth:`owners`, without the peers marked down."""
-        return [n for n in self.owners(digest) if not self.is_down(n)]
+        trusted = [n for n in order if self._refused_until.get(n, 0.0) <= now]
+        return sorted(trusted, key=self.is_down)  # stable: ring order within up and within down
 
     def mark_down(self, node: str) -> None:
+        """It failed (no connection, an error status, a stall): try it last."""
         self._down_until[node] = self._clock() + self._down_for
+
+    def mark_refused(self, node: str) -> None:
+        """It sent bytes that did not match their digest: do not offer it."""
+        self._refused_until[node] = self._clock() + self._down_for
 
     def mark_up(self, node: str) -> None:
         self._down_until.pop(node, None)
+        self._refused_until.pop(node, None)
 
     def is_down(self, node: str) -> bool:
-        return self._down_until.get(node, 0.0) > self._clock()
+        """Marked down or refused, and its time is not up."""
+        now = self._clock()
+        return max(self._down_until.get(node, 0.0), self._refused_until.get(node, 0.0)) > now

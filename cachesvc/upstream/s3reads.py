@@ -1,25 +1,18 @@
-"""Signed GETs and HEADs of objects on a custom S3 endpoint, without botocore's
-per-request pipeline.
+"""Signed GETs and HEADs of objects on a custom S3 endpoint (MinIO, SeaweedFS,
+moto; path-style ``{endpoint}/{bucket}/{key}``), without botocore's
+per-request pipeline. Used for :class:`~cachesvc.upstream.origin.S3Origin`'s
+blob reads only; on AWS itself (no endpoint) aiobotocore stays (regions,
+virtual hosting, redirects).
 
-The blob reads of :class:`~cachesvc.upstream.origin.S3Origin` are the hot path of every
-origin miss. Through aiobotocore each one spent ~1.5 ms of CPU before the
-first byte (endpoint rule sets, event hooks, signing, response parsing:
-measured with py-spy on a peer, over half of its CPU per miss) and streamed
-the body through a reader that joins chunks. Here a request is built and
-signed with botocore's own SigV4 signer (:class:`botocore.auth.S3SigV4Auth`)
-and credentials (refreshed as botocore refreshes them), sent with one shared
-aiohttp session, and its body read as received.
+* Signed by botocore's own SigV4 signer and credentials (refreshed as botocore
+  refreshes them); one shared aiohttp session; bodies read as received.
+* Failures are botocore ``ClientError`` s (code and message from the XML
+  error body; a HEAD's code is its status), so the origin maps them in one place.
+* Connection failures and 5xx are tried three times, 0.1 s and 0.4 s apart,
+  only before the first body byte.
 
-Only for custom endpoints (MinIO, SeaweedFS, moto), which are addressed
-path-style: ``{endpoint}/{bucket}/{key}``. On AWS itself (no endpoint) the
-origin keeps aiobotocore, which knows regions, virtual hosting and redirects.
-
-Failures are raised as botocore's ``ClientError`` (code, message and status
-read from the store's XML error body; a HEAD has none, so its code is the
-status), so :func:`cachesvc.upstream.origin._mapped` maps them in one place as before.
-Connection failures and 5xx answers (a store restarting says "try again")
-are tried three times, 0.1 s and 0.4 s apart, but only before the first body
-byte.
+Why: aiobotocore spent ~1.5 ms of CPU per GET before the first byte (py-spy,
+over half a peer's CPU per miss).
 """
 
 from __future__ import annotations

@@ -1,34 +1,17 @@
-"""Warm jobs: a list of digests made present in this service's store, with progress.
+"""Warm jobs: a fixed list of digests made present in this service's store, with
+progress. Owns no HTTP route and reads no reference
+(:mod:`cachesvc.serve.warm_routes` builds the list). Story: README "Operators".
 
-A job is a fixed list of digests (a tenant's references and their layers, or
-an explicit list; the HTTP edge in :mod:`cachesvc.serve.warm_routes` builds it). Each
-digest becomes one :class:`Item` whose outcome is one of:
-
-* ``fetched``: brought in from an upstream by this job (``bytes`` = its size);
-* ``cached``: already in this store;
-* ``skipped``: another peer owns it on the ring (``owner`` names it). On an L2
-  peer a job fills only the digests it owns, so warming every peer puts each
-  digest in the L2 tier exactly once; agents (L1) warm every digest;
-* ``failed``: ``error`` says why (not in the origin, upstream failed, no room
-  to keep it, pin refused).
-
-Guarantees:
-
-* Fills go through :meth:`Tiers.fetch`: verified, coalesced with concurrent
-  requests for the same digest. At most :data:`CONCURRENCY` warm fills run at
-  once in a service, whatever the number of jobs, so warming never takes more
-  than a small share of the fetch slots that requests use.
-* With ``pin``, each warmed package is pinned in the store while pinned bytes
-  stay within ``pin_share`` of capacity; a pin over that budget fails the item
-  (the package stays cached, evictable).
-* A job's state is ``running`` until every item has an outcome, then ``done``
-  (no item failed) or ``failed`` (at least one did).
-* Finished jobs are kept :data:`JOB_TTL` seconds (injected clock), then
-  forgotten; at most :data:`MAX_JOBS` jobs are kept: the oldest finished job
-  makes room, and when all of them are running a new one is refused
-  (:class:`Overloaded`).
-
-This module owns no HTTP routes and reads no references.
+* Each digest ends ``fetched``, ``cached``, ``skipped`` (a peer fills only
+  the digests it owns on the ring; agents fill all) or ``failed`` (with why;
+  every item, on a peer that is not on its own ring).
+* Fills go through ``Tiers.fetch`` (verified, coalesced); at most
+  :data:`CONCURRENCY` warm fills at once in a service, whatever the jobs.
+* With ``pin``, pinned bytes stay within ``pin_share``; a pin over it fails
+  the item (the package stays, evictable).
+* A job is ``running``, then ``done`` or ``failed`` (any item failed); kept
+  :data:`JOB_TTL` after it ends (injected clock); at most :data:`MAX_JOBS`,
+  the oldest finished making room, else ``Overloaded``.
 """
 
 from __future__ import annotations
@@ -40,13 +23,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError, NotFound, Overloaded
 from cachesvc.metrics import Metrics
 from cachesvc.readpath.tiers import Tiers
 from cachesvc.store.castore import Store
+from cachesvc.tier import Tier
 from cachesvc.upstream.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -58,6 +42,36 @@ MAX_ITEMS = 10_000
 SIGNALS = ("warm", "publish")
 
 
+class ItemJSON(TypedDict):
+    """One item in ``GET /warm/{job}``."""
+
+    digest: str
+    outcome: str
+    bytes: int
+    tier: Tier | None
+    pinned: bool
+    error: str | None
+    owner: NotRequired[str]
+
+
+class JobJSON(TypedDict):
+    """The answer of ``GET /warm/{job}``."""
+
+    job: str
+    state: str
+    tenant: str | None
+    pin: bool
+    total: int
+    done: int
+    failed: int
+    fetched: int
+    cached: int
+    skipped: int
+    bytes: int
+    seconds: float
+    items: NotRequired[list[ItemJSON]]
+
+
 @dataclass
 class Item:
     """One digest of a job and what became of it."""
@@ -65,13 +79,13 @@ class Item:
     digest: Digest
     outcome: str = "pending"
     bytes: int = 0
-    tier: str | None = None
+    tier: Tier | None = None
     pinned: bool = False
     owner: str | None = None
     error: str | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def as_json(self) -> ItemJSON:
+        out: ItemJSON = {
             "digest": str(self.digest),
             "outcome": self.outcome,
             "bytes": self.bytes,
@@ -106,11 +120,11 @@ class Job:
     def count(self, outcome: str) -> int:
         return sum(1 for item in self.items if item.outcome == outcome)
 
-    def summary(self, now: float, items: str = "all") -> dict[str, Any]:
+    def summary(self, now: float, items: str = "all") -> JobJSON:
         """The job as JSON. ``items``: "all", "failed" (only failed items) or "none".
         ``done`` counts finished items whatever their outcome; ``bytes`` counts
         what this job fetched (cached items add nothing)."""
-        out: dict[str, Any] = {
+        out: JobJSON = {
             "job": self.id,
             "state": self.state,
             "tenant": self.tenant,

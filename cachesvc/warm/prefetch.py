@@ -1,24 +1,15 @@
 """Prefetch along ``calls``: when an agent serves a package whose reference says
-it invokes other functions, fetch those functions' current packages into L1
-before they are asked for.
+it invokes other functions (in the caller's tenant), fetch those functions'
+current packages and layers into L1 before they are asked for. Reads no HTTP.
 
-How it runs:
-
-1. :meth:`Prefetcher.served` is called after a package response starts. It
-   does one dict lookup (digest → reference, :meth:`ReferenceIndex.lookup`)
-   and, for each called function not seen recently, one ``put_nowait`` on a
-   bounded queue. No origin call, no await: the request path pays nothing more.
-2. :data:`WORKERS` background workers take (tenant, function) pairs from the
-   queue, find the function's current reference (a LIST when the last one is
-   older than the index's listing TTL) and fetch its package and layers
-   through :meth:`Tiers.fetch` (verified, coalesced with requests).
-
-Calls resolve inside the caller's tenant. Bounds: the queue holds
-:data:`QUEUE_CAP` functions (beyond that, signals are dropped and counted in
-``cachesvc_prefetch_dropped_total``); a function is not queued again for
-:data:`DEDUP_SECONDS` after it was queued (at most :data:`DEDUP_MAX` remembered).
-Each fill started counts in ``cachesvc_prefetches_total{signal="calls"}``;
-packages already in L1 cost nothing. This module does not read HTTP.
+* :meth:`Prefetcher.served` costs the request path one dict lookup and a
+  ``put_nowait`` per called function: no origin call, no await, never raises.
+* Bounded: :data:`QUEUE_CAP` queued functions (beyond, dropped and counted in
+  ``cachesvc_prefetch_dropped_total``); a function is not queued again for
+  :data:`DEDUP_SECONDS`; :data:`WORKERS` workers fill through ``Tiers.fetch``
+  (verified, coalesced); a failure is logged, never fatal.
+* A fill started counts in ``cachesvc_prefetches_total{signal="calls"}``; a
+  package already in L1 costs nothing.
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
-"""The tenant reference index: what the origin's ``tenants/`` tree says, in memory.
+"""The tenant reference index: what the origin's ``tenants/<tenant>/<function>/<version>.json``
+references say, in memory. Fetches no package.
 
-A reference is ``tenants/<tenant>/<function>/<version>.json`` (see the
-contract). The index answers three questions:
+* :meth:`ReferenceIndex.lookup` and :meth:`ReferenceIndex.current` do no I/O
+  and never await: safe on the request path. A function's current package is
+  its highest version in natural order (``v10`` after ``v9``); there is no
+  ``current.json``: publishing a higher version is what moves traffic.
+* A well-formed key is read at most once while it stays listed (versions are
+  immutable); a key gone from a listing is forgotten; a malformed one is read
+  again next listing; at most :data:`MAX_REFERENCES` held, reads
+  :data:`READ_CONCURRENCY` at a time. Bad or vanished references are skipped
+  with a warning, never fatal.
 
-* :meth:`ReferenceIndex.tenant`: every reference of a tenant, listed fresh from
-  the origin (one LIST, plus one GET per reference key not read before).
-* :meth:`ReferenceIndex.lookup`: which reference a served digest belongs to.
-  One dict lookup, no origin call, no await: safe on the request path.
-* :meth:`ReferenceIndex.current`: a function's *current* package, which is the
-  reference whose version sorts highest in natural order (``v10`` after
-  ``v9``, ``1.10`` after ``1.9``; digit runs compare as numbers, the rest as
-  text). There is no ``current.json``: publishing a higher version is what
-  moves traffic, so it is what prefetch follows.
-
-Guarantees: a well-formed reference key is read at most once while it stays
-listed (versions are immutable once published; a key that disappears from a
-listing is forgotten; a malformed one is read again at the next listing, so a
-fix is picked up); at most :data:`MAX_REFERENCES` references are held (new keys
-beyond that are not read, and a warning says so); reads run
-:data:`READ_CONCURRENCY` at a time. Malformed or vanished references are
-skipped with a warning, never fatal. This module does not fetch packages.
+Use from the event loop only.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import pytest
 
 from tests.servers import free_port
 
+pytestmark = pytest.mark.slow  # a real cachesvc process per test
+
 PEERS_FORMS = "use http://HOST:PORT,... or dns+http://NAME:PORT"
 
 
@@ -96,8 +98,8 @@ def test_publish_refuses_malformed_peers_before_uploading(tmp_path: Path) -> Non
     [
         ("CACHESVC_CACHE_SIZE", "10XB",
          "--cache-size '10XB' (from CACHESVC_CACHE_SIZE): not a size; use 512MiB, 10GiB or bytes"),
-        ("CACHESVC_ORIGIN_TIMEOUT", "30s",
-         "--origin-timeout '30s' (from CACHESVC_ORIGIN_TIMEOUT): not a number of seconds; use "),
+        ("CACHESVC_ORIGIN_TIMEOUT", "30 secs",
+         "--origin-timeout '30 secs' (from CACHESVC_ORIGIN_TIMEOUT): not a duration; use "),
         ("CACHESVC_MAX_FILES", "lots",
          "--max-files 'lots' (from CACHESVC_MAX_FILES): not a whole number; use digits"),
         ("CACHESVC_LISTEN", "localhost",

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.cli.test_processes_functional import AgentProcess
+import pytest
+
+from tests.processes import AgentProcess
 from tests.servers import eventually
+
+pytestmark = pytest.mark.slow  # real cachesvc processes
 
 
 def agent_args(origin: str, cache: Path, code: Path) -> list[str]:
@@ -47,10 +51,12 @@ async def test_a_second_agent_on_the_same_code_dir_exits_naming_the_owner(tmp_pa
     first = subprocess.Popen(
         agent_args(origin, cache1, code), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    errors = first.stderr
+    assert errors is not None
     try:
 
         def holds_the_code_dir() -> bool:
-            assert first.poll() is None, first.stderr.read().decode()  # type: ignore[union-attr]
+            assert first.poll() is None, errors.read().decode()
             lock = code / ".lock"
             return lock.exists() and bool(lock.read_text().strip())
 
@@ -62,4 +68,4 @@ async def test_a_second_agent_on_the_same_code_dir_exits_naming_the_owner(tmp_pa
     finally:
         first.kill()
         first.wait()
-        first.stderr.close()  # type: ignore[union-attr]
+        errors.close()

@@ -13,6 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.http import get
+from tests.processes import AgentProcess
 from tests.servers import (
     digest_of,
     eventually,
@@ -23,44 +25,9 @@ from tests.servers import (
     store_files,
 )
 
+pytestmark = pytest.mark.slow  # real cachesvc processes
+
 MiB = 1 << 20
-
-
-class AgentProcess:
-    """``cachesvc agent`` as a child process on a loopback port."""
-
-    def __init__(self, root: Path, origin: str, peers: str) -> None:
-        self.root, self.origin, self.peers = root, origin, peers
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> AgentProcess:
-        args = [sys.executable, "-m", "cachesvc", "agent",
-                "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.root / "cache"),
-                "--cache-size", "1GiB", "--origin", self.origin, "--peers", self.peers,
-                "--shutdown-grace", "10", "--peer-connect-timeout", "0.5"]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        proc = self.proc
-
-        async def ready(s: aiohttp.ClientSession) -> bool:
-            try:
-                async with s.get(f"{self.url}/readyz") as r:
-                    if r.status == 200:
-                        return True
-            except aiohttp.ClientError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-            return False
-
-        async with aiohttp.ClientSession() as s:
-            await eventually(lambda: ready(s), "the agent ready", step=0.1)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -88,9 +55,9 @@ async def restart_without_peers(agent: AgentProcess) -> None:
 
 async def get_once(agent: AgentProcess, digest: str) -> tuple[str, bytes]:
     """GET a package through the agent: (X-Cache-Tier, body)."""
-    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest}") as r:
-        assert r.status == 200
-        return r.headers["X-Cache-Tier"], await r.read()
+    status, headers, body = await get(f"{agent.url}/pkg/{digest}")
+    assert status == 200
+    return headers["X-Cache-Tier"], body
 
 
 async def test_kill_9_mid_download_leaves_nothing_partial(
@@ -102,8 +69,8 @@ async def test_kill_9_mid_download_leaves_nothing_partial(
         async with aiohttp.ClientSession() as session:
             download = asyncio.ensure_future(session.get(f"{agent.url}/pkg/{digest_of(data)}"))
             await wait_for_partial(agent.root / "cache" / "tmp")
-            agent.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-            agent.proc.wait()  # type: ignore[union-attr]
+            agent.proc.send_signal(signal.SIGKILL)
+            agent.proc.wait()
             download.cancel()
         assert [f for f in store_files(agent.root / "cache") if f.startswith("tmp/")]
 
@@ -123,10 +90,10 @@ async def test_sigterm_finishes_the_transfer_in_flight_and_keeps_the_store_consi
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{agent.url}/pkg/{digest_of(data)}") as r:
                 first = await r.content.readexactly(MiB)
-                agent.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                agent.proc.send_signal(signal.SIGTERM)
                 body = first + await r.read()
         assert body == data
-        assert await asyncio.to_thread(agent.proc.wait, 15) == 0  # type: ignore[union-attr]
+        assert await asyncio.to_thread(agent.proc.wait, 15) == 0
         assert [f for f in store_files(agent.root / "cache") if f.startswith("tmp/")] == []
 
         await restart_without_peers(agent)
@@ -185,9 +152,11 @@ async def test_up_runs_a_stack_that_serves_its_sample_and_stops_on_ctrl_c(tmp_pa
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         lines: list[str] = []
+        printed, err = proc.stdout, proc.stderr
+        assert printed is not None and err is not None
         while not any(line.startswith("Ctrl-C") for line in lines):
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)  # type: ignore[union-attr]
-            assert line, f"cachesvc up exited early: {proc.stderr.read()[-3000:]}"  # type: ignore[union-attr]
+            line = await asyncio.wait_for(asyncio.to_thread(printed.readline), 20)
+            assert line, f"cachesvc up exited early: {err.read()[-3000:]}"
             lines.append(line)
         curls = [line.split("#")[0].strip() for line in lines if "curl" in line and "/pkg/" in line]
         digest = next(w for w in curls[0].split() if "/pkg/" in w).rsplit("/", 1)[1]

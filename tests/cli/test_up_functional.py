@@ -14,9 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
+import pytest
 
+from tests.http import get, head
 from tests.servers import free_port, free_port_run
+
+pytestmark = pytest.mark.slow  # real cachesvc processes
 
 
 @asynccontextmanager
@@ -54,10 +57,9 @@ def claimed_first_tier(banner: str) -> tuple[str, str]:
 
 
 async def get_tier(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        assert r.status == 200
-        await r.read()
-        return r.headers["X-Cache-Tier"]
+    reply = await get(url)
+    assert reply.status == 200
+    return reply.headers["X-Cache-Tier"]
 
 
 async def test_the_banner_claims_the_tier_the_first_get_really_gets(tmp_path: Path) -> None:
@@ -86,6 +88,5 @@ async def test_up_passes_the_tokens_so_warm_can_be_tried_locally(tmp_path: Path)
         assert warm.returncode == 0, warm.stdout + warm.stderr
         url, claim = claimed_first_tier(banner)
         blob = f"http://127.0.0.1:{peer_port}/blob/{url.rsplit('/', 1)[1]}"
-        async with aiohttp.ClientSession() as s, s.head(blob) as r:
-            assert r.status == 401  # the peers require the peer token they were given
+        assert (await head(blob)).status == 401  # the peers require the peer token they were given
         assert await get_tier(url) == "L1"  # warm put it there

@@ -32,10 +32,10 @@ skip, saying so, and the others run.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -48,14 +48,16 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import boto3
 import pytest
 
 from cachesvc.digest import Digest
 from cachesvc.upstream.ring import Ring
+from tests.http import get, get_json, request
 from tests.manifests import (
     DOCKERFILE,
     Doc,
@@ -68,7 +70,9 @@ from tests.manifests import (
     listen_port,
     render_base,
 )
-from tests.servers import digest_of, free_port, payload
+from tests.servers import digest_of, eventually_sync, free_port, payload
+
+pytestmark = pytest.mark.slow  # real cachesvc processes
 
 PEER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 AGENT_IP = "127.0.0.1"
@@ -83,7 +87,6 @@ MARGIN = 5.0  # seconds beyond CACHESVC_SHUTDOWN_GRACE for a process to exit
 CHUNK = 1 << 20  # bytes per read of the slow client
 SLOW_READ = 0.06  # seconds between its reads
 LOCK_WAIT = 120.0  # seconds to wait for another run of these tests to finish
-T = TypeVar("T")
 
 
 # --- pods: as the manifests describe them, and as they run here ------------------
@@ -266,11 +269,11 @@ class Fleet:
         def ready() -> bool:
             assert proc.poll() is None, f"{pod.name} exited:\n{self.log(pod.name)}"
             try:
-                return http_get(pod.url, "/readyz", timeout=1.0)[0] == 200
-            except OSError:
+                return asyncio.run(request("GET", f"{pod.url}/readyz", timeout=1.0)).status == 200
+            except (OSError, aiohttp.ClientError):  # not listening yet, or hung up while starting
                 return False
 
-        eventually(ready, WITHIN, f"{pod.name} ready\n{self.log(pod.name)}")
+        eventually_sync(ready, f"{pod.name} ready\n{self.log(pod.name)}", timeout=WITHIN)
 
     def terminate(self, name: str, within: float) -> int:
         """SIGTERM, as the kubelet sends it; the exit code, if it came ``within``."""
@@ -324,18 +327,6 @@ def resolve(name: str, port: int) -> set[str]:
 # --- HTTP, S3 and waiting ------------------------------------------------------------
 
 
-def http_get(base: str, path: str, timeout: float = 10.0) -> tuple[int, Any, bytes]:
-    """(status, headers, body); straight to the address, never via a proxy."""
-    parts = urlsplit(base)
-    conn = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
 def slow_client(base: str) -> http.client.HTTPConnection:
     """A connection whose small receive buffer keeps a response in flight on the
     server's side while we read slowly (left alone, loopback autotuning lets the
@@ -351,18 +342,18 @@ def slow_client(base: str) -> http.client.HTTPConnection:
 
 
 def stats(pod: Pod) -> dict[str, Any]:
-    status, _, body = http_get(pod.url, "/stats")
+    status, body = asyncio.run(get_json(f"{pod.url}/stats"))
     assert status == 200
-    return dict(json.loads(body))
+    return dict(body)
 
 
 def entries(pod: Pod) -> int:
     return int(stats(pod)["entries"])
 
 
-def fetch(agent: Pod, digest: Digest) -> tuple[str, Digest]:
+def tier_and_digest(agent: Pod, digest: Digest) -> tuple[str, Digest]:
     """GET /pkg through the agent: (X-Cache-Tier, digest of the body received)."""
-    status, headers, body = http_get(agent.url, f"/pkg/{digest}")
+    status, headers, body = asyncio.run(get(f"{agent.url}/pkg/{digest}"))
     assert status == 200, body[:300]
     assert headers["ETag"] == f'"{digest}"'
     return headers["X-Cache-Tier"], digest_of(body)
@@ -380,16 +371,7 @@ def held_only_by(
     def settled() -> bool:
         return {url_of(p): entries(p) for p in pods} == expected
 
-    eventually(settled, WITHIN, f"entries per peer {expected}")
-
-
-def eventually(check: Callable[[], T], within: float, what: str) -> T:
-    """Poll ``check`` (bounded) until it returns something true."""
-    deadline = time.monotonic() + within
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        time.sleep(0.05)
-    return result
+    eventually_sync(settled, f"entries per peer {expected}", timeout=WITHIN)
 
 
 def create_bucket(endpoint: str, pod: Pod) -> None:
@@ -435,7 +417,12 @@ def one_run_at_a_time() -> Iterator[None]:
     xdist workers) shares /etc/hosts and the peers' addresses: one at a time,
     by an advisory lock on /etc/hosts that the OS drops if a run dies."""
     with open(HOSTS, "rb") as hosts:
-        eventually(lambda: try_lock(hosts.fileno()), LOCK_WAIT, f"exclusive flock on {HOSTS}")
+        eventually_sync(
+            lambda: try_lock(hosts.fileno()),
+            f"exclusive flock on {HOSTS}",
+            timeout=LOCK_WAIT,
+            step=0.05,
+        )
         try:
             yield
         finally:
@@ -538,19 +525,19 @@ def test_the_agent_fetches_through_the_peers_the_headless_service_name_resolves_
     k8s: K8s,
 ) -> None:
     digest = publish(k8s.machine, k8s.agent, payload(300_000, seed=101), "hello")
-    assert fetch(k8s.agent, digest) == ("L2", digest)
+    assert tier_and_digest(k8s.agent, digest) == ("L2", digest)
     seen = stats(k8s.agent)
     assert seen["peers"] == urls(k8s.peers)  # found by DNS: no peer is configured by address
     assert seen["peers_down"] == []
     owner = Ring(urls(k8s.peers)).owner(digest)
     held_only_by(owner, k8s.peers)
-    assert fetch(k8s.agent, digest) == ("L1", digest)
+    assert tier_and_digest(k8s.agent, digest) == ("L1", digest)
     for peer in k8s.peers:  # the peers follow the same name for their own ring (warm)
 
         def follows(p: Pod = peer) -> bool:
             return bool(stats(p)["peers"] == urls(k8s.peers))
 
-        eventually(follows, WITHIN, peer.name)
+        eventually_sync(follows, peer.name, timeout=WITHIN)
 
 
 def test_the_agent_follows_the_name_when_a_peer_leaves_and_fetches_from_the_others(
@@ -562,10 +549,15 @@ def test_the_agent_follows_the_name_when_a_peer_leaves_and_fetches_from_the_othe
     # A terminating pod leaves the Service's endpoints; its preStop sleep gives
     # the agents time to notice before the kubelet sends SIGTERM.
     k8s.hosts.remove(gone.ip, k8s.service_name)
-    eventually(lambda: stats(k8s.agent)["peers"] == urls(rest), WITHIN, "agent drops the peer")
+    eventually_sync(
+        lambda: stats(k8s.agent)["peers"] == urls(rest),
+        "agent drops the peer",
+        timeout=WITHIN,
+        step=0.05,
+    )
     grace = float(gone.env["CACHESVC_SHUTDOWN_GRACE"])
     assert k8s.fleet.terminate(gone.name, grace + MARGIN) == 0
-    assert fetch(k8s.agent, digest) == ("L2", digest)
+    assert tier_and_digest(k8s.agent, digest) == ("L2", digest)
     assert stats(k8s.agent)["peers_down"] == []  # never tried: it left the ring by DNS
     owner = Ring(urls(rest)).owner(digest)
     held_only_by(owner, rest)
@@ -584,7 +576,12 @@ def test_the_agent_finishes_a_download_in_flight_on_sigterm_and_exits_0(k8s: K8s
         agent.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         log = k8s.agent.name
-        eventually(lambda: "draining" in k8s.fleet.log(log), WITHIN, "agent starts draining")
+        eventually_sync(
+            lambda: "draining" in k8s.fleet.log(log),
+            "agent starts draining",
+            timeout=WITHIN,
+            step=0.05,
+        )
         for _ in range(size // 2 // CHUNK):  # slowly, up to half the package
             body.update(response.read(CHUNK))
             time.sleep(SLOW_READ)
@@ -644,9 +641,9 @@ def test_the_compose_agents_fetch_through_the_peers_they_name(
 ) -> None:
     machine, peers, (agent_0, agent_1) = compose_stack
     digest = publish(machine, agent_0, payload(300_000, seed=104), "composed")
-    assert fetch(agent_0, digest) == ("L2", digest)
-    assert fetch(agent_1, digest) == ("L2", digest)  # the owner's copy, not the origin's
-    assert fetch(agent_0, digest) == ("L1", digest)
+    assert tier_and_digest(agent_0, digest) == ("L2", digest)
+    assert tier_and_digest(agent_1, digest) == ("L2", digest)  # the owner's copy, not the origin's
+    assert tier_and_digest(agent_0, digest) == ("L1", digest)
     ring = sorted(f"http://{p.name}:{machine.peer_port}" for p in peers)
     assert stats(agent_0)["peers"] == stats(agent_1)["peers"] == ring
     owner = Ring(ring).owner(digest)

@@ -14,31 +14,19 @@ import pytest
 from aiohttp import web
 
 from cachesvc.digest import Digest
-from cachesvc.fanout.parents import ADVERTISE, FANOUT
+from cachesvc.fanout.parents import ADVERTISE, FANOUT, MAX_PARENTS
 from cachesvc.readpath.flight import Flight
 from cachesvc.serve.service import CORE
-from cachesvc.upstream.peer_client import FORWARDED
+from cachesvc.upstream.peer_client import FORWARDED, PARENT
 from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
+from tests.http import Fetched, fetch, get, get_json, post_json, request
 from tests.servers import Stack, eventually, free_port, metric, metrics_of, payload, start_server
+
+pytestmark = pytest.mark.slow  # most tests take over a second
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
-
-
-async def fetch(url: str, attempts: int = 1) -> tuple[int, bytes | None]:
-    """GET a package; a body cut short is None. Retries as a runtime would."""
-    for attempt in range(attempts):
-        async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url) as r:
-            try:
-                body: bytes | None = await r.read()
-            except aiohttp.ClientPayloadError:
-                body = None
-        if r.status == 200 and body is not None:
-            return r.status, body
-        if attempt + 1 < attempts:
-            await asyncio.sleep(0.2)
-    return r.status, body
 
 
 async def uploads(urls: list[str]) -> dict[str, float]:
@@ -71,8 +59,11 @@ def owner_of(peers: list[str], digest: Digest) -> str:
     return owner
 
 
-async def storm(agents: list[str], digest: Digest, attempts: int = 1) -> list[tuple[int, Any]]:
-    return await asyncio.gather(*(fetch(f"{a}/pkg/{digest}", attempts) for a in agents))
+async def storm(
+    agents: list[str], digest: Digest, attempts: int = 1
+) -> list[tuple[int, bytes | None]]:
+    got = await asyncio.gather(*(fetch(f"{a}/pkg/{digest}", attempts) for a in agents))
+    return [g.received for g in got]
 
 
 async def test_eight_agents_with_fanout_2_cost_one_origin_get_and_feed_each_other(
@@ -112,7 +103,7 @@ async def test_agents_that_cannot_be_parents_are_still_children(
     children = [await stack.start_agent(fanout=0) for _ in range(3)]
     data = payload(MiB, seed=83)
     digest = await s3_origin.put(data)
-    assert (await fetch(f"{parent}/pkg/{digest}")) == (200, data)
+    assert (await fetch(f"{parent}/pkg/{digest}")).received == (200, data)
     assert all(r == (200, data) for r in await storm(children, digest))
     assert sum((await uploads(children)).values()) == 0
     assert (await uploads([parent]))[parent] >= len(data)
@@ -137,10 +128,7 @@ class LyingAgent:
 
     async def join(self, owner: str, digest: Digest) -> None:
         headers = {FORWARDED: "1", ADVERTISE: self.url, FANOUT: "2"}
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"{owner}/blob/{digest}", headers=headers) as r:
-                assert r.status == 200
-                await r.read()
+        assert (await get(f"{owner}/blob/{digest}", **headers)).status == 200
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -191,7 +179,7 @@ class MidStream(NamedTuple):
     child: str
     digest: Digest
     data: bytes
-    child_get: asyncio.Future[tuple[int, bytes | None]]
+    child_get: asyncio.Future[Fetched]
     flight: Flight  # the child's fill
 
 
@@ -203,7 +191,7 @@ async def child_fed_by_parent(stack: Stack, s3_origin: OriginFixture, seed: int)
     child = await stack.start_agent(fanout=1)
     data = payload(6 * MiB, seed=seed)
     digest = await s3_origin.put(data)
-    assert await fetch(f"{parent}/pkg/{digest}") == (200, data)  # parent holds it
+    assert (await fetch(f"{parent}/pkg/{digest}")).received == (200, data)  # parent holds it
     child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
     flight = await fill_under_way(stack, child, digest, lambda f: f.received > MiB)
     return MidStream(parent, child, digest, data, child_get, flight)
@@ -215,10 +203,37 @@ async def test_a_parent_killed_mid_stream_the_child_resumes_elsewhere(
     parent, child, digest, data, child_get, flight = await child_fed_by_parent(stack, s3_origin, 85)
     assert flight.via == (parent,)
     await stack.kill(parent)
-    assert await asyncio.wait_for(child_get, 30) == (200, data)
+    assert (await asyncio.wait_for(child_get, 30)).received == (200, data)
     assert s3_origin.origin_gets(digest) == 1
     text = await metrics_of(child)
     assert metric(text, "cachesvc_upstream_fetches_total", upstream="agent", outcome="error") >= 1
+
+
+async def test_a_killed_parent_with_slots_left_is_avoided_and_never_named_again(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """K=2: the dead parent still has a free slot in the owner's tree, so only
+    the child's avoid list keeps the owner from naming it again (to this
+    child's next ask and to every newcomer)."""
+    await stack.start_peers(1, fanout=1)  # the owner's one slot: the parent
+    owner = stack.peers[0]
+    parent = await stack.start_agent(fanout=2, egress_limit=4 * MiB)
+    child = await stack.start_agent(fanout=2)
+    data = payload(6 * MiB, seed=91)
+    digest = await s3_origin.put(data)
+    assert (await fetch(f"{parent}/pkg/{digest}")).received == (200, data)
+    child_get = asyncio.ensure_future(fetch(f"{child}/pkg/{digest}"))
+    await fill_under_way(stack, child, digest, lambda f: f.via == (parent,) and f.received > MiB)
+    await stack.kill(parent)
+    assert (await asyncio.wait_for(child_get, 30)).received == (200, data)
+    tracker = stack.apps[owner][CORE].tracker
+    assert parent not in [m.url for m in tracker.members(digest)]  # dropped on the child's report
+    assert metric(await metrics_of(owner), "cachesvc_fanout_redirects_total") == 1
+    late = await stack.start_agent(fanout=2)
+    assert (await fetch(f"{late}/pkg/{digest}")).received == (200, data)
+    assert metric(await metrics_of(owner), "cachesvc_fanout_redirects_total") == 2  # to the child
+    assert metric(await metrics_of(late), "cachesvc_upstream_fetches_total", outcome="error") == 0
+    assert s3_origin.origin_gets(digest) == 1
 
 
 async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
@@ -226,11 +241,55 @@ async def test_a_parent_that_evicts_mid_stream_still_delivers_or_hands_over(
 ) -> None:
     parent, _, digest, data, child_get, _ = await child_fed_by_parent(stack, s3_origin, 86)
     assert await stack.apps[parent][CORE].store.evict(digest)
-    assert await asyncio.wait_for(child_get, 30) == (200, data)
+    assert (await asyncio.wait_for(child_get, 30)).received == (200, data)
     assert s3_origin.origin_gets(digest) == 1
     # and the next agent is not sent to a parent that no longer has it for good
     late = await stack.start_agent(fanout=1)
-    assert await fetch(f"{late}/pkg/{digest}", attempts=2) == (200, data)
+    assert (await fetch(f"{late}/pkg/{digest}", attempts=2)).received == (200, data)
+
+
+class DeadParentsOwner:
+    """A real server in the owner's place that names a fresh dead parent (a
+    free port nobody listens on) to every request that speaks fan-out, and
+    serves the bytes itself to a request that does not."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.redirects = 0
+        self.served = 0
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/blob/{digest}", self._blob)
+        self.runner, self.url = await start_server(app, free_port())
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        if FANOUT in request.headers:
+            self.redirects += 1
+            dead = f"http://127.0.0.1:{free_port()}"
+            digest = request.match_info["digest"]
+            return web.Response(
+                status=307, headers={"Location": f"{dead}/pkg/{digest}", PARENT: dead}
+            )
+        self.served += 1
+        return web.Response(body=self.data, headers={"X-Cache-Tier": "L2"})
+
+
+async def test_a_fill_tries_at_most_four_parents_then_the_owner_serves_it(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    data = payload(MiB, seed=92)
+    digest = await s3_origin.put(data)
+    owner = DeadParentsOwner(data)
+    await owner.start()
+    try:
+        agent = await stack.start_agent(peers=[owner.url], fanout=2)
+        assert (await fetch(f"{agent}/pkg/{digest}")).received == (200, data)
+        assert (owner.redirects, owner.served) == (MAX_PARENTS, 1)
+        assert s3_origin.origin_gets(digest) == 0  # never the origin: the owner was asked
+    finally:
+        await owner.runner.cleanup()
 
 
 # -- loops ----------------------------------------------------------------------------
@@ -246,14 +305,29 @@ async def test_a_host_refuses_to_feed_a_host_it_fetches_through(
     b = await stack.start_agent(fanout=1)
     data = payload(4 * MiB, seed=87)
     digest = await s3_origin.put(data)
-    assert await fetch(f"{a}/pkg/{digest}") == (200, data)
+    assert (await fetch(f"{a}/pkg/{digest}")).received == (200, data)
     b_get = asyncio.ensure_future(fetch(f"{b}/pkg/{digest}"))
     await fill_under_way(stack, b, digest, lambda f: f.via == (a,))
     headers = {FORWARDED: "1", ADVERTISE: a, FANOUT: "1"}
-    async with aiohttp.ClientSession() as s, s.get(f"{b}/pkg/{digest}", headers=headers) as r:
-        assert r.status == 409
-        assert (await r.json())["error"] == "loop"
-    assert await asyncio.wait_for(b_get, 30) == (200, data)
+    status, answer = await get_json(f"{b}/pkg/{digest}", **headers)
+    assert status == 409
+    assert answer["error"] == "loop"
+    assert (await asyncio.wait_for(b_get, 30)).received == (200, data)
+
+
+async def test_a_host_asked_to_feed_itself_refuses_with_loop(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    """An owner that names a host as its own parent (two owners that disagree
+    about the tree) gets a 409 loop from it, not a feed."""
+    await stack.start_peers(1, fanout=1)
+    a = await stack.start_agent(fanout=1)
+    data = payload(MiB, seed=93)
+    digest = await s3_origin.put(data)
+    assert (await fetch(f"{a}/pkg/{digest}")).received == (200, data)
+    headers = {FORWARDED: "1", ADVERTISE: a, FANOUT: "1"}
+    async with aiohttp.ClientSession() as s, s.get(f"{a}/pkg/{digest}", headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (409, "loop")
 
 
 async def test_a_host_asked_for_what_it_neither_holds_nor_fills_says_not_here(
@@ -262,9 +336,8 @@ async def test_a_host_asked_for_what_it_neither_holds_nor_fills_says_not_here(
     await stack.start_peers(1)
     agent = await stack.start_agent()
     digest = await s3_origin.put(payload(MiB, seed=88))
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{agent}/pkg/{digest}", headers={FORWARDED: "1"}) as r:
-            assert (r.status, (await r.json())["error"]) == (404, "not_here")
+    status, answer = await get_json(f"{agent}/pkg/{digest}", **{FORWARDED: "1"})
+    assert (status, answer["error"]) == (404, "not_here")
     assert s3_origin.origin_gets(digest) == 0  # a host's request never starts a fill
 
 
@@ -276,7 +349,7 @@ async def test_a_host_feeds_at_most_fanout_hosts_at_once(
     agent = await stack.start_agent(fanout=limit, egress_limit=MiB)
     data = payload(2 * MiB, seed=89)
     digest = await s3_origin.put(data)
-    assert await fetch(f"{agent}/pkg/{digest}") == (200, data)
+    assert (await fetch(f"{agent}/pkg/{digest}")).received == (200, data)
     headers = {FORWARDED: "1"}
     async with aiohttp.ClientSession(auto_decompress=False) as s:
         first = await s.get(f"{agent}/pkg/{digest}", headers=headers)
@@ -298,17 +371,14 @@ async def test_warming_a_tenant_into_eight_agents_costs_the_owner_at_most_k_pack
     digest = await s3_origin.put(data, "acme", "resize", "1")
 
     async def warm(agent: str) -> dict[str, Any]:
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        async with aiohttp.ClientSession(headers=auth) as s:
-            async with s.post(f"{agent}/warm", json={"tenant": "acme"}) as r:
-                job = (await r.json())["job"]
+        job = (await post_json(f"{agent}/warm", {"tenant": "acme"}, token=TOKEN))[1]["job"]
 
-            async def finished() -> dict[str, Any] | None:
-                async with s.get(f"{agent}/warm/{job}") as r:
-                    state: dict[str, Any] = await r.json()
-                return state if state["state"] != "running" else None
+        async def finished() -> dict[str, Any] | None:
+            reply = await request("GET", f"{agent}/warm/{job}", token=TOKEN)
+            state: dict[str, Any] = reply.json()
+            return state if state["state"] != "running" else None
 
-            return await eventually(finished, f"warm on {agent} finished", step=0.05)
+        return await eventually(finished, f"warm on {agent} finished", step=0.05)
 
     states = await asyncio.gather(*(warm(a) for a in agents))
     assert all(s["state"] == "done" and s["failed"] == 0 for s in states)

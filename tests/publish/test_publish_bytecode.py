@@ -18,8 +18,8 @@ import zstandard
 from cachesvc.errors import UnsupportedFormat
 from cachesvc.publish.bytecode import add_bytecode
 from cachesvc.unpack.bytecode import Runtime
-from tests.publish.test_publish_compress import publish
-from tests.publish.test_repack import SOURCE, python_like_zip
+from tests.archives import SOURCE, python_like_zip
+from tests.processes import publish_cli
 
 SOURCES = {
     "handler.py": b"import lib.mod\n\ndef handler(event, context):\n    return lib.mod.f()\n",
@@ -57,7 +57,7 @@ def check_pycs(found: dict[str, bytes], rt: Runtime, sources: list[str]) -> None
 
 def test_publish_bytecode_ships_unchecked_hash_pycs_in_the_package(tmp_path: Path) -> None:
     package = write_zip(tmp_path / "fn.zip", SOURCES)
-    done = publish(tmp_path, package, "--bytecode", sys.executable)
+    done = publish_cli(tmp_path, package, "--bytecode", sys.executable)
     assert done.returncode == 0, done.stderr
     digest = done.stdout.strip()
     blob = (tmp_path / "origin" / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
@@ -103,14 +103,14 @@ def test_a_layered_package_is_refused(tmp_path: Path) -> None:
 
 def test_publish_refuses_an_interpreter_that_is_not_there(tmp_path: Path) -> None:
     package = write_zip(tmp_path / "fn.zip", SOURCES)
-    done = publish(tmp_path, package, "--bytecode", "no-such-python3.11")
+    done = publish_cli(tmp_path, package, "--bytecode", "no-such-python3.11")
     assert done.returncode == 1
     assert "--bytecode no-such-python3.11: no such interpreter" in done.stderr
 
 
 def test_bytecode_then_repack_ships_the_pycs_in_the_tar_zst(tmp_path: Path) -> None:
     package = python_like_zip(tmp_path / "fn.zip")
-    done = publish(tmp_path, package, "--bytecode", sys.executable, "--repack")
+    done = publish_cli(tmp_path, package, "--bytecode", sys.executable, "--repack")
     assert done.returncode == 0, done.stderr
     assert "using tar.zst" in done.stderr
     blob = tmp_path / "origin" / "blobs" / "sha256" / done.stdout.strip().removeprefix("sha256:")

@@ -14,38 +14,13 @@ from cachesvc.errors import UnsafeArchive, UnsupportedFormat
 from cachesvc.publish import repack
 from cachesvc.unpack import codec
 from cachesvc.unpack.extract import extract
-
-SOURCE = {f"pkg/mod{i}.py": f"def f{i}(x):\n    return x * {i}\n".encode() * 40 for i in range(200)}
-
-
-def python_like_zip(path: Path) -> Path:
-    """Many small similar members, deflated one by one: where tar.zst wins."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("pkg/", b"")
-        for name, data in SOURCE.items():
-            archive.writestr(name, data)
-        script = zipfile.ZipInfo("bin/tool", date_time=(2022, 3, 4, 5, 6, 8))
-        script.external_attr = (stat.S_IFREG | 0o755) << 16
-        archive.writestr(script, b"#!/bin/sh\nexit 0\n")
-    return path
-
-
-def tree_of(root: Path) -> dict[str, tuple[bytes, int, int]]:
-    return {
-        str(p.relative_to(root)): (
-            p.read_bytes(),
-            stat.S_IMODE(p.stat().st_mode),
-            int(p.stat().st_mtime),
-        )
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+from tests.archives import python_like_zip, tree_with_times
 
 
 def unpacked(package: Path, dest: Path) -> dict[str, tuple[bytes, int, int]]:
     dest.mkdir()
     extract(package, dest, codec.Limits())
-    return tree_of(dest)
+    return tree_with_times(dest)
 
 
 @pytest.mark.parametrize("fmt", codec.COMPRESSIONS)

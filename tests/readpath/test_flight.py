@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from cachesvc.errors import DigestMismatch, Overloaded, UpstreamError
-from cachesvc.readpath.flight import Flight, Flights, Follower
+from cachesvc.readpath.flight import Fill, Flight, Flights, Follower
 from cachesvc.readpath.package import FileSpan, Span
 from cachesvc.store.castore import Store
-from tests.servers import digest_of, payload
+from cachesvc.tier import Tier
+from tests.servers import digest_of, eventually, payload
 
 CHUNK = 64 * 1024
 
@@ -41,10 +42,10 @@ async def read_all(flight: Flight) -> bytes:
     return await read_follower(flight.follow())
 
 
-def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None, claim=None):
+def filler(data: bytes, calls: list[int], gate: asyncio.Event | None = None) -> Fill:
     async def fill(flight: Flight) -> None:
         calls.append(1)
-        await flight.begin(len(data), "ORIGIN")
+        await flight.begin(len(data), Tier.ORIGIN)
         for i in range(0, len(data), CHUNK):
             if gate is not None and i >= len(data) // 2:
                 await gate.wait()
@@ -230,7 +231,7 @@ async def test_a_follower_gets_a_range_and_the_last_byte_only_after_the_verdict(
     gate = asyncio.Event()
 
     async def fill(flight: Flight) -> None:
-        await flight.begin(len(data), "ORIGIN")
+        await flight.begin(len(data), Tier.ORIGIN)
         await flight.feed(data)
         await gate.wait()  # every byte is in; the verdict waits
         await flight.finish()
@@ -242,12 +243,79 @@ async def test_a_follower_gets_a_range_and_the_last_byte_only_after_the_verdict(
     while len(got) < len(data) - 101:
         got += span_bytes(await anext(spans))
     last = asyncio.ensure_future(anext(spans))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a wrongly released last span to arrive in
     assert not last.done()  # held back: no verdict yet
     gate.set()
     got += span_bytes(await last)
     assert bytes(got) == data[100:]
     await spans.aclose()
     await follower.leave()
+    await flights.close()
+    await store.close()
+
+
+async def test_in_relay_mode_the_stuck_follower_is_dropped_not_the_one_reading(
+    tmp_path: Path,
+) -> None:
+    """A full relay window waits for its slowest follower: when the wait runs
+    out, the one stuck at byte 0 goes; the one keeping up is served in full."""
+    store = await Store.open(tmp_path, 2**20)  # smaller than the package: relay mode
+    data = payload(12 * 2**20)
+    flight = Flight(store, digest_of(data), stall_timeout=0.2)
+    stuck = flight.follow()  # registered, never reads
+    reading = asyncio.ensure_future(read_follower(flight.follow()))
+    await asyncio.wait_for(filler(data, [])(flight), timeout=30)
+    assert await asyncio.wait_for(reading, timeout=30) == data
+    await stuck.leave()
+    await flight.release()
+    await store.close()
+
+
+async def test_a_fill_that_breaks_off_fails_the_followers_waiting_for_more(
+    tmp_path: Path,
+) -> None:
+    """A follower that has read every byte there is waits for more; the fill's
+    failure must wake it with the error, not leave it waiting forever."""
+    store = await Store.open(tmp_path, 100 * 2**20)
+    flights = Flights(store)
+    data = payload(4 * 2**20)
+    gate = asyncio.Event()
+
+    async def breaks_off(flight: Flight) -> None:
+        await flight.begin(len(data), Tier.ORIGIN)
+        await flight.feed(data[: 2**20])  # one batch: written at once, nothing pending
+        await gate.wait()
+        raise UpstreamError("the source broke off")
+
+    flight = flights.start(digest_of(data), breaks_off)
+    follower = flight.follow()
+    reading = asyncio.ensure_future(read_follower(follower))
+    await eventually(lambda: follower.position == 2**20, "the follower read the first MiB")
+    gate.set()
+    with pytest.raises(UpstreamError, match="broke off"):
+        await asyncio.wait_for(reading, timeout=30)
+    await flights.close()
+    await store.close()
+
+
+async def test_a_relay_flight_is_joined_while_it_still_holds_its_first_bytes(
+    tmp_path: Path,
+) -> None:
+    """When the store cannot keep a package, a request arriving before any
+    byte was trimmed joins the running fill (one upstream GET), not a new one."""
+    store = await Store.open(tmp_path, 2**20)  # smaller than the package: relay mode
+    flights = Flights(store)
+    data = payload(4 * 2**20)
+    gate = asyncio.Event()
+    calls: list[int] = []
+    flight = flights.start(digest_of(data), filler(data, calls, gate))
+    first = flight.follow()  # at byte 0: nothing is trimmed while it waits
+    await flight.started
+    await eventually(lambda: flight.received >= 2 * 2**20, "the fill reached the gate")
+    assert flights.get(digest_of(data)) is flight
+    second = flight.follow()
+    gate.set()
+    assert list(await asyncio.gather(read_follower(first), read_follower(second))) == [data, data]
+    assert calls == [1]
     await flights.close()
     await store.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cachesvc.digest import Digest
 from cachesvc.readpath.tiers import NEGATIVE_MAX, NegativeCache
-from tests.upstream.test_ring import Clock
+from tests.clock import Clock
 
 
 def digest(i: int) -> Digest:

@@ -184,3 +184,27 @@ def test_parse_rate_reads_sizes_as_bytes_per_second(text: str | None, rate: floa
 def test_parse_rate_refuses_what_is_not_a_rate(text: str) -> None:
     with pytest.raises(ValueError, match="not a rate in bytes per second"):
         parse_rate(text)
+
+
+async def test_concurrent_paced_responses_never_get_more_than_burst_plus_rate_times_t() -> None:
+    """Eight 1 MiB responses starting together: every slice ``paced`` yields
+    was granted by the bucket first, so by any time t the slices handed out
+    add up to at most ``burst + rate * t`` (a slice yielded before asking the
+    bucket would give each response one free slice at t=0: 2 MiB at once)."""
+    vt = VirtualTime()
+    bucket = TokenBucket(RATE, clock=vt.clock, sleep=vt.sleep)
+    granted: list[tuple[float, int]] = []  # (time, bytes) of every slice yielded
+
+    async def respond() -> None:
+        async for n in bucket.paced(MiB):
+            granted.append((vt.now, n))
+
+    await vt.run(*(respond() for _ in range(8)))
+    assert sum(n for _, n in granted) == 8 * MiB
+    sent = 0
+    for when, n in sorted(granted):
+        sent += n
+        assert sent <= bucket.burst + RATE * when + 1, f"{sent} bytes granted by t={when}"
+    # and the rate is reached, not merely respected: the last slice goes when
+    # the bucket allows it, not later
+    assert max(when for when, _ in granted) == pytest.approx((8 * MiB - bucket.burst) / RATE)

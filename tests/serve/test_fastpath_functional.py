@@ -10,22 +10,29 @@ import hashlib
 import os
 
 import aiohttp
+import pytest
 
 from cachesvc.digest import Digest
 from cachesvc.serve.service import CORE
 from tests.conftest import OriginFixture
+from tests.http import get, head
 from tests.servers import Stack, eventually, metric, metrics_of, payload
 
 MiB = 1 << 20
 
 
-async def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers) as r:
-        return r.status, dict(r.headers), await r.read()
-
-
 async def fast_hits(agent: str) -> float:
     return metric(await metrics_of(agent), "cachesvc_fast_hits_total")
+
+
+async def sending_in_a_task(stack: Stack, agent: str) -> None:
+    """Wait until the socket buffer is full and the rest of a fast response
+    goes out in a task (the reader has not read yet)."""
+    await eventually(
+        lambda: any(c.sending is not None for c in stack.hit_connections(agent)),
+        "a fast response that did not fit the socket buffer",
+        step=0.01,
+    )
 
 
 async def hot(
@@ -56,7 +63,7 @@ async def test_a_hot_hit_is_answered_on_the_fast_path_like_aiohttp_would(
     assert await fast_hits(agent) == before + 1
     for headers in (slow, fast):
         headers.pop("Date")
-    assert fast == slow
+    assert dict(fast) == dict(slow)  # the same headers, in any order
 
 
 async def test_pipelined_hits_misses_and_garbage_on_one_connection_are_answered_in_order(
@@ -104,8 +111,8 @@ async def test_ranges_conditionals_and_head_of_a_hot_entry_go_to_aiohttp(
         f"bytes 10-19/{len(data)}",
     )
     assert (await get(f"{agent}/pkg/{digest}", **{"If-None-Match": digest.etag}))[0] == 304
-    async with aiohttp.ClientSession() as s, s.head(f"{agent}/pkg/{digest}") as r:
-        assert (r.status, r.headers["Content-Length"]) == (200, str(len(data)))
+    status, headers, _ = await head(f"{agent}/pkg/{digest}")
+    assert (status, headers["Content-Length"]) == (200, str(len(data)))
     assert (await get(f"{agent}/pkg/{digest}?x=1"))[2] == data
     assert await fast_hits(agent) == before  # none of these took the fast path
 
@@ -119,7 +126,7 @@ async def test_a_large_hot_entry_to_a_slow_reader_arrives_whole(
     reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
     writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
-    await asyncio.sleep(0.3)  # the socket buffer fills: the rest goes out in a task
+    await sending_in_a_task(file_stack, agent)
     status, body = await read_response(reader)
     assert status == 200 and hashlib.sha256(body).hexdigest() == digest.hex
     writer.close()
@@ -156,7 +163,7 @@ async def test_stopping_lets_a_fast_response_in_flight_finish(
     reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
     writer.write(f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
-    await asyncio.sleep(0.2)
+    await sending_in_a_task(file_stack, agent)
     stopping = asyncio.ensure_future(file_stack.stop(agent))
     status, body = await read_response(reader)
     assert status == 200 and len(body) == len(data) and body == data
@@ -242,3 +249,86 @@ async def test_a_peer_fast_path_redirects_like_the_tracker_and_assigns_once(
     assert await fast_hits(peer) >= 1
     members = {m.url: m.children for m in file_stack.apps[peer][CORE].tracker.members(digest)}
     assert members[a] == 1 and sum(members.values()) == 2  # each request assigned once
+
+
+# -- HTTP/1.1 on the wire: Connection: close, versions ---------------------------------
+
+
+async def exchange(agent: str, request: bytes) -> bytes:
+    """Everything the server sends for ``request`` until it closes the
+    connection (bounded: a server that keeps it open fails the test)."""
+    host, port = agent.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def split_response(answer: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """Status line, the header fields but Date (sorted), and what follows the head."""
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = [tuple(line.split(b": ", 1)) for line in lines]
+    return status, sorted((k.lower(), v) for k, v in fields if k.lower() != b"date"), rest
+
+
+@pytest.mark.parametrize(
+    "version, connection",
+    [("1.1", "Connection: close\r\n"), ("1.0", ""), ("1.0", "Connection: close\r\n")],
+)
+async def test_a_hit_asked_for_with_connection_close_is_answered_then_the_connection_closes(
+    file_stack: Stack, file_origin: OriginFixture, version: str, connection: str
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 20_000, seed=12)
+    request = f"GET /pkg/{digest} HTTP/{version}\r\nHost: x\r\n{connection}\r\n".encode()
+    status, _, body = split_response(await exchange(agent, request))
+    assert status == f"HTTP/{version} 200 OK".encode() and body == data
+
+
+async def test_pipelined_hits_after_connection_close_are_not_answered(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 20_000, seed=13)
+    req = "GET /pkg/{} HTTP/1.1\r\nHost: x\r\n{}\r\n"
+    request = (req.format(digest, "") + req.format(digest, "Connection: close\r\n")) * 2
+    answer = await exchange(agent, request.encode())
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2 and answer.endswith(data)
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2", "3.0"])
+async def test_a_hit_asked_for_in_another_http_version_is_refused_and_the_connection_closed(
+    file_stack: Stack, file_origin: OriginFixture, version: str
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 20_000, seed=14)
+    before = await fast_hits(agent)
+    request = f"GET /pkg/{digest} HTTP/{version}\r\nHost: x\r\n\r\n".encode()
+    status, _, body = split_response(await exchange(agent, request))
+    assert status in (b"HTTP/1.1 505 HTTP Version Not Supported", b"HTTP/1.0 400 Bad Request")
+    assert data not in body
+    assert await fast_hits(agent) == before
+
+
+@pytest.mark.parametrize("connection", ["", "Connection: close\r\n"])
+async def test_the_fast_path_and_aiohttp_answer_with_the_same_header_fields(
+    file_stack: Stack, file_origin: OriginFixture, connection: str
+) -> None:
+    agent, digest, data = await hot(file_stack, file_origin, 20_000, seed=15)
+    before = await fast_hits(agent)
+    hit = f"GET /pkg/{digest} HTTP/1.1\r\nHost: x\r\n{connection}".encode()
+    to_aiohttp = hit + b'If-None-Match: "sha256:other"\r\n'  # not a match: a whole 200
+    # then (aiohttp refuses requests pipelined after a Connection: close) a version refused
+    refused = b"" if connection else f"GET /pkg/{digest} HTTP/2.0\r\nHost: x\r\n\r\n".encode()
+    fast = split_response(await exchange(agent, hit + b"\r\n" + refused))
+    slow = split_response(await exchange(agent, to_aiohttp + b"\r\n" + refused))
+    assert await fast_hits(agent) == before + 1  # the first hit only
+    assert fast[:2] == slow[:2]
+    if connection:
+        assert fast[2] == slow[2] == data
+        return
+    fast_refusal, slow_refusal = split_response(fast[2][20_000:]), split_response(slow[2][20_000:])
+    assert fast_refusal[0] == b"HTTP/1.1 505 HTTP Version Not Supported"
+    assert fast_refusal[1:] == slow_refusal[1:]  # aiohttp still echoes the version it refuses
+    assert (b"connection", b"close") in fast_refusal[1]

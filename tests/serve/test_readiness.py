@@ -8,16 +8,7 @@ from pathlib import Path
 
 from cachesvc.serve.readiness import OriginCheck, Readiness
 from cachesvc.upstream.origin import FileOrigin
-
-
-class Clock:
-    """A clock that moves only when the test moves it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def readiness_over(tmp_path: Path, root: Path, clock: Clock) -> tuple[Readiness, OriginCheck]:
@@ -30,7 +21,7 @@ def readiness_over(tmp_path: Path, root: Path, clock: Clock) -> tuple[Readiness,
 async def test_a_missing_origin_dir_is_not_ready_until_it_exists_and_the_verdict_expires(
     tmp_path: Path,
 ) -> None:
-    root, clock = tmp_path / "origin", Clock()
+    root, clock = tmp_path / "origin", Clock(0.0)
     readiness, check = readiness_over(tmp_path, root, clock)
 
     status, body = await readiness.report()
@@ -52,7 +43,7 @@ async def test_a_missing_origin_dir_is_not_ready_until_it_exists_and_the_verdict
 async def test_an_origin_path_that_is_a_file_is_not_ready(tmp_path: Path) -> None:
     root = tmp_path / "origin"
     root.write_text("not a directory")
-    readiness, _ = readiness_over(tmp_path, root, Clock())
+    readiness, _ = readiness_over(tmp_path, root, Clock(0.0))
 
     status, body = await readiness.report()
 
@@ -62,7 +53,7 @@ async def test_an_origin_path_that_is_a_file_is_not_ready(tmp_path: Path) -> Non
 async def test_concurrent_probes_share_one_origin_check(tmp_path: Path) -> None:
     root = tmp_path / "origin"
     root.mkdir()
-    readiness, check = readiness_over(tmp_path, root, Clock())
+    readiness, check = readiness_over(tmp_path, root, Clock(0.0))
 
     reports = await asyncio.gather(*(readiness.report() for _ in range(50)))
 
@@ -75,7 +66,7 @@ async def test_a_store_that_takes_no_write_is_not_ready_whatever_the_origin(
 ) -> None:
     root = tmp_path / "origin"
     root.mkdir()
-    check = OriginCheck(FileOrigin(root), clock=Clock())
+    check = OriginCheck(FileOrigin(root), clock=Clock(0.0))
     readiness = Readiness(tmp_path / "gone" / "tmp", check)
 
     status, body = await readiness.report()

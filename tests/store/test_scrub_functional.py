@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import os
 
-import aiohttp
-
 from tests.conftest import OriginFixture
+from tests.http import fetch, get_json
 from tests.servers import Stack, eventually, flip_byte, metric, metrics_of, payload
 
 MiB = 1 << 20
-
-
-async def get(url: str) -> tuple[int, str, bytes]:
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        return r.status, r.headers.get("X-Cache-Tier", ""), await r.read()
 
 
 async def wait_for_commit(agent: str) -> None:
     """The fill answers before it renames and indexes the blob: wait for that (bounded: 30 s)."""
 
     async def committed() -> bool:
-        async with aiohttp.ClientSession() as s, s.get(f"{agent}/stats") as r:
-            return bool((await r.json())["entries"] == 1)
+        return bool((await get_json(f"{agent}/stats"))[1]["entries"] == 1)
 
     await eventually(committed, "the fill committed", step=0.05)
 
@@ -46,7 +39,7 @@ async def test_a_byte_flipped_under_a_running_agent_is_found_and_refetched(
     data = payload(2 * MiB, seed=5)
     digest = await file_origin.put(data)
     agent = await file_stack.start_agent(peers=[], scrub_interval=0.05)
-    assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
+    assert await fetch(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
     await wait_for_commit(agent)
 
     blob = file_stack.root / "agent-0" / "blobs" / "sha256" / digest.hex
@@ -57,8 +50,8 @@ async def test_a_byte_flipped_under_a_running_agent_is_found_and_refetched(
     assert metric(text, "cachesvc_corrupt_total", found_by="scrub") == 1
     assert metric(text, "cachesvc_scrub_bytes_total") >= len(data)
     assert not blob.exists()
-    assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
-    assert await get(f"{agent}/pkg/{digest}") == (200, "L1", data)
+    assert await fetch(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
+    assert await fetch(f"{agent}/pkg/{digest}") == (200, "L1", data)
 
 
 async def test_a_blob_cut_short_while_closed_is_dropped_and_refetched(
@@ -67,7 +60,7 @@ async def test_a_blob_cut_short_while_closed_is_dropped_and_refetched(
     data = payload(4 * MiB, seed=6)
     digest = await file_origin.put(data)
     agent = await file_stack.start_agent(peers=[])
-    assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)  # served from the fill
+    assert await fetch(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)  # served from the fill
     await wait_for_commit(agent)
     blob = file_stack.root / "agent-0" / "blobs" / "sha256" / digest.hex
 
@@ -76,6 +69,6 @@ async def test_a_blob_cut_short_while_closed_is_dropped_and_refetched(
         os.truncate(blob, MiB)
 
     await file_stack.restart(agent, cut)
-    assert await get(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
+    assert await fetch(f"{agent}/pkg/{digest}") == (200, "ORIGIN", data)
     text = await metrics_of(agent)
     assert metric(text, "cachesvc_corrupt_total", found_by="startup") == 1

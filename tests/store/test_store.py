@@ -7,35 +7,23 @@ import errno
 import os
 import stat
 import threading
-import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from cachesvc.digest import Digest
 from cachesvc.errors import ConfigError, DigestMismatch, UpstreamError
 from cachesvc.store.castore import Store, StoreFull
 from cachesvc.store.ingest import MIN_BATCH, Ingest
-from tests.servers import digest_of, flip_byte, payload, store_files
+from tests.servers import digest_of, eventually, flip_byte, payload, store_files
+from tests.stores import put, writable
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 KiB = 1024
-
-
-def writable(path: Path) -> Path:
-    """Blobs are read-only (0444); root ignores that, but a test must not rely on it."""
-    path.chmod(0o644)
-    return path
-
-
-async def put(store: Store, data: bytes, digest: Digest | None = None) -> None:
-    ingest = await store.begin(digest or digest_of(data), len(data))
-    try:
-        for i in range(0, len(data), 100 * KiB):
-            await ingest.write(data[i : i + 100 * KiB])
-        await ingest.commit()
-    finally:
-        await ingest.close()
 
 
 async def test_ingest_verifies_then_commits_and_serves_an_open_handle(tmp_path: Path) -> None:
@@ -65,9 +53,11 @@ async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
     """A client that leaves at once: close() while the first batch's thread is
     still creating the temp file (a slow open) removes it and closes its fd."""
     create = Ingest._create
+    in_open, done = threading.Event(), threading.Event()
 
-    def slow_create(self: Ingest) -> None:
-        time.sleep(0.05)
+    def slow_create(self: Ingest) -> None:  # an open that lasts until the test says
+        in_open.set()
+        assert done.wait(30), "the test never let the open finish"
         create(self)
 
     monkeypatch.setattr(Ingest, "_create", slow_create)
@@ -76,8 +66,11 @@ async def test_closing_while_the_first_batch_makes_the_file_leaves_nothing(
     fds_before = len(os.listdir("/proc/self/fd"))
     ingest = await store.begin(digest_of(data), len(data) * 2)
     await ingest.write(data)  # the batch starts in a thread ...
-    await asyncio.sleep(0.01)  # (which is in the open now)
-    await ingest.close()  # ... and close races it
+    await eventually(in_open.is_set, "the first batch's thread in the open")
+    closing = asyncio.ensure_future(ingest.close())  # ... and close races it:
+    await asyncio.sleep(0)  # one turn of the loop: close now waits for the thread
+    done.set()
+    await closing
     assert store_files(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     await store.close()
@@ -89,7 +82,7 @@ async def test_a_short_body_is_refused(tmp_path: Path) -> None:
     ingest = await store.begin(digest_of(data), len(data) + 1)
     await ingest.write(data)
     with pytest.raises(UpstreamError, match="got 10240 of 10241"):
-        await ingest.commit()
+        await ingest.verify()
     await ingest.close()
     assert store_files(tmp_path) == []
     await store.close()
@@ -116,24 +109,27 @@ async def test_a_package_larger_than_the_store_raises_store_full(tmp_path: Path)
     await store.close()
 
 
-async def test_enospc_mid_write_spills_but_still_verifies(tmp_path: Path, monkeypatch) -> None:
+async def test_enospc_mid_write_spills_but_still_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = await Store.open(tmp_path, 10 * 2**20)
     data = payload(3 * 2**20)
     real = os.pwrite
     calls = {"n": 0}
 
-    def flaky(fd: int, buf: object, offset: int) -> int:
+    def flaky(fd: int, buf: ReadableBuffer, offset: int) -> int:
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, buf, offset)  # type: ignore[arg-type]
+        return real(fd, buf, offset)
 
     monkeypatch.setattr("cachesvc.store.castore.os.pwrite", flaky)
     ingest = await store.begin(digest_of(data), len(data))
     for i in range(0, len(data), 2**20):
         await ingest.write(data[i : i + 2**20])
-    await ingest.commit()  # verified, not kept
-    assert ingest.spilled and not ingest.committed
+    verified = await ingest.verify()
+    assert ingest.spilled and verified.path is None
+    await store.commit(verified)  # keeps nothing
     await ingest.close()
     assert digest_of(data) not in store and store_files(tmp_path) == []
     await store.close()
@@ -218,13 +214,42 @@ async def test_concurrent_begins_never_reserve_more_than_the_capacity(tmp_path: 
     await store.close()
 
 
+async def test_an_ingest_closed_without_a_commit_gives_its_room_back(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path, 100)
+    first = await store.begin(digest_of(b"a"), 60)
+    with pytest.raises(StoreFull):
+        await store.begin(digest_of(b"b"), 60)
+    await first.close()
+    second = await store.begin(digest_of(b"b"), 60)
+    await second.close()
+    await store.close()
+
+
+async def test_the_store_commits_only_what_its_own_open_ingests_verified(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "one", 10 * 2**20)
+    other = await Store.open(tmp_path / "two", 10 * 2**20)
+    data = payload(KiB)
+    ingest = await other.begin(digest_of(data), len(data))
+    await ingest.write(data)
+    verified = await ingest.verify()
+    with pytest.raises(ValueError, match="not an ingest this store writes"):
+        await store.commit(verified)  # another store's temp file
+    await ingest.close()
+    with pytest.raises(ValueError, match="not an ingest this store writes"):
+        await other.commit(verified)  # closed: its temp file is gone
+    assert digest_of(data) not in store and digest_of(data) not in other
+    assert store_files(tmp_path / "one") == store_files(tmp_path / "two") == []
+    await store.close()
+    await other.close()
+
+
 async def test_a_committed_entry_still_streaming_is_counted_once(tmp_path: Path) -> None:
     store = await Store.open(tmp_path, 100)
     a, b, c = b"a" * 40, b"b" * 50, b"c" * 10
     await put(store, a)
     ingest_b = await store.begin(digest_of(b), 50)
     await ingest_b.write(b)
-    await ingest_b.commit()  # left open: a follower still reads its temp fd
+    await store.commit(await ingest_b.verify())  # left open: a follower still reads its temp fd
     ingest_c = await store.begin(digest_of(c), 10)  # 40 + 50 + 10 fits exactly
     assert digest_of(a) in store and digest_of(b) in store
     for ingest in (ingest_c, ingest_b):
@@ -270,8 +295,7 @@ async def recheck(store: Store, data: bytes) -> bool:
     try:
         while await check.step():
             pass
-        await check.verify()
-        await check.persist()
+        await store.settle(check.verdict())
         return True
     except DigestMismatch:
         return False
@@ -294,6 +318,28 @@ async def test_a_recheck_drops_rotten_bytes_counts_them_and_marks_good_ones(
     assert store.is_verified(digest_of(good)) and digest_of(rotten) not in store
     assert not store.path_of(digest_of(rotten)).exists()
     assert found == ["scrub"]
+    await store.close()
+
+
+async def test_a_recheck_only_reports_and_the_store_acts_on_its_verdict(tmp_path: Path) -> None:
+    found: list[str] = []
+    store = await Store.open(tmp_path, 10 * 2**20, on_corrupt=found.append)
+    data = payload(KiB)
+    await put(store, data)
+    flip_byte(store.path_of(digest_of(data)), 7)
+    blob = await store.lease(digest_of(data))
+    assert blob is not None
+    check = store.recheck(blob, found_by="serve")
+    while await check.step():
+        pass
+    verdict = check.verdict()
+    assert verdict.problem is not None and "recheck" in verdict.problem
+    assert digest_of(data) in store and found == []  # nothing happened yet
+    with pytest.raises(DigestMismatch):
+        await store.settle(verdict)
+    assert digest_of(data) not in store and found == ["serve"]
+    await check.close()
+    assert blob.file.closed  # the lease was the last user of the dropped file
     await store.close()
 
 
@@ -364,7 +410,7 @@ class LoopOnly(OrderedDict[str, int]):
     its keys with every request: a thread iterating it would meet "mutated
     during iteration")."""
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         assert threading.current_thread() is threading.main_thread(), "LRU read off the loop"
         return super().__iter__()
 
@@ -376,7 +422,7 @@ async def test_access_order_and_pins_are_flushed_without_reading_the_lru_off_the
     packages = [payload(1000, seed=i) for i in range(3)]
     for data in packages:
         await put(store, data)
-    store._lru = LoopOnly(store._lru)  # type: ignore[assignment]
+    store._lru = LoopOnly(store._lru)
     first = digest_of(packages[0])
     blob = await store.lease(first)
     assert blob is not None

@@ -8,40 +8,21 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from unittest import mock
 
 import pytest
 
 from cachesvc.digest import Digest
-from cachesvc.store.blob import READ_FLAGS
 from cachesvc.store.castore import Store
 from cachesvc.store.scrub import Scrubber
+from tests.clock import Clock
 from tests.servers import digest_of, payload, store_files
-from tests.store.test_store import put, writable
-from tests.test_fsutil import _deep
+from tests.stores import failing, put, writable
+from tests.trees import deep_tree
 
 KiB = 1024
 CAP = 10 * 2**20
-
-
-@contextmanager
-def failing(name: str, call: str, err: int) -> Iterator[None]:
-    """Inject ``err`` into ``os.open`` (reads only) or ``os.pread`` of the file ``name``."""
-    real = getattr(os, call)
-
-    def fake(*args: Any, **kw: Any) -> Any:
-        target = args[0] if call == "open" else os.readlink(f"/proc/self/fd/{args[0]}")
-        reading = call == "pread" or args[1] == READ_FLAGS
-        if reading and str(target).endswith(name):
-            raise OSError(err, os.strerror(err), str(target))
-        return real(*args, **kw)
-
-    with mock.patch(f"os.{call}", fake):
-        yield
 
 
 def blob_path(root: Path, data: bytes) -> Path:
@@ -58,14 +39,11 @@ async def read_all(store: Store, digest: Digest) -> bytes:
 
 
 async def scrub_once(store: Store) -> None:
-    clock = [0.0]
-
-    async def sleep(seconds: float) -> None:
-        clock[0] += seconds
-
-    await Scrubber(store, 60.0, 1 << 30, clock=lambda: clock[0], sleep=sleep).run(passes=1)
+    clock = Clock(0.0)
+    await Scrubber(store, 60.0, 1 << 30, clock=clock, sleep=clock.sleep).run(passes=1)
 
 
+@pytest.mark.slow
 async def test_mayhem_the_store_opens_serves_the_good_and_removes_the_bad(tmp_path: Path) -> None:
     root, outside = tmp_path / "cache", tmp_path / "outside"
     outside.mkdir()
@@ -100,7 +78,7 @@ async def test_mayhem_the_store_opens_serves_the_good_and_removes_the_bad(tmp_pa
     (blobs / ("e" * 64) / ("f" * 64)).mkdir(parents=True)  # named like a digest, no row
     # temp leftovers: a partial ingest, a tree far past PATH_MAX, a link to a dir outside
     (root / "tmp" / "abc.1234").write_bytes(b"partial")
-    _deep(root / "tmp" / "deep", 3000)
+    deep_tree(root / "tmp" / "deep", 3000)
     (root / "tmp" / "out").symlink_to(outside)
 
     found: list[str] = []

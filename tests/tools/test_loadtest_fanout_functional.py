@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from loadtest.fanout_report import Row, checks, predict
 from loadtest.hashstorm import Fetch, storm
 from loadtest.origin_proxy import start_server
+
+pytestmark = pytest.mark.slow  # 8 real agent processes
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

@@ -25,6 +25,8 @@ import pytest
 from loadtest.nginx import nginx_binary
 from loadtest.tools import ToolUnavailable
 
+pytestmark = pytest.mark.slow  # real load-test runs
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("hit", "storm", "waves", "burst", "warm")
 TARGETS = ("origin", "nginx", "cachesvc")
@@ -231,11 +233,12 @@ def test_each_scenario_says_why_each_target_looks_the_way_it_does(
 def test_each_plot_tells_hits_from_misses_and_draws_p50_and_p99(
     quick_run: Path, scenario: str
 ) -> None:
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     from loadtest.plot import tier_class
 
     with Image.open(quick_run / scenario / "latency.png") as png:
+        assert isinstance(png, PngImagePlugin.PngImageFile)
         title, shown = png.text["Title"], png.text["Description"]
     assert title.startswith(f"{scenario} (QUICK run): latency to last byte per fetch")
     panels = dict(part.split(": ", 1) for part in shown.split("; "))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,27 @@ def test_bursts_are_2_then_18_three_times_per_group_of_56() -> None:
 # -- closed forms --------------------------------------------------------------
 
 
-def params(n: int, k: int, size: int = 20 * MiB, **kw: float | str | int) -> Params:
-    base = {"chunk": MiB, "hop_latency": 0.001, "origin_latency": 0.01, "egress": E}
-    return Params(n=n, size=size, k=k, **{**base, **kw})  # type: ignore[arg-type]
+def params(
+    n: int,
+    k: int,
+    size: int = 20 * MiB,
+    *,
+    model: str = "storm",
+    chunk: int = MiB,
+    hop_latency: float = 0.001,
+    origin_latency: float = 0.01,
+    egress: float = E,
+) -> Params:
+    return Params(
+        n=n,
+        size=size,
+        k=k,
+        model=model,
+        chunk=chunk,
+        hop_latency=hop_latency,
+        origin_latency=origin_latency,
+        egress=egress,
+    )
 
 
 def test_solo_is_size_over_egress_plus_latencies_and_one_chunk() -> None:
@@ -150,22 +169,33 @@ def test_every_model_costs_exactly_one_origin_get(model: str, k: int) -> None:
 # -- agreement with a naive model ---------------------------------------------
 
 
+@dataclass
+class Flow:
+    """One upload of the stepped model: ``sent`` bytes so far from ``sender``
+    to ``receiver`` (None: the sender's own client), from time ``start``."""
+
+    sender: str
+    receiver: str | None
+    start: float
+    sent: float = 0.0
+
+
 def stepped(p: Params, dt: float) -> float:
     """The same policy advanced in fixed steps of ``dt`` (no events, no virtual
     clocks): each host splits its egress equally among uploads whose sender
     holds more whole chunks than the upload has sent. Returns time-to-all."""
     size, chunk, t = p.size, p.chunk, 0.0
     have: dict[str, float] = {"origin": float(size), "P": 0.0}
-    flows: list[list[object]] = []  # [sender, receiver or None, start, sent]
+    flows: list[Flow] = []
     tracker = Tracker("P", p.k)
     for i, when in enumerate(arrivals(p.model, p.n)):
         name = f"A{i}"
         have[name] = 0.0
         parent = tracker.assign(name, p.k).parent
         latency = p.hop_latency * (1 if parent == "P" else 2)
-        flows += [[parent, name, when + latency, 0.0], [name, None, when + p.local_latency, 0.0]]
+        flows += [Flow(parent, name, when + latency), Flow(name, None, when + p.local_latency)]
         if i == 0:
-            flows.append(["origin", "P", when + p.hop_latency + p.origin_latency, 0.0])
+            flows.append(Flow("origin", "P", when + p.hop_latency + p.origin_latency))
 
     def ready(host: str) -> float:  # bytes of whole chunks held
         h = have[host]
@@ -174,18 +204,17 @@ def stepped(p: Params, dt: float) -> float:
     for _ in range(10_000_000):
         if all(have[h] >= size for h in have if h.startswith("A")):
             return t
-        active: dict[str, list[list[object]]] = {}
+        active: dict[str, list[Flow]] = {}
         for f in flows:
-            if t >= f[2] and f[3] < ready(f[0]):  # type: ignore[operator,arg-type]
-                active.setdefault(f[0], []).append(f)  # type: ignore[arg-type]
+            if t >= f.start and f.sent < ready(f.sender):
+                active.setdefault(f.sender, []).append(f)
         for host, fs in active.items():
             rate = (p.origin_bandwidth or p.egress) if host == "origin" else p.egress
             for f in fs:
-                step = min(rate / len(fs) * dt, ready(host) - f[3])  # type: ignore[operator]
-                f[3] += step  # type: ignore[operator]
+                f.sent += min(rate / len(fs) * dt, ready(host) - f.sent)
         for f in flows:
-            if f[1] is not None:
-                have[f[1]] = max(have[f[1]], f[3])  # type: ignore[index,call-overload]
+            if f.receiver is not None:
+                have[f.receiver] = max(have[f.receiver], f.sent)
         t += dt
     raise AssertionError("stepped model did not finish")
 
@@ -215,6 +244,7 @@ def test_event_engine_agrees_with_a_time_stepped_model(
 # -- the command ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sim_command_writes_json_table_and_a_log_log_plot(tmp_path: Path) -> None:
     argv = ["--n", "10,40", "--size", "2MiB", "--k", "0,2", "--model", "storm,burst"]
     assert sim_main([*argv, "--bandwidth", "1Gbit", "--out", str(tmp_path)]) == 0

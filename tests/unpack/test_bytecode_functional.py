@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from tests.archives import make_zip
 from tests.conftest import OriginFixture
+from tests.http import get_json, post_json
+from tests.pysources import package_files
 from tests.servers import Stack, eventually, metric, metrics_of
-from tests.unpack.test_hostcompile import package_files, zip_of
 
 RUNTIME = f"python3.11={sys.executable}"
-
-
-async def call(method: str, url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.request(method, url) as r:
-        return r.status, json.loads(await r.read())
 
 
 async def test_an_agent_with_a_runtime_compiles_an_unpacked_tree_after_answering(
@@ -26,13 +20,13 @@ async def test_an_agent_with_a_runtime_compiles_an_unpacked_tree_after_answering
 ) -> None:
     agent = await file_stack.start_agent(peers=[], runtimes=(RUNTIME,))
     files = package_files(30, 30)
-    digest = await file_origin.put(zip_of(files))
-    status, body = await call("POST", f"{agent}/pkg/{digest}/unpack?modules=handler,app.core")
+    digest = await file_origin.put(make_zip(files))
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack?modules=handler,app.core")
     assert status == 200
     tree = Path(body["path"])
 
     async def finished() -> dict[str, Any] | None:
-        _status, state = await call("GET", f"{agent}/pkg/{digest}/bytecode")
+        _status, state = await get_json(f"{agent}/pkg/{digest}/bytecode")
         return state if state["state"] == "done" else None
 
     state = await eventually(finished, "the host compile finished")
@@ -55,8 +49,8 @@ async def test_a_bad_hint_is_refused_before_any_work(
     file_stack: Stack, file_origin: OriginFixture
 ) -> None:
     agent = await file_stack.start_agent(peers=[], runtimes=(RUNTIME,))
-    digest = await file_origin.put(zip_of(package_files(1, 1)))
-    status, body = await call("POST", f"{agent}/pkg/{digest}/unpack?modules=../etc/passwd")
+    digest = await file_origin.put(make_zip(package_files(1, 1)))
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack?modules=../etc/passwd")
     assert status == 400 and body["error"] == "invalid_request"
     assert not (file_stack.root / "agent-0-code" / digest.hex).exists()
 
@@ -65,9 +59,9 @@ async def test_an_agent_without_runtimes_compiles_nothing(
     file_stack: Stack, file_origin: OriginFixture
 ) -> None:
     agent = await file_stack.start_agent(peers=[])
-    digest = await file_origin.put(zip_of(package_files(1, 1)))
-    status, body = await call("POST", f"{agent}/pkg/{digest}/unpack?modules=handler")
+    digest = await file_origin.put(make_zip(package_files(1, 1)))
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack?modules=handler")
     assert status == 200
     assert not list(Path(body["path"]).rglob("*.pyc"))
-    status, body = await call("GET", f"{agent}/pkg/{digest}/bytecode")
+    status, body = await get_json(f"{agent}/pkg/{digest}/bytecode")
     assert status == 400 and "--runtime" in body["detail"]

@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
-import lzma
 import tarfile
 import threading
 import zipfile
 from pathlib import Path
 
-import lz4.frame
 import pytest
 import zstandard
 
 from cachesvc.errors import TooLarge, UnsupportedFormat
 from cachesvc.unpack import codec
 from cachesvc.unpack.codec import Limits
+from tests.archives import COMPRESS, wrap
 
 MiB = 1024 * 1024
-
-COMPRESS = {
-    "zstd": lambda data: zstandard.ZstdCompressor(level=3).compress(data),
-    "gzip": lambda data: gzip.compress(data, mtime=0),
-    "xz": lambda data: lzma.compress(data, format=lzma.FORMAT_XZ),
-    "bzip2": bz2.compress,
-    "lz4": lz4.frame.compress,
-}
 
 FILES = {
     "handler.py": b"def handler(event, context):\n    return {'ok': True}\n" * 50,
@@ -50,13 +39,6 @@ def archive_bytes(kind: str, files: dict[str, bytes] = FILES) -> bytes:
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
     return buf.getvalue()
-
-
-def wrap(data: bytes, layers: list[str]) -> bytes:
-    """Apply compression ``layers`` (outermost first) around ``data``."""
-    for layer in reversed(layers):
-        data = COMPRESS[layer](data)
-    return data
 
 
 def write_package(tmp_path: Path, layers: list[str], name: str = "package.bin") -> Path:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
 import os
 import sys
 import threading
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,30 +15,9 @@ import pytest
 from cachesvc.unpack.bytecode import CompileBudget, Runtime
 from cachesvc.unpack.hostcompile import HostCompiler, check_module, plan
 from cachesvc.unpack.unpacker import Unpacker, UnpackResult
+from tests.archives import make_zip
+from tests.pysources import package_files
 from tests.servers import digest_of, eventually
-
-
-def package_files(hinted: int = 150, rest: int = 250) -> dict[str, bytes]:
-    files = {
-        "handler.py": b"import app.core\n\ndef handler(event, context):\n    return 1\n",
-        "app/__init__.py": b"",
-        "app/core/__init__.py": b"from . import m0\n",
-        "app/broken.py": b"def broken(:\n",
-        "data/table.csv": b"a;b\n1;2\n",
-    }
-    for i in range(hinted):
-        files[f"app/core/m{i}.py"] = f"VALUE = {i}\n\ndef f(x):\n    return x * {i}\n".encode()
-    for i in range(rest):
-        files[f"vendor/lib{i // 50}/m{i}.py"] = f"def g():\n    return {i}\n".encode()
-    return files
-
-
-def zip_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -55,7 +32,7 @@ async def unpacker(tmp_path: Path) -> AsyncIterator[Unpacker]:
 
 
 async def unpacked(unpacker: Unpacker, files: dict[str, bytes], tmp: Path) -> UnpackResult:
-    data = zip_of(files)
+    data = make_zip(files)
     digest = digest_of(data)
     path = tmp / f"{digest.hex}.zip"
     path.write_bytes(data)

@@ -7,24 +7,19 @@ import io
 import json
 import os
 import tarfile
-import zipfile
 from pathlib import Path
 
-import aiohttp
+import pytest
 import zstandard
 
+from tests.archives import make_zip
 from tests.conftest import OriginFixture
+from tests.http import request
 from tests.servers import Stack, eventually, payload
 
+pytestmark = pytest.mark.slow  # most tests take over a second
+
 FILES = {"handler.py": b"def handler(e, c):\n    return 1\n", "lib/data.bin": payload(200_000)}
-
-
-def make_zip(files: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", method) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def evil_tar() -> bytes:
@@ -36,22 +31,11 @@ def evil_tar() -> bytes:
     return buf.getvalue()
 
 
-async def call(method: str, url: str) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as s, s.request(method, url) as r:
-        return r.status, dict(r.headers), await r.read()
-
-
-def code_entries(stack: Stack) -> list[str]:
-    root = stack.root / "agent-0-code"
-    entries = root.iterdir() if root.exists() else iter(())
-    return sorted(p.name for p in entries if p.name != ".lock")  # the agent's own lock
-
-
 async def test_archive_peels_layers_and_names_them(stack: Stack, s3_origin: OriginFixture) -> None:
     agent = await stack.start_agent(peers=[])
     inner = make_zip(FILES)
     digest = await s3_origin.put(zstandard.ZstdCompressor().compress(inner))
-    status, headers, body = await call("GET", f"{agent}/pkg/{digest}/archive")
+    status, headers, body = await request("GET", f"{agent}/pkg/{digest}/archive")
     assert status == 200 and body == inner
     assert headers["X-Package-Layers"] == "zstd,zip"
 
@@ -62,7 +46,7 @@ async def test_unpack_extracts_once_and_answers_repeats_at_once(
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(zstandard.ZstdCompressor().compress(make_zip(FILES)))
     results = await asyncio.gather(
-        *(call("POST", f"{agent}/pkg/{digest}/unpack") for _ in range(8))
+        *(request("POST", f"{agent}/pkg/{digest}/unpack") for _ in range(8))
     )
     assert {r[0] for r in results} == {200}
     body = json.loads(results[0][2])
@@ -81,9 +65,9 @@ async def test_a_hostile_archive_is_refused_and_leaves_nothing(
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(evil_tar())
-    status, _, body = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    status, _, body = await request("POST", f"{agent}/pkg/{digest}/unpack")
     assert status == 422 and b'"unsafe_archive"' in body
-    assert code_entries(stack) == []
+    assert stack.code_entries() == set()
     assert not (stack.root / "escape.txt").exists()
 
 
@@ -93,7 +77,7 @@ async def test_an_unknown_format_is_422_unsupported_format(
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(b"#!/bin/sh\necho not an archive\n" * 100)
     for method, path in (("POST", "unpack"), ("GET", "archive")):
-        status, _, body = await call(method, f"{agent}/pkg/{digest}/{path}")
+        status, _, body = await request(method, f"{agent}/pkg/{digest}/{path}")
         assert status == 422 and b'"unsupported_format"' in body
 
 
@@ -102,7 +86,7 @@ async def test_a_package_over_the_limit_is_413_before_any_download(
 ) -> None:
     agent = await stack.start_agent(peers=[], max_package_size=100_000)
     digest = await s3_origin.put(make_zip({"big.bin": os.urandom(300_000)}))
-    status, _, body = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    status, _, body = await request("POST", f"{agent}/pkg/{digest}/unpack")
     assert status == 413 and b'"too_large"' in body
     assert s3_origin.origin_gets(digest) == 0
 
@@ -112,16 +96,18 @@ async def test_eviction_takes_the_unpacked_tree_with_the_package(
 ) -> None:
     agent = await stack.start_agent(peers=[], cache_size=1_000_000)
     first = await s3_origin.put(make_zip({"a.bin": os.urandom(400_000)}))
-    assert (await call("POST", f"{agent}/pkg/{first}/unpack"))[0] == 200
-    assert first.hex in code_entries(stack)
+    assert (await request("POST", f"{agent}/pkg/{first}/unpack"))[0] == 200
+    assert first.hex in stack.code_entries()
     for _ in range(3):
         d = await s3_origin.put(make_zip({"b.bin": os.urandom(400_000)}))
-        assert (await call("GET", f"{agent}/pkg/{d}"))[0] == 200
-    await eventually(lambda: first.hex not in code_entries(stack), "the tree evicted")
+        assert (await request("GET", f"{agent}/pkg/{d}"))[0] == 200
+    await eventually(lambda: first.hex not in stack.code_entries(), "the tree evicted")
 
 
-async def test_unpack_without_a_code_dir_is_a_clear_400(stack: Stack, s3_origin) -> None:
+async def test_unpack_without_a_code_dir_is_a_clear_400(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
     agent = await stack.start_agent(peers=[], code_dir=None)
     digest = await s3_origin.put(make_zip(FILES))
-    status, _, body = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    status, _, body = await request("POST", f"{agent}/pkg/{digest}/unpack")
     assert status == 400 and b"--code-dir" in body

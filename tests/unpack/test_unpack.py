@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import zipfile
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import pytest
@@ -28,21 +28,23 @@ from cachesvc.unpack.codec import Limits
 from cachesvc.unpack.extract import extract
 from cachesvc.unpack.unpacker import Unpacker
 from tests import hostile
+from tests.archives import (
+    FILES,
+    MTIME,
+    expected_modes,
+    stored_package,
+    tar_bytes,
+    tar_member,
+    tar_of,
+    tree_of,
+    wrap,
+)
 from tests.codedir_mayhem import fake_hex, manifest_for, planted, snapshot
-from tests.unpack.test_codec import COMPRESS
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
 MiB = 1024 * 1024
-MTIME = time.mktime((2021, 6, 1, 12, 30, 0, 0, 0, -1))
-
-
-# name -> (content, mode)
-FILES: dict[str, tuple[bytes, int]] = {
-    "handler.py": (b"import lib.util\ndef handler(e, c):\n    return 1\n" * 40, 0o644),
-    "bin/run.sh": (b"#!/bin/sh\necho hi\n", 0o4755),  # setuid must be dropped
-    "lib/__init__.py": (b"", 0o644),
-    "lib/util.py": (os.urandom(300_000), 0o600),
-    "lib/deep/er/data.json": (b'{"k": [1, 2, 3]}' * 1000, 0o666),
-}
 
 
 def zip_bytes(files: dict[str, tuple[bytes, int]] = FILES) -> bytes:
@@ -62,41 +64,6 @@ def zip_member(name: str, unix_mode: int) -> zipfile.ZipInfo:
     return info
 
 
-def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for info, data in members:
-            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
-    return buf.getvalue()
-
-
-def tar_member(name: str, data: bytes = b"", mode: int = 0o644, **fields: object) -> tuple:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, int(MTIME)
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info, data
-
-
-def tar_of(files: dict[str, tuple[bytes, int]] = FILES) -> bytes:
-    return tar_bytes([tar_member(name, data, mode) for name, (data, mode) in files.items()])
-
-
-def wrap(data: bytes, layers: list[str]) -> bytes:
-    for layer in reversed(layers):
-        data = COMPRESS[layer](data)
-    return data
-
-
-def store(tmp_path: Path, data: bytes) -> tuple[Digest, Path]:
-    """Write a package as the store would hold it: named by its digest."""
-    digest = Digest.parse(hashlib.sha256(data).hexdigest())
-    path = tmp_path / "store" / digest.hex
-    path.parent.mkdir(exist_ok=True)
-    path.write_bytes(data)
-    return digest, path
-
-
 @pytest.fixture
 def code_dir(tmp_path: Path) -> Path:
     return tmp_path / "code"
@@ -111,22 +78,6 @@ async def unpacker(code_dir: Path) -> AsyncIterator[Unpacker]:
 async def unpack_with(limits: Limits, code_dir: Path, digest: Digest, package: Path) -> object:
     async with Unpacker(code_dir, limits) as unpacker:
         return await unpacker.unpack(digest, package)
-
-
-def tree_of(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every regular file under root: relative name -> (content, permission bits)."""
-    found = {}
-    for path in root.rglob("*"):
-        if path.is_file():
-            found[str(path.relative_to(root))] = (
-                path.read_bytes(),
-                stat.S_IMODE(path.stat().st_mode),
-            )
-    return found
-
-
-def expected_modes(files: dict[str, tuple[bytes, int]]) -> dict[str, tuple[bytes, int]]:
-    return {name: (data, 0o755 if mode & 0o111 else 0o644) for name, (data, mode) in files.items()}
 
 
 ROUND_TRIPS = [
@@ -150,7 +101,7 @@ async def test_every_layer_combination_unpacks_byte_exact(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path, layers: list[str]
 ) -> None:
     inner = zip_bytes() if layers[-1] == "zip" else tar_of()
-    digest, package = store(tmp_path, wrap(inner, layers[:-1]))
+    digest, package = stored_package(tmp_path, wrap(inner, layers[:-1]))
 
     result = await unpacker.unpack(digest, package)
 
@@ -171,7 +122,7 @@ async def test_every_layer_combination_unpacks_byte_exact(
 async def test_a_second_call_answers_from_the_manifest_without_the_package(
     tmp_path: Path, unpacker: Unpacker
 ) -> None:
-    digest, package = store(tmp_path, zip_bytes())
+    digest, package = stored_package(tmp_path, zip_bytes())
     first = await unpacker.unpack(digest, package)
     package.unlink()
     assert await unpacker.unpack(digest, package) == first
@@ -182,7 +133,7 @@ async def test_a_second_call_answers_from_the_manifest_without_the_package(
 async def test_concurrent_unpacks_of_one_digest_share_one_extraction(
     tmp_path: Path, unpacker: Unpacker
 ) -> None:
-    digest, package = store(tmp_path, wrap(tar_of(), ["zstd"]))
+    digest, package = stored_package(tmp_path, wrap(tar_of(), ["zstd"]))
 
     results = await asyncio.gather(*(unpacker.unpack(digest, package) for _ in range(20)))
 
@@ -193,7 +144,7 @@ async def test_concurrent_unpacks_of_one_digest_share_one_extraction(
 async def test_a_cancelled_caller_does_not_cancel_the_shared_extraction(
     tmp_path: Path, unpacker: Unpacker
 ) -> None:
-    digest, package = store(tmp_path, wrap(zip_bytes(), ["xz"]))
+    digest, package = stored_package(tmp_path, wrap(zip_bytes(), ["xz"]))
     impatient = asyncio.ensure_future(unpacker.unpack(digest, package))
     patient = asyncio.ensure_future(unpacker.unpack(digest, package))
     await asyncio.sleep(0)
@@ -205,7 +156,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_extraction(
 async def test_remove_deletes_tree_and_manifest_and_allows_a_fresh_unpack(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, tar_of())
+    digest, package = stored_package(tmp_path, tar_of())
     await unpacker.unpack(digest, package)
     await unpacker.remove(digest)
     assert list(code_dir.iterdir()) == []
@@ -217,7 +168,7 @@ async def test_remove_deletes_tree_and_manifest_and_allows_a_fresh_unpack(
 async def test_sweep_removes_leftovers_of_a_crash_and_keeps_finished_trees(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, zip_bytes())
+    digest, package = stored_package(tmp_path, zip_bytes())
     await unpacker.unpack(digest, package)
     (code_dir / ".tmp-0123-crashed" / "lib").mkdir(parents=True)
     (code_dir / ".tmp-manifest.json").write_text("{")
@@ -227,10 +178,11 @@ async def test_sweep_removes_leftovers_of_a_crash_and_keeps_finished_trees(
     assert sorted(p.name for p in code_dir.iterdir()) == [digest.hex, digest.hex + ".json"]
 
 
+@pytest.mark.slow
 async def test_sweep_removes_every_kind_of_leftover_never_follows_a_link_and_never_raises(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, tar_of())
+    digest, package = stored_package(tmp_path, tar_of())
     await unpacker.unpack(digest, package)
     with planted(code_dir, tmp_path / "outside") as mayhem:
         outside = snapshot(tmp_path / "outside")
@@ -238,10 +190,12 @@ async def test_sweep_removes_every_kind_of_leftover_never_follows_a_link_and_nev
         (code_dir / f"{unreadable}.json").write_text(manifest_for(unreadable))  # valid, if read
         real_open = os.open
 
-        def eacces_for_one_manifest(path: object, *args: object, **kw: object) -> int:
+        def eacces_for_one_manifest(
+            path: StrOrBytesPath, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+        ) -> int:
             if str(path).endswith(f"{unreadable}.json"):
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
-            return real_open(path, *args, **kw)  # type: ignore[arg-type]
+            return real_open(path, flags, mode, dir_fd=dir_fd)
 
         with mock.patch("os.open", eacces_for_one_manifest):
             removed = unpacker.sweep_temp()
@@ -264,7 +218,7 @@ def test_sweep_of_a_code_dir_it_cannot_list_logs_and_answers_zero(
 async def test_a_tree_without_its_manifest_is_extracted_again(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, tar_of())
+    digest, package = stored_package(tmp_path, tar_of())
     first = await unpacker.unpack(digest, package)
     (code_dir / (digest.hex + ".json")).unlink()
     (first.path / "handler.py").write_bytes(b"damaged")
@@ -281,7 +235,7 @@ async def test_a_tree_without_its_manifest_is_extracted_again(
 async def test_a_manifest_that_lies_is_not_trusted_and_the_tree_is_made_again(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path, damage: dict[str, object]
 ) -> None:
-    digest, package = store(tmp_path, tar_of())
+    digest, package = stored_package(tmp_path, tar_of())
     first = await unpacker.unpack(digest, package)
     manifest = code_dir / (digest.hex + ".json")
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), **damage}))
@@ -308,7 +262,7 @@ async def test_tar_formats_with_long_and_unicode_names_unpack_byte_exact(
         for name, (data, mode) in files.items():
             info, _ = tar_member(name, data, mode)
             archive.addfile(info, io.BytesIO(data))
-    digest, package = store(tmp_path, wrap(buf.getvalue(), ["zstd"]))
+    digest, package = stored_package(tmp_path, wrap(buf.getvalue(), ["zstd"]))
     result = await unpacker.unpack(digest, package)
     assert tree_of(result.path) == expected_modes(files)
 
@@ -485,7 +439,7 @@ async def test_hostile_package_is_refused_by_its_rule_and_leaves_nothing(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path, case: str
 ) -> None:
     data, error, rule = HOSTILE[case]
-    digest, package = store(tmp_path, wrap(data, ["gzip"]) if "tar" in case else data)
+    digest, package = stored_package(tmp_path, wrap(data, ["gzip"]) if "tar" in case else data)
     with pytest.raises(error, match=re.escape(rule)):
         await unpacker.unpack(digest, package)
     assert list(code_dir.iterdir()) == []
@@ -495,35 +449,38 @@ async def test_hostile_package_is_refused_by_its_rule_and_leaves_nothing(
 async def test_a_pax_mtime_of_1e400_unpacks_with_the_current_time(
     tmp_path: Path, unpacker: Unpacker
 ) -> None:
-    digest, package = store(tmp_path, hostile.pax_mtime_overflow())
+    digest, package = stored_package(tmp_path, hostile.pax_mtime_overflow())
     result = await unpacker.unpack(digest, package)
     assert (result.path / "a.txt").read_bytes() == b"hello"
     assert abs((result.path / "a.txt").stat().st_mtime - time.time()) < 3600
 
 
+@pytest.mark.slow
 async def test_zip_bomb_of_a_gib_of_zeros_is_too_large(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, deflate_zero_bomb(gib=1))
+    digest, package = stored_package(tmp_path, deflate_zero_bomb(gib=1))
     with pytest.raises(TooLarge, match="200x"):
         await unpacker.unpack(digest, package)
     assert list(code_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 async def test_tar_zst_bomb_of_gibs_of_zeros_is_too_large(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, zstd_zero_bomb_tar(gib=16))
+    digest, package = stored_package(tmp_path, zstd_zero_bomb_tar(gib=16))
     assert package.stat().st_size < MiB
     with pytest.raises(TooLarge):
         await unpacker.unpack(digest, package)
     assert list(code_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 async def test_a_hundred_thousand_empty_files_are_over_max_files(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, many_empty_files_zip(100_001))
+    digest, package = stored_package(tmp_path, many_empty_files_zip(100_001))
     with pytest.raises(TooLarge, match="100000"):
         await unpacker.unpack(digest, package)
     assert list(code_dir.iterdir()) == []
@@ -533,7 +490,7 @@ async def test_a_tar_with_more_entries_than_max_files_is_refused_while_streaming
     tmp_path: Path, code_dir: Path
 ) -> None:
     members = [tar_member(f"f/{i}") for i in range(501)]
-    digest, package = store(tmp_path, wrap(tar_bytes(members), ["zstd"]))
+    digest, package = stored_package(tmp_path, wrap(tar_bytes(members), ["zstd"]))
     with pytest.raises(TooLarge, match="500 entries"):
         await unpack_with(Limits(max_files=500), code_dir, digest, package)
     assert list(code_dir.iterdir()) == []
@@ -543,7 +500,7 @@ async def test_unpacked_size_is_counted_on_bytes_written(tmp_path: Path, code_di
     files = {f"part{i}": (os.urandom(400_000), 0o644) for i in range(3)}
     limits = Limits(max_unpacked_size=MiB)
     for data in (zip_bytes(files), tar_of(files)):
-        digest, package = store(tmp_path, data)
+        digest, package = stored_package(tmp_path, data)
         with pytest.raises(TooLarge, match="unpacks to over"):
             await unpack_with(limits, code_dir, digest, package)
         assert list(code_dir.iterdir()) == []
@@ -555,14 +512,14 @@ async def test_a_zip_that_understates_its_sizes_is_refused(
     data = bytearray(zip_bytes({"big": (bytes(2 * MiB), 0o644)}))
     central = data.rindex(b"PK\x01\x02")
     data[central + 24 : central + 28] = struct.pack("<I", 10)  # claimed uncompressed size
-    digest, package = store(tmp_path, bytes(data))
+    digest, package = stored_package(tmp_path, bytes(data))
     with pytest.raises(UnsupportedFormat):
         await unpacker.unpack(digest, package)
     assert list(code_dir.iterdir()) == []
 
 
 async def test_package_over_max_package_size_is_too_large(tmp_path: Path, code_dir: Path) -> None:
-    digest, package = store(tmp_path, zip_bytes())
+    digest, package = stored_package(tmp_path, zip_bytes())
     with pytest.raises(TooLarge):
         await unpack_with(Limits(max_package_size=1024), code_dir, digest, package)
     assert list(code_dir.iterdir()) == []
@@ -571,7 +528,7 @@ async def test_package_over_max_package_size_is_too_large(tmp_path: Path, code_d
 async def test_manifest_beside_the_tree_holds_the_result(
     tmp_path: Path, unpacker: Unpacker, code_dir: Path
 ) -> None:
-    digest, package = store(tmp_path, wrap(zip_bytes(), ["zstd"]))
+    digest, package = stored_package(tmp_path, wrap(zip_bytes(), ["zstd"]))
     result = await unpacker.unpack(digest, package)
     manifest = json.loads((code_dir / f"{digest.hex}.json").read_text())
     assert manifest == result.as_json()

@@ -3,44 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import pytest
 
+from cachesvc.digest import Digest
 from cachesvc.errors import ConfigError
 from node_agent.packages import UNPACKER
 from tests import hostile
+from tests.archives import tar_bytes, tar_member
 from tests.codedir_mayhem import planted, snapshot
 from tests.conftest import OriginFixture
+from tests.http import get, post_json, request
 from tests.servers import Stack, eventually, payload
-from tests.unpack.test_unpack import tar_bytes, tar_member
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # seconds of hostile unpacking
 
-ANSWER_TIMEOUT = aiohttp.ClientTimeout(total=90)
-
-
-async def call(method: str, url: str) -> tuple[int, dict[str, object], bytes, float]:
-    """Status, JSON body (or {}), raw body and seconds taken."""
-    started = time.monotonic()
-    async with aiohttp.ClientSession(timeout=ANSWER_TIMEOUT) as s, s.request(method, url) as r:
-        body = await r.read()
-        ctype = r.headers.get("Content-Type", "")
-        doc = json.loads(body) if ctype.startswith("application/json") else {}
-        return r.status, doc, body, time.monotonic() - started
+ANSWER_TIMEOUT = 90.0  # seconds: an answer, however hostile the package
 
 
-def code_dir(stack: Stack, name: str = "agent-0") -> Path:
-    return stack.root / f"{name}-code"
-
-
-def code_entries(stack: Stack) -> set[str]:
-    """What the agent's code dir holds, but for the agent's own lock file."""
-    return set(os.listdir(code_dir(stack))) - {".lock"}
+async def unpack(agent: str, digest: Digest) -> tuple[int, Any]:
+    """(status, JSON answer) of POST /pkg/{digest}/unpack."""
+    return await post_json(f"{agent}/pkg/{digest}/unpack", timeout=ANSWER_TIMEOUT)
 
 
 REFUSED = {
@@ -64,10 +50,10 @@ async def test_a_hostile_package_is_422_at_once_naming_its_rule_and_leaves_nothi
     package, error, rule = REFUSED[case]
     agent = await file_stack.start_agent(peers=[])
     digest = await file_origin.put(package)
-    status, doc, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    status, doc = await unpack(agent, digest)
     assert (status, doc["error"]) == (422, error)
     assert rule in str(doc["detail"])
-    assert code_entries(file_stack) == set()
+    assert file_stack.code_entries() == set()
 
 
 async def test_a_pax_mtime_of_1e400_unpacks_instead_of_a_500(
@@ -75,8 +61,8 @@ async def test_a_pax_mtime_of_1e400_unpacks_instead_of_a_500(
 ) -> None:
     agent = await file_stack.start_agent(peers=[])
     digest = await file_origin.put(hostile.pax_mtime_overflow())
-    status, doc, body, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
-    assert status == 200, body
+    status, doc = await unpack(agent, digest)
+    assert status == 200, doc
     assert (Path(str(doc["path"])) / "a.txt").read_bytes() == b"hello"
 
 
@@ -85,11 +71,12 @@ async def test_a_package_that_hangs_the_parser_is_413_within_its_budget(
 ) -> None:
     agent = await file_stack.start_agent(peers=[], unpack_timeout=2.0)
     digest = await file_origin.put(hostile.digit_bomb())  # minutes of tarfile CPU
-    status, doc, _, took = await call("POST", f"{agent}/pkg/{digest}/unpack")
+    started = time.monotonic()
+    status, doc = await unpack(agent, digest)
     assert (status, doc["error"]) == (413, "too_large")
     assert "took over 2 s" in str(doc["detail"])
-    assert took < 60
-    assert code_entries(file_stack) == set()
+    assert time.monotonic() - started < 60
+    assert file_stack.code_entries() == set()
 
 
 async def test_hostile_unpacks_at_once_never_stall_a_cold_get_of_another_package(
@@ -102,35 +89,36 @@ async def test_hostile_unpacks_at_once_never_stall_a_cold_get_of_another_package
     loops = [
         await file_origin.put(hostile.pax_length_zero() + bytes(512 * (i + 1))) for i in range(8)
     ]
-    unpacks = [
-        asyncio.ensure_future(call("POST", f"{agent}/pkg/{d}/unpack")) for d in bombs + loops
-    ]
+    unpacks = [asyncio.ensure_future(unpack(agent, d)) for d in bombs + loops]
     workers = file_stack.apps[agent][UNPACKER].workers
     await eventually(lambda: len(workers.pids()) == 2, "both workers chewing", step=0.01)
 
     cold = payload(1 << 20, seed=7)
     digest = await file_origin.put(cold)
-    status, _, body, took = await call("GET", f"{agent}/pkg/{digest}")
+    started = time.monotonic()
+    status, _, body = await request("GET", f"{agent}/pkg/{digest}", timeout=ANSWER_TIMEOUT)
     assert (status, body == cold) == (200, True)
-    assert took < 10  # prompt: it needs no unpack worker and no starved thread
-    assert (await call("GET", f"{agent}/healthz"))[0] == 200
+    assert (
+        time.monotonic() - started < 10
+    )  # prompt: it needs no unpack worker and no starved thread
+    assert (await get(f"{agent}/healthz")).status == 200
 
     answers = await asyncio.gather(*unpacks)
     assert (
-        sorted((status, doc["error"]) for status, doc, _, _ in answers)
+        sorted((status, doc["error"]) for status, doc in answers)
         == [(413, "too_large")] * 4 + [(422, "unsupported_format")] * 8
     )
-    assert code_entries(file_stack) == set()
+    assert file_stack.code_entries() == set()
 
 
 async def test_an_agent_starts_on_a_code_dir_full_of_mayhem_and_keeps_only_what_is_valid(
     file_stack: Stack, file_origin: OriginFixture
 ) -> None:
-    code, outside = code_dir(file_stack), file_stack.root / "outside"
+    code, outside = file_stack.code_dir(), file_stack.root / "outside"
     good = tar_bytes([tar_member("handler.py", b"print(1)\n")])
     digest = await file_origin.put(good)
     first = await file_stack.start_agent(peers=[], name="agent-0")
-    status, before, _, _ = await call("POST", f"{first}/pkg/{digest}/unpack")
+    status, before = await unpack(first, digest)
     assert status == 200
     await file_stack.stop(first)
     with planted(code, outside) as mayhem:
@@ -138,15 +126,15 @@ async def test_an_agent_starts_on_a_code_dir_full_of_mayhem_and_keeps_only_what_
 
         agent = await file_stack.start_agent(peers=[], name="agent-0")
 
-        left = code_entries(file_stack)
+        left = file_stack.code_entries()
         assert left == {digest.hex, f"{digest.hex}.json"} | mayhem.kept
         assert not (left & mayhem.doomed)
         assert snapshot(outside) == outside_before
-        assert (await call("GET", f"{agent}/healthz"))[0] == 200
-        status, again, _, _ = await call("POST", f"{agent}/pkg/{digest}/unpack")
+        assert (await get(f"{agent}/healthz")).status == 200
+        status, again = await unpack(agent, digest)
         assert (status, again) == (200, before)
         other = await file_origin.put(tar_bytes([tar_member("other.py", b"print(2)\n")]))
-        status, doc, _, _ = await call("POST", f"{agent}/pkg/{other}/unpack")
+        status, doc = await unpack(agent, other)
         assert status == 200
         assert (Path(str(doc["path"])) / "other.py").read_bytes() == b"print(2)\n"
 

@@ -34,11 +34,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 
 from cachesvc.digest import Digest
 from cachesvc.errors import TooLarge, UnsafeArchive, UnsupportedFormat
@@ -48,29 +49,16 @@ from cachesvc.unpack.extract import Extracted, extract
 from cachesvc.unpack.feed import GrowingFile
 from tests import mutants
 from tests.codedir_mayhem import snapshot
+from tests.fuzzing import LONG, budget
 from tests.servers import Stack, digest_of
+
+T = TypeVar("T")
 
 UNPACK_TIMEOUT = 10.0
 ANSWER_BOUND = UNPACK_TIMEOUT + 30.0  # the budget, plus a loaded machine's slack
 CODES = {413: {"too_large"}, 422: {"unsafe_archive", "unsupported_format"}}
 
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-"""Cases per round of the long run through HTTP; the in-process property gets ten times as many."""
-
-
-def budget(short: int, scale: int = 1) -> settings:
-    """The short budget for ``make test``, or one round of the long one."""
-    common = {
-        "deadline": None,
-        "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-    }
-    if LONG:
-        return settings(max_examples=EXAMPLES * scale, **common)  # type: ignore[arg-type]
-    return settings(max_examples=short, derandomize=True, database=None, **common)  # type: ignore[arg-type]
-
-
-pytestmark = pytest.mark.timeout(0 if LONG else 300)
+pytestmark = [pytest.mark.timeout(0 if LONG else 300), pytest.mark.slow]  # fuzzing: tens of seconds
 
 
 class LiveAgent:
@@ -103,9 +91,8 @@ class LiveAgent:
         self._thread.join(30)
         self._loop.close()
 
-    def _run(self, coro: object) -> str:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        return future.result(120)  # type: ignore[no-any-return]
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(120)
 
     def publish(self, data: bytes) -> Digest:
         digest = digest_of(data)

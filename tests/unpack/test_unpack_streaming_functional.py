@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import tarfile
 import time
 import zipfile
 from collections.abc import Callable
 
-import aiohttp
+import pytest
 import zstandard
 
 from cachesvc.serve.service import CORE
-from tests.conftest import OriginFixture
+from node_agent.packages import UNPACKER
+from tests.archives import make_zip
+from tests.conftest import OriginFixture, S3OriginFixture
+from tests.http import post_json
 from tests.servers import Stack, eventually
-from tests.unpack.test_packages_functional import make_zip
+
+pytestmark = pytest.mark.slow  # most tests take over a second
 
 FILES = {f"lib/m{i}.bin": os.urandom(100_000) for i in range(30)}  # ~3 MB compressed
 
@@ -51,31 +54,21 @@ def tar_zst(files: dict[str, bytes]) -> bytes:
     return zstandard.ZstdCompressor(level=1).compress(buf.getvalue())
 
 
-async def post_unpack(agent: str, digest: object) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as s, s.post(f"{agent}/pkg/{digest}/unpack") as r:
-        return r.status, json.loads(await r.read())
-
-
-def code_entries(stack: Stack) -> list[str]:
-    root = stack.root / "agent-0-code"
-    return sorted(p.name for p in root.iterdir() if p.name != ".lock")
-
-
 async def test_a_cold_tar_zst_is_extracted_while_it_arrives_and_shown_after_the_verdict(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(tar_zst(FILES))
     hold(s3_origin)
     core = stack.apps[agent][CORE]
-    unpack = asyncio.ensure_future(post_unpack(agent, digest))
-    seen_during_fill: list[list[str]] = []
+    unpack = asyncio.ensure_future(post_json(f"{agent}/pkg/{digest}/unpack"))
+    seen_during_fill: list[set[str]] = []
 
     def a_temp_tree_while_unverified() -> bool:
         flight = core.flights.get(digest)
         if flight is None or not flight.received or flight.verified:
             return False
-        seen_during_fill.append(code_entries(stack))
+        seen_during_fill.append(stack.code_entries())
         return any(n.startswith(".tmp-") for n in seen_during_fill[-1])
 
     await while_held(s3_origin, a_temp_tree_while_unverified, "a temp tree during the fill")
@@ -88,27 +81,27 @@ async def test_a_cold_tar_zst_is_extracted_while_it_arrives_and_shown_after_the_
 
 
 async def test_wrong_bytes_arriving_leave_nothing_in_the_code_dir(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(tar_zst(FILES))
     s3_origin.proxy.mode = "corrupt"
-    status, body = await post_unpack(agent, digest)
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
     assert status == 502 and body["error"] == "digest_mismatch", body
-    assert code_entries(stack) == []
+    assert stack.code_entries() == set()
     s3_origin.proxy.mode = "ok"
-    status, body = await post_unpack(agent, digest)  # the next try is served right
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")  # the next try is served right
     assert status == 200 and body["files"] == len(FILES)
 
 
 async def test_a_cold_zip_is_extracted_while_it_arrives_then_checked_by_its_directory(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(make_zip(FILES, zipfile.ZIP_STORED))
     hold(s3_origin)
     core = stack.apps[agent][CORE]
-    unpack = asyncio.ensure_future(post_unpack(agent, digest))
+    unpack = asyncio.ensure_future(post_json(f"{agent}/pkg/{digest}/unpack"))
 
     def members_written_while_unverified() -> bool:
         flight = core.flights.get(digest)
@@ -133,39 +126,39 @@ def zip_with(entries: list[tuple[zipfile.ZipInfo, bytes]]) -> bytes:
 
 
 async def test_a_zip_whose_local_headers_lie_is_judged_by_its_directory(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     honest = zip_with([(zipfile.ZipInfo("app/handler.py"), b"print(1)\n" * 100)])
     lying = honest.replace(b"app/handler.py", b"app/hacker.py!", 1)  # the local header only
     assert lying != honest and lying.count(b"app/handler.py") == 1
     digest = await s3_origin.put(lying)
-    status, body = await post_unpack(agent, digest)
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
     assert status == 422 and body["error"] == "unsupported_format", body
-    assert code_entries(stack) == []
+    assert stack.code_entries() == set()
 
 
 async def test_a_link_only_the_directory_shows_is_refused_and_leaves_nothing(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     link = zipfile.ZipInfo("app/passwd")
     link.external_attr = 0o120777 << 16  # a symlink: only the directory says so
     digest = await s3_origin.put(zip_with([(link, b"/etc/passwd")]))
-    status, body = await post_unpack(agent, digest)
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
     assert status == 422 and body["error"] == "unsafe_archive", body
-    assert code_entries(stack) == []
+    assert stack.code_entries() == set()
 
 
 async def test_modes_and_times_come_from_the_directory(
-    stack: Stack, s3_origin: OriginFixture
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
     agent = await stack.start_agent(peers=[])
     tool = zipfile.ZipInfo("bin/tool", date_time=(2020, 5, 17, 10, 30, 0))
     tool.external_attr = 0o100755 << 16
     plain = zipfile.ZipInfo("lib/data.txt", date_time=(2019, 1, 2, 3, 4, 6))
     digest = await s3_origin.put(zip_with([(tool, b"#!/bin/sh\n"), (plain, b"x" * 1000)]))
-    status, body = await post_unpack(agent, digest)
+    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
     assert status == 200, body
     tree = stack.root / "agent-0-code" / digest.hex
     assert os.stat(tree / "bin/tool").st_mode & 0o777 == 0o755
@@ -174,9 +167,12 @@ async def test_modes_and_times_come_from_the_directory(
     assert os.stat(tree / "bin/tool").st_mtime == expected
 
 
-async def test_a_hostile_tar_arriving_is_refused_before_it_has_all_arrived(
-    stack: Stack, s3_origin: OriginFixture
+async def test_a_hostile_tar_arriving_is_refused_once_its_bytes_are_verified(
+    stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
+    """The worker refuses the bad member while the rest is held at the origin;
+    the answer waits for the verdict (the refusal is the package's only if the
+    bytes are), and leaves nothing."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         evil = tarfile.TarInfo("../../escape.txt")
@@ -189,12 +185,15 @@ async def test_a_hostile_tar_arriving_is_refused_before_it_has_all_arrived(
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(buf.getvalue())
     hold(s3_origin)
-    core = stack.apps[agent][CORE]
-    try:  # answered while the rest of the body is still held back at the origin
-        status, body = await asyncio.wait_for(post_unpack(agent, digest), 30)
-        flight = core.flights.get(digest)
-        assert flight is not None and not flight.verified
+    workers = stack.apps[agent][UNPACKER].workers
+    answer = asyncio.ensure_future(post_json(f"{agent}/pkg/{digest}/unpack"))
+    try:
+        await eventually(lambda: workers.started == 1 and not workers.pids(), "the worker refused")
+        assert not answer.done()  # the body is still held: no verdict, no answer
     finally:
         s3_origin.proxy.release()
+    status, body = await asyncio.wait_for(answer, 30)
     assert status == 422 and body["error"] == "unsafe_archive", body
-    assert code_entries(stack) == []
+    flight = stack.apps[agent][CORE].flights.get(digest)
+    assert flight is None or flight.verified
+    assert stack.code_entries() == set()

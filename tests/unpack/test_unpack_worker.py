@@ -29,23 +29,11 @@ from cachesvc.unpack.extract import Extracted
 from cachesvc.unpack.unpacker import Unpacker
 from cachesvc.unpack.worker import Budget, Workers, _decode
 from tests import hostile
+from tests.archives import FILES, expected_modes, stored_package, tar_of, tree_of, wrap
 from tests.servers import eventually
-from tests.unpack.test_unpack import FILES, expected_modes, store, tar_of, tree_of, wrap
+from tests.workers import job, running_pid
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def job(tmp_path: Path, data: bytes, name: str = "pkg") -> tuple[Path, Path]:
-    """A package file and an empty destination directory."""
-    package, dest = tmp_path / name, tmp_path / f"{name}.out"
-    package.write_bytes(data)
-    dest.mkdir()
-    return package, dest
-
-
-async def running_pid(workers: Workers) -> int:
-    pids = await eventually(workers.pids, "a worker started", step=0.01)
-    return pids[0]
 
 
 def gone(pid: int) -> bool:
@@ -165,7 +153,7 @@ async def test_unpacking_never_waits_for_the_default_thread_pool(
     loop.run_in_executor(None, release.wait, 120)  # its only thread is now busy
     try:
         async with Unpacker(tmp_path / "code") as unpacker:
-            digest, package = store(tmp_path, wrap(tar_of(), ["zstd"]))
+            digest, package = stored_package(tmp_path, wrap(tar_of(), ["zstd"]))
             result = await asyncio.wait_for(unpacker.unpack(digest, package), 60)
             assert tree_of(result.path) == expected_modes(FILES)
             await asyncio.wait_for(unpacker.remove(digest), 60)
@@ -173,6 +161,7 @@ async def test_unpacking_never_waits_for_the_default_thread_pool(
         release.set()
 
 
+@pytest.mark.slow
 def test_a_worker_does_not_run_the_agents_main_module_again(tmp_path: Path) -> None:
     """multiprocessing re-runs ``__main__`` in a spawned child; ours must not (an
     unguarded script would start unpacking again inside the worker)."""

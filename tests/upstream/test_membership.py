@@ -1,4 +1,5 @@
-"""The peer-list parser: the one validator of --peers, --advertise and warm --peers."""
+"""The peer-list parser (the one validator of --peers, --advertise and warm --peers),
+and the membership that follows a DNS name into the ring (resolver injected)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,63 @@ def test_a_base_url_drops_its_trailing_slash_and_refuses_a_path() -> None:
     assert parse_base_url("http://127.0.0.1:8700/") == "http://127.0.0.1:8700"
     with pytest.raises(ValueError, match=r"^a path, query or fragment \('/pkg'\) is not allowed"):
         parse_base_url("http://127.0.0.1:8700/pkg")
+
+
+class Answers:
+    """A resolver that gives scripted DNS answers in turn: a list of peer
+    URLs, or an exception to raise (the lookup failed)."""
+
+    def __init__(self, *answers: list[str] | Exception) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, name: str, port: int) -> list[str]:
+        self.asked.append((name, port))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+DNS = "dns+http://cachesvc-peer.ns.svc:8701"
+A, B, C = "http://10.0.0.1:8701", "http://10.0.0.2:8701", "http://10.0.0.3:8701"
+
+
+async def test_a_dns_membership_follows_each_answer_into_the_ring() -> None:
+    ring = Ring()
+    resolver = Answers([A, B], [B, C])
+    membership = Membership(ring, DNS, resolver=resolver)
+    await membership.refresh()
+    assert ring.nodes == (A, B)
+    await membership.refresh()
+    assert ring.nodes == (B, C)
+    assert resolver.asked == [("cachesvc-peer.ns.svc", 8701)] * 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], OSError("Name or service not known"), TimeoutError()],
+    ids=["no-addresses", "lookup-error", "lookup-timeout"],
+)
+async def test_an_empty_or_failed_lookup_keeps_the_last_membership(
+    bad: list[str] | Exception,
+) -> None:
+    """A DNS hiccup (or a moment with no ready pod) must not empty the ring:
+    every agent would then skip the peers and go to the origin."""
+    ring = Ring()
+    membership = Membership(ring, DNS, resolver=Answers([A, B], bad, [A, C]))
+    await membership.refresh()
+    await membership.refresh()
+    assert ring.nodes == (A, B)
+    await membership.refresh()  # and the next good answer is taken
+    assert ring.nodes == (A, C)
+
+
+async def test_a_static_membership_never_resolves_nor_changes() -> None:
+    ring = Ring()
+    resolver = Answers()
+    membership = Membership(ring, f"{A},{B}", resolver=resolver)
+    await membership.start()
+    await membership.refresh()
+    await membership.close()
+    assert ring.nodes == (A, B) and resolver.asked == []

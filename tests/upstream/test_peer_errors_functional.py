@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from cachesvc.errors import PeerFailed
 from cachesvc.upstream.peer_client import REASON_MAX, PeerClient
 from tests.conftest import OriginFixture
+from tests.http import get
 from tests.servers import S3Proxy, Stack, digest_of, payload, start_fake_peer, start_server
 
 
@@ -64,8 +65,9 @@ async def test_a_peer_error_that_is_not_our_json_is_quoted_as_text() -> None:
     assert text == f"GET {peer}/blob/{digest_of(data).short}: answered 500 broken peer"
 
 
+@pytest.mark.slow
 async def test_the_agent_log_says_why_a_peer_whose_origin_is_broken_answered_502(
-    s3_origin: OriginFixture, tmp_path, caplog: pytest.LogCaptureFixture
+    s3_origin: OriginFixture, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = payload(200_000, seed=72)
     digest = await s3_origin.put(data)
@@ -76,9 +78,9 @@ async def test_the_agent_log_says_why_a_peer_whose_origin_is_broken_answered_502
         [peer] = await stack.start_peers(1, s3_endpoint=broken.url)
         agent = await stack.start_agent()
         with caplog.at_level(logging.WARNING, logger="cachesvc.readpath.tiers"):
-            async with aiohttp.ClientSession() as s, s.get(f"{agent}/pkg/{digest}") as r:
-                assert (r.status, r.headers["X-Cache-Tier"]) == (200, "ORIGIN")
-                assert await r.read() == data
+            status, headers, body = await get(f"{agent}/pkg/{digest}")
+            assert (status, headers["X-Cache-Tier"]) == (200, "ORIGIN")
+            assert body == data
     finally:
         await stack.close()
         await broken.stop()

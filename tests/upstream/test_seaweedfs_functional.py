@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import aiohttp
 import boto3
 import botocore.exceptions
+import pytest
 from aiohttp import web
 
 from cachesvc.digest import Digest
@@ -33,9 +33,12 @@ from cachesvc.serve.readiness import ORIGIN_TTL, OriginCheck
 from cachesvc.serve.service import READINESS
 from cachesvc.upstream.origin import S3Origin
 from loadtest.seaweedfs import ADMIN, Identity, SeaweedFS
+from tests.clock import Clock
 from tests.conftest import SEAWEED_BUCKET, OriginFixture
-from tests.serve.test_readiness import Clock
+from tests.http import fetch, get_json
 from tests.servers import Stack, eventually, free_port, start_server
+
+pytestmark = pytest.mark.slow  # real cachesvc processes and SeaweedFS
 
 WRONG = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
 REFUSED = "origin refused: SignatureDoesNotMatch: The request signature we calculated"
@@ -101,11 +104,6 @@ class Service:
         shutil.rmtree(self.root / "cache")
 
 
-async def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        return r.status, await r.json()
-
-
 async def readyz_settled(base: str) -> tuple[int, dict[str, Any]]:
     """/readyz once the first origin check has ended (a probe waits for it only
     a second, less than a loaded machine may need); bounded to 30 s."""
@@ -119,27 +117,21 @@ async def readyz_settled(base: str) -> tuple[int, dict[str, Any]]:
     return await eventually(settled, f"{base}: the first origin check ended", step=0.1)
 
 
-async def fetch(url: str) -> tuple[int, str, bytes]:
-    """(status, X-Cache-Tier, body) of one GET."""
-    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url) as r:
-        return r.status, r.headers.get("X-Cache-Tier", ""), await r.read()
-
-
-def readable(seaweedfs: SeaweedFS, key: str, timeout: float = 30.0) -> None:
+async def readable(seaweedfs: SeaweedFS, key: str) -> None:
     """Wait until the store serves ``key`` again, read directly (not counted
     as an origin GET): after a crash, the volume server re-registers with
     the master a moment after the S3 API answers ("try again" until then),
     longer on a loaded machine."""
     s3 = boto3.client("s3", endpoint_url=seaweedfs.endpoint)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def read() -> bool:
         try:
             s3.get_object(Bucket=SEAWEED_BUCKET, Key=key)["Body"].read()
-            return
+            return True
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return False
+
+    await eventually(lambda: asyncio.to_thread(read), f"{key} readable again", step=0.2)
 
 
 def publish(origin: OriginFixture, package: Path, env: dict[str, str] | None = None) -> Any:
@@ -169,7 +161,7 @@ async def test_publish_cold_fetch_through_agent_and_peer_and_a_store_restart_kee
 
         seaweedfs.restart(graceful=False)  # a crash: harsher than a clean restart
         blob = seaweed_origin.url.split("/", 3)[3] + f"/blobs/sha256/{digest.hex}"
-        readable(seaweedfs, blob)  # the S3 API answers before its volume is back
+        await readable(seaweedfs, blob)  # the S3 API answers before its volume is back
         peer.forget()
         agent.forget()
         await peer.start()
@@ -206,8 +198,7 @@ async def test_a_wrong_secret_is_a_clear_error_from_publish_the_agent_and_the_pe
             status, body = await readyz_settled(service.url)
             assert (status, body["status"]) == (503, "not_ready"), body
             assert body["reason"].startswith(f"origin {seaweed_origin.url}: SignatureDoesNotMatch")
-        async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/pkg/{digest}") as r:
-            status, body = r.status, await r.json()
+        status, body = await get_json(f"{agent.url}/pkg/{digest}")
         assert (status, body["error"]) == (502, "upstream_error")
         assert body["detail"].startswith(f"GET {blob_url}: {REFUSED}") and HINT in body["detail"]
     finally:
@@ -231,7 +222,7 @@ async def test_readyz_says_why_the_origin_refuses_the_secret_and_is_ready_once_i
     try:
         [peer] = await stack.start_peers(1)
         check = stack.apps[peer][READINESS].origin
-        clock = Clock()
+        clock = Clock(0.0)
         check.clock, check.wait = clock, 30.0
         status, body = await get_json(f"{peer}/readyz")
         assert (status, body["status"]) == (503, "not_ready")

@@ -10,50 +10,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import pytest
 
 from cachesvc.digest import Digest
 from cachesvc.publish.upload import publish
 from cachesvc.serve.service import CORE
 from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
-from tests.servers import Stack, eventually, metric, payload
+from tests.http import get, head, request
+from tests.servers import Stack, eventually, metric, metrics_of, payload
+
+pytestmark = pytest.mark.slow  # most tests take over a second
 
 MiB = 1 << 20
 TOKEN = "operator-s3cret"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def call(
-    method: str, url: str, body: Any = None, token: str | None = TOKEN, raw: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.request(method, url, json=body, data=raw, headers=headers) as r,
-    ):
-        return r.status, await r.json(content_type=None)
-
-
 async def tier_of(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.head(url) as r:
-        assert r.status == 200
-        return r.headers["X-Cache-Tier"]
-
-
-async def text_of(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        return await r.text()
+    reply = await head(url)
+    assert reply.status == 200
+    return reply.headers["X-Cache-Tier"]
 
 
 async def warm(url: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST /warm, then poll the job until it finishes (bounded)."""
-    status, answer = await call("POST", f"{url}/warm", body)
-    assert status == 202, answer
+    posted = await request("POST", f"{url}/warm", json=body, token=TOKEN)
+    answer = posted.json()
+    assert posted.status == 202, answer
 
     async def finished() -> dict[str, Any] | None:
-        status, job = await call("GET", f"{url}/warm/{answer['job']}")
-        assert status == 200
+        reply = await request("GET", f"{url}/warm/{answer['job']}", token=TOKEN)
+        assert reply.status == 200
+        job: dict[str, Any] = reply.json()
         return job if job["state"] != "running" else None
 
     return await eventually(finished, f"warm job {answer['job']} on {url} finished", step=0.05)
@@ -115,7 +104,7 @@ async def test_warming_a_tenant_on_every_peer_puts_each_digest_on_its_owner_once
         assert (job["fetched"], job["skipped"], job["failed"]) == (len(owned), 20 - len(owned), 0)
         assert stored(stack, peer) == owned
     assert s3_origin.origin_gets() == 20
-    text = "".join([await text_of(f"{p}/metrics") for p in peers])
+    text = "".join([await metrics_of(p) for p in peers])
     assert metric(text, "cachesvc_warm_items_total", outcome="fetched") == 20
     assert metric(text, "cachesvc_tenant_warm_items_total", tenant="acme") == 60
     assert metric(text, "cachesvc_prefetches_total", signal="warm") == 20
@@ -135,8 +124,8 @@ async def test_after_an_agent_warm_every_get_is_served_from_l1(
     assert job["bytes"] == 5 * 50_000 + MiB
     assert {i["tier"] for i in job["items"]} == {"L2"}
     for digest in [*digests, layer]:
-        async with aiohttp.ClientSession() as s, s.get(f"{agent}/pkg/{digest}") as r:
-            assert r.status == 200 and r.headers["X-Cache-Tier"] == "L1"
+        reply = await get(f"{agent}/pkg/{digest}")
+        assert reply.status == 200 and reply.headers["X-Cache-Tier"] == "L1"
     again = await warm(agent, {"tenant": "shop"})
     assert (again["cached"], again["fetched"], again["bytes"]) == (6, 0, 0)
 
@@ -144,16 +133,19 @@ async def test_after_an_agent_warm_every_get_is_served_from_l1(
 # -- the operator API's edges ---------------------------------------------------------
 
 
-async def test_the_operator_api_needs_the_right_token(stack: Stack, s3_origin) -> None:
+async def test_the_operator_api_needs_the_right_token(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
     agent = await stack.start_agent(peers=[], token=TOKEN)
     for token in (None, "wrong"):
         for method, path in (("POST", "/warm"), ("GET", "/warm/abc"), ("POST", "/warm/unpin")):
-            status, body = await call(method, agent + path, {"tenant": "t"}, token=token)
-            assert (status, body["error"]) == (401, "unauthorized"), (method, path, token)
+            reply = await request(method, agent + path, json={"tenant": "t"}, token=token)
+            refused = (reply.status, reply.json()["error"])
+            assert refused == (401, "unauthorized"), (method, path, token)
 
     open_agent = await stack.start_agent(peers=[])
-    status, body = await call("POST", f"{open_agent}/warm", {"tenant": "t"})
-    assert status == 401 and "disabled" in body["detail"]
+    reply = await request("POST", f"{open_agent}/warm", json={"tenant": "t"}, token=TOKEN)
+    assert reply.status == 401 and "disabled" in reply.json()["detail"]
 
 
 async def test_bad_bodies_and_names_are_400(stack: Stack) -> None:
@@ -172,21 +164,21 @@ async def test_bad_bodies_and_names_are_400(stack: Stack) -> None:
         ({"digests": ["a" * 63]}, "invalid_digest"),
     ]
     for body, code in cases:
-        status, answer = await call("POST", f"{agent}/warm", body)
-        assert (status, answer["error"]) == (400, code), body
-    status, answer = await call("POST", f"{agent}/warm", raw="{not json")
-    assert (status, answer["error"]) == (400, "invalid_request")
-    status, answer = await call("GET", f"{agent}/warm/abc?items=some")
-    assert status == 400
+        reply = await request("POST", f"{agent}/warm", json=body, token=TOKEN)
+        assert (reply.status, reply.json()["error"]) == (400, code), body
+    reply = await request("POST", f"{agent}/warm", data="{not json", token=TOKEN)
+    assert (reply.status, reply.json()["error"]) == (400, "invalid_request")
+    reply = await request("GET", f"{agent}/warm/abc?items=some", token=TOKEN)
+    assert reply.status == 400
 
 
-async def test_unknown_tenants_and_jobs_are_404(stack: Stack, s3_origin) -> None:
+async def test_unknown_tenants_and_jobs_are_404(stack: Stack, s3_origin: OriginFixture) -> None:
     await s3_origin.put(b"x" * 10, "someone", "f", "v1")
     agent = await stack.start_agent(peers=[], token=TOKEN)
-    status, answer = await call("POST", f"{agent}/warm", {"tenant": "nobody"})
-    assert (status, answer["error"]) == (404, "unknown_tenant")
-    status, answer = await call("GET", f"{agent}/warm/0123456789abcdef")
-    assert (status, answer["error"]) == (404, "not_found")
+    reply = await request("POST", f"{agent}/warm", json={"tenant": "nobody"}, token=TOKEN)
+    assert (reply.status, reply.json()["error"]) == (404, "unknown_tenant")
+    reply = await request("GET", f"{agent}/warm/0123456789abcdef", token=TOKEN)
+    assert (reply.status, reply.json()["error"]) == (404, "not_found")
 
 
 # -- pins ------------------------------------------------------------------------------
@@ -200,17 +192,16 @@ async def test_pinned_packages_survive_a_cache_flood_and_unpin_releases_them(
 
     async def flood(seed: int) -> None:
         for digest in await publish_tenant(s3_origin, f"flood{seed}", 8, MiB, seed):
-            async with aiohttp.ClientSession() as s, s.get(f"{agent}/pkg/{digest}") as r:
-                assert r.status == 200
+            assert (await get(f"{agent}/pkg/{digest}")).status == 200
 
     job = await warm(agent, {"tenant": "vip", "pin": True})
     assert job["state"] == "done" and all(i["pinned"] for i in job["items"])
     await flood(1000)
     assert [await tier_of(f"{agent}/pkg/{d}") for d in pinned] == ["L1", "L1"]
-    assert (await call("GET", f"{agent}/stats"))[1]["pinned_bytes"] == 2 * MiB
+    assert (await get(f"{agent}/stats")).json()["pinned_bytes"] == 2 * MiB
 
-    status, answer = await call("POST", f"{agent}/warm/unpin", {"tenant": "vip"})
-    assert (status, answer) == (200, {"unpinned": 2, "total": 2})
+    reply = await request("POST", f"{agent}/warm/unpin", json={"tenant": "vip"}, token=TOKEN)
+    assert (reply.status, reply.json()) == (200, {"unpinned": 2, "total": 2})
     await flood(2000)
     assert "L1" not in [await tier_of(f"{agent}/pkg/{d}") for d in pinned]
 
@@ -228,20 +219,19 @@ async def test_serving_a_caller_prefetches_the_called_functions_current_package(
     agent = await stack.start_agent()
 
     async def listed() -> bool:  # the agent lists tenants/ once at start
-        return metric(await text_of(f"{agent}/metrics"), "cachesvc_references") == 3
+        return metric(await metrics_of(agent), "cachesvc_references") == 3
 
     await eventually(listed, "the references listed")
 
     for _ in range(3):
-        async with aiohttp.ClientSession() as s, s.get(f"{agent}/pkg/{caller}") as r:
-            assert r.status == 200
+        assert (await get(f"{agent}/pkg/{caller}")).status == 200
 
     async def prefetched() -> bool:
         return await tier_of(f"{agent}/pkg/{current}") == "L1"
 
     await eventually(prefetched, "the called package prefetched")
     assert await tier_of(f"{agent}/pkg/{old}") != "L1"
-    text = await text_of(f"{agent}/metrics")
+    text = await metrics_of(agent)
     assert metric(text, "cachesvc_prefetches_total", signal="calls") == 1
 
 
@@ -314,7 +304,8 @@ async def test_publish_with_warm_fills_the_owner_before_traffic_moves(
     assert code == 0, err
     digest = Digest.parse(out.strip())
     owner = Ring(peers).owner(digest)
+    assert owner is not None
     assert [p for p in peers if digest in stored(stack, p)] == [owner]
-    text = await text_of(f"{owner}/metrics")
+    text = await metrics_of(owner)
     assert metric(text, "cachesvc_prefetches_total", signal="publish") == 1
     assert "total" in err and "ok" in err
