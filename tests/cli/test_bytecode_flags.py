@@ -27,6 +27,7 @@ def test_runtimes_repeat_and_the_command_line_replaces_the_environment(
     assert build_parser().parse_args(AGENT).runtimes == ()
 
 
+@pytest.mark.slow  # a cachesvc process
 def test_a_runtime_without_an_absolute_path_is_one_line_and_status_2() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "cachesvc", *AGENT, "--runtime", "python3.11"],
@@ -39,6 +40,7 @@ def test_a_runtime_without_an_absolute_path_is_one_line_and_status_2() -> None:
     )
 
 
+@pytest.mark.slow  # a cachesvc process
 def test_an_agent_whose_runtime_cannot_run_does_not_start(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "cachesvc", "agent", "--listen", "127.0.0.1:0"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--code-dir", str(tmp_path / "code")]

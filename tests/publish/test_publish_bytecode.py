@@ -55,6 +55,7 @@ def check_pycs(found: dict[str, bytes], rt: Runtime, sources: list[str]) -> None
         assert pyc[8:16] == importlib.util.source_hash(SOURCES[rel])
 
 
+@pytest.mark.slow  # a cachesvc process
 def test_publish_bytecode_ships_unchecked_hash_pycs_in_the_package(tmp_path: Path) -> None:
     package = write_zip(tmp_path / "fn.zip", SOURCES)
     done = publish_cli(tmp_path, package, "--bytecode", sys.executable)
@@ -101,6 +102,7 @@ def test_a_layered_package_is_refused(tmp_path: Path) -> None:
         add_bytecode(src, tmp_path / "out", [runtime()])
 
 
+@pytest.mark.slow  # a cachesvc process
 def test_publish_refuses_an_interpreter_that_is_not_there(tmp_path: Path) -> None:
     package = write_zip(tmp_path / "fn.zip", SOURCES)
     done = publish_cli(tmp_path, package, "--bytecode", "no-such-python3.11")
@@ -108,6 +110,7 @@ def test_publish_refuses_an_interpreter_that_is_not_there(tmp_path: Path) -> Non
     assert "--bytecode no-such-python3.11: no such interpreter" in done.stderr
 
 
+@pytest.mark.slow  # a cachesvc process
 def test_bytecode_then_repack_ships_the_pycs_in_the_tar_zst(tmp_path: Path) -> None:
     package = python_like_zip(tmp_path / "fn.zip")
     done = publish_cli(tmp_path, package, "--bytecode", sys.executable, "--repack")
