@@ -3,6 +3,7 @@
 Command (from the repository root)::
 
     .venv/bin/python bench/corpus.py            # writes bench/out/corpus/*.zip
+    .venv/bin/python bench/corpus.py --start    # the start corpus (bench/coldstart.py)
 
 Each package is a deployment zip the way AWS Lambda takes it: the wheels of
 the function's dependencies unpacked at the zip root (``*.data/`` trees
@@ -64,11 +65,55 @@ def handler(event, context):
     return {"mean": float(values.mean()), "p99": float(np.percentile(values, 99))}
 """
 
+PYDANTIC_HANDLER = b"""\
+from pydantic import BaseModel, Field
+
+
+class Order(BaseModel):
+    id: int
+    items: list[str] = Field(default_factory=list)
+    total: float = 0.0
+
+
+def handler(event, context):
+    return Order.model_validate(event).model_dump()
+"""
+
+PANDAS_HANDLER = b"""\
+import pandas as pd
+
+
+def handler(event, context):
+    frame = pd.DataFrame(event["rows"])
+    return frame.describe().to_dict()
+"""
+
+SKLEARN_HANDLER = b"""\
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+
+def handler(event, context):
+    x = np.asarray(event["x"], dtype=float)
+    y = np.asarray(event["y"])
+    model = LogisticRegression().fit(x, y)
+    return {"classes": model.classes_.tolist(), "score": float(model.score(x, y))}
+"""
+
 PACKAGES: dict[str, tuple[list[str], bytes]] = {
     "flask-app": (["flask"], FLASK_HANDLER),
     "etl-requests-boto3": (["requests", "boto3"], ETL_HANDLER),
     "numpy-stats": (["numpy"], NUMPY_HANDLER),
 }
+"""The unpack corpus (``bench/runnable.py``, ``bench/packages.py``)."""
+
+START_PACKAGES: dict[str, tuple[list[str], bytes]] = {
+    "pydantic-api": (["pydantic"], PYDANTIC_HANDLER),
+    "pandas-report": (["pandas"], PANDAS_HANDLER),
+    "sklearn-model": (["scikit-learn"], SKLEARN_HANDLER),
+}
+"""Packages whose starts import much Python (``bench/coldstart.py``): pandas +
+numpy is ~98 MiB unpacked, scikit-learn + scipy + numpy ~200 MiB."""
 
 
 def download(requirements: list[str], dest: Path) -> list[Path]:
@@ -115,12 +160,13 @@ def _member(
     return info
 
 
-def build(out: Path) -> list[Path]:
-    """Build (or reuse) every corpus package; return their paths."""
+def build(out: Path, packages: dict[str, tuple[list[str], bytes]] | None = None) -> list[Path]:
+    """Build (or reuse) every package of ``packages`` (default :data:`PACKAGES`);
+    return their paths."""
     corpus = out / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, (requirements, handler) in PACKAGES.items():
+    for name, (requirements, handler) in (PACKAGES if packages is None else packages).items():
         path = corpus / f"{name}.zip"
         if not path.exists():
             build_zip(download(requirements, out / "wheels" / name), handler, path)
@@ -131,7 +177,11 @@ def build(out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    for path in build(parser.parse_args().out):
+    parser.add_argument(
+        "--start", action="store_true", help="the start corpus (bench/coldstart.py) instead"
+    )
+    args = parser.parse_args()
+    for path in build(args.out, START_PACKAGES if args.start else None):
         print(f"{path}  {path.stat().st_size / 2**20:7.2f} MiB")
 
 

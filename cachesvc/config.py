@@ -99,6 +99,15 @@ def parse_log_level(text: str) -> str:
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3 bucket naming rules
 
 
+def parse_runtime(text: str) -> str:
+    """``NAME=PATH`` with an absolute PATH (``--runtime``; the interpreter is asked
+    for its cache tag when the agent starts)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path.startswith("/"):
+        raise ValueError("NAME=PATH, e.g. python3.11=/usr/bin/python3.11 (an absolute path)")
+    return text
+
+
 def parse_origin(text: str) -> str:
     """``s3://BUCKET[/PREFIX]`` or ``file:///DIR``, returned as given."""
     parts = urlsplit(text.strip())
@@ -246,6 +255,40 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -
     parser.add_argument(flag, help=help + shown, **kw)
 
 
+def add_repeated_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    parse: Callable[[str], str],
+    metavar: str,
+    dest: str,
+) -> None:
+    """A repeatable flag collected into a tuple; without it on the command line,
+    ``CACHESVC_<FLAG>`` gives a comma-separated list. Each value is checked by
+    ``parse``, as :func:`add_flag` does."""
+    check = FlagValue(flag, parse)
+    env = env_value(flag)
+    default = tuple(check(_Given.of(item.strip(), f"from {env_name(flag)}"))
+                    for item in (env or "").split(",") if item.strip())  # fmt: skip
+    parser.add_argument(
+        flag, dest=dest, metavar=metavar, action=_Repeated, type=check, default=default,
+        help=f"{help} [env {env_name(flag)}, comma-separated]",
+    )  # fmt: skip
+
+
+class _Repeated(argparse.Action):
+    """Append, except that the first value on the command line replaces the
+    environment's list."""
+
+    def __call__(
+        self, parser: Any, namespace: Any, values: Any, option_string: str | None = None
+    ) -> None:
+        given = f"_{self.dest}_given"
+        current = getattr(namespace, self.dest) if getattr(namespace, given, False) else ()
+        setattr(namespace, self.dest, (*current, values))
+        setattr(namespace, given, True)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a service needs; built by the CLI, ``up`` and tests alike."""
@@ -263,6 +306,7 @@ class Settings:
     unpack_workers: int = 2
     unpack_timeout: float = 300.0
     unpack_memory: int = 2**30
+    runtimes: tuple[str, ...] = ()  # NAME=PATH: this host's runtimes, to compile for
     origin_timeout: float = 30.0
     peer_connect_timeout: float = 1.0
     peer_read_timeout: float = 30.0

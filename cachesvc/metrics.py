@@ -3,9 +3,10 @@ that instance's own registry (several services may share a process: tests,
 ``cachesvc up``).
 
 Labels take values from fixed sets only (tiers, upstreams, routes, signals,
-``found_by``, outcomes, job states, error codes); digests, peers and tenants
-go in log lines, except the per-tenant warm counter, capped at
-:data:`MAX_TENANT_LABELS` tenants (then ``tenant="_other"``).
+``found_by``, outcomes, job states, error codes, the ``--runtime`` names an
+operator gave); digests, peers and tenants go in log lines, except the
+per-tenant warm counter, capped at :data:`MAX_TENANT_LABELS` tenants (then
+``tenant="_other"``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ class Metrics:
         )
         self.unpacks = Counter(
             "cachesvc_unpacks", "Package extractions, by outcome", ["outcome"], registry=r
+        )
+        self.bytecode_files = Counter(
+            "cachesvc_bytecode_files",
+            "Sources an agent compiled for its host's runtimes (--runtime), by outcome: "
+            "compiled, or skipped (a syntax error, over a limit, a compiler that crashed)",
+            ["runtime", "outcome"],
+            registry=r,
         )
         self.corrupt = Counter(
             "cachesvc_corrupt",

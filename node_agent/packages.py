@@ -30,6 +30,7 @@ from cachesvc.store.castore import Blob
 from cachesvc.unpack.codec import Limits, archive_stream
 from cachesvc.unpack.unpacker import Unpacker
 from cachesvc.unpack.worker import Budget
+from node_agent import bytecode
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/pkg/{digest}/archive", timed("archive", get_archive))
     app.router.add_post("/pkg/{digest}/unpack", timed("unpack", post_unpack))
     app.cleanup_ctx.append(_unpacker_lifetime)
+    bytecode.add_routes(app)
 
 
 def limits_of(app: web.Application) -> Limits:
@@ -143,6 +145,7 @@ async def post_unpack(request: web.Request) -> web.Response:
     if unpacker is None:
         raise InvalidRequest("this agent has no --code-dir: unpacking is off")
     digest = route_digest(request)
+    hints = bytecode.hints_of(request)
     core = request.app[CORE]
     limit = unpacker.limits.max_package_size
     try:
@@ -155,4 +158,5 @@ async def post_unpack(request: web.Request) -> web.Response:
         core.metrics.unpacks.labels(exc.code).inc()
         raise
     core.metrics.unpacks.labels("ok").inc()
+    bytecode.schedule(request.app, digest, result.path, hints)
     return web.json_response(result.as_json())

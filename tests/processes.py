@@ -56,3 +56,10 @@ class AgentProcess:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def publish_cli(tmp_path: Path, package: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``cachesvc publish PACKAGE`` to the file origin ``tmp_path/origin``, as a process."""
+    argv = [sys.executable, "-m", "cachesvc", "publish", str(package),
+            "--origin", f"file://{tmp_path / 'origin'}", *flags]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)

@@ -1,10 +1,10 @@
 """``cachesvc publish FILE``: store a package in the origin, write its reference.
 
-Applies ``--repack`` (``--indexed``) and ``--compress`` in a temporary directory, uploads the
-blob once (:mod:`cachesvc.publish.upload`), with ``--warm`` warms it into its
-L2 owners *before* the reference is written (the reference is what moves
-traffic), then writes the reference. The digest goes to stdout; progress to
-stderr; a failure is one line and exit status 1.
+Applies ``--bytecode``, ``--repack`` (``--indexed``) and ``--compress`` in a
+temporary directory, uploads the blob once (:mod:`cachesvc.publish.upload`),
+with ``--warm`` warms it into its L2 owners *before* the reference is written
+(the reference is what moves traffic), then writes the reference. The digest
+goes to stdout; progress to stderr; a failure is one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cachesvc.cli import CommandFailed, Commands
 from cachesvc.config import add_flag, operator_token
 from cachesvc.digest import Digest
 from cachesvc.errors import CachesvcError
+from cachesvc.publish.bytecode import with_bytecode
 from cachesvc.publish.indexed import repack_indexed
 from cachesvc.publish.repack import add_layer, check_level, repack
 from cachesvc.publish.upload import publish_blob, reference_key, write_reference
@@ -91,6 +92,14 @@ def add_to(commands: Commands) -> None:
         "L2 peers for --warm: http://HOST:PORT,... or dns+http://NAME:PORT",
         type=peer_list,
     )
+    pub.add_argument(
+        "--bytecode",
+        action="append",
+        default=[],
+        metavar="PYTHON",
+        help="compile the package's .py files with this interpreter (a name on PATH or a "
+        "path; repeatable) and ship the pycs in the package",
+    )
     pub.set_defaults(run=run_publish)
 
 
@@ -145,9 +154,11 @@ async def _prewarm(peers: str, digests: list[Digest]) -> bool:
 
 
 def _transform(args: argparse.Namespace, tmp: Path) -> tuple[Path, IndexRef | None]:
-    """Apply --repack [--indexed] and --compress; returns the file to upload and,
-    when indexed, its index (which no compression layer may then hide)."""
+    """Apply --bytecode, --repack [--indexed] and --compress; returns the file to upload
+    and, when indexed, its index (which no compression layer may then hide)."""
     path: Path = args.file
+    if args.bytecode:
+        path = with_bytecode(path, tmp, args.bytecode)
     if args.indexed:
         indexed = repack_indexed(path, tmp / "indexed.tar.zst")
         print(indexed.describe(), file=sys.stderr)

@@ -19,12 +19,14 @@ from cachesvc.cli import Commands
 from cachesvc.config import (
     Settings,
     add_flag,
+    add_repeated_flag,
     check_dir,
     parse_count,
     parse_duration,
     parse_listen,
     parse_log_level,
     parse_origin,
+    parse_runtime,
     parse_size,
 )
 from cachesvc.fanout.parents import DEFAULT_FANOUT
@@ -144,6 +146,11 @@ def _add_agent(commands: Commands) -> None:
         agent, "--unpack-timeout", "seconds one unpack may take", type=parse_duration, default="300"
     )
     add_flag(agent, "--unpack-memory", "memory one unpack may use", type=parse_size, default="1GiB")
+    add_repeated_flag(
+        agent, "--runtime", "a function runtime of this host (repeatable): unpacked trees get "
+        "bytecode made by this interpreter, in the background", parse_runtime, "NAME=PATH",
+        dest="runtimes",
+    )  # fmt: skip
     add_flag(
         agent,
         "--peer-connect-timeout",

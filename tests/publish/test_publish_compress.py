@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from cachesvc.publish import repack
 from cachesvc.unpack import codec
 from tests.archives import python_like_zip
+from tests.processes import publish_cli
 
 
 def skewed(size: int, seed: int = 5) -> bytes:
@@ -90,18 +89,12 @@ def test_a_level_outside_the_codecs_range_is_refused_naming_the_range(
     assert repack.check_level(fmt, None) == repack.DEFAULT_LEVELS[fmt]
 
 
-def publish(tmp_path: Path, package: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "cachesvc", "publish", str(package),
-            "--origin", f"file://{tmp_path / 'origin'}", *flags]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.slow
 def test_publish_uploads_random_bytes_as_they_are_and_says_why(tmp_path: Path) -> None:
     package = tmp_path / "model.bin"
     package.write_bytes(os.urandom(1 << 20))
 
-    out = publish(tmp_path, package, "--compress", "zstd")
+    out = publish_cli(tmp_path, package, "--compress", "zstd")
 
     assert out.returncode == 0, out.stderr
     assert "skipped the zstd level 19 layer: a fast pass (zstd level 1)" in out.stderr
@@ -112,9 +105,9 @@ def test_publish_uploads_random_bytes_as_they_are_and_says_why(tmp_path: Path) -
 def test_publish_takes_the_chosen_level_and_refuses_one_out_of_range(tmp_path: Path) -> None:
     package = python_like_zip(tmp_path / "fn.zip")
 
-    chosen = publish(tmp_path, package, "--compress", "zstd", "--compress-level", "3")
-    wrong = publish(tmp_path, package, "--compress", "zstd", "--compress-level", "30")
-    alone = publish(tmp_path, package, "--compress-level", "3")
+    chosen = publish_cli(tmp_path, package, "--compress", "zstd", "--compress-level", "3")
+    wrong = publish_cli(tmp_path, package, "--compress", "zstd", "--compress-level", "30")
+    alone = publish_cli(tmp_path, package, "--compress-level", "3")
 
     assert chosen.returncode == 0 and "(zstd level 3, -" in chosen.stderr
     digest = chosen.stdout.strip().removeprefix("sha256:")
