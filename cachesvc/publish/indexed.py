@@ -85,7 +85,9 @@ def repack_indexed(
     src: Path | str, dst: Path | str, level: int = DEFAULT_LEVEL, limits: Limits | None = None
 ) -> IndexedReport:
     """Write ``src`` (zip, tar[.gz/.zst/...] or a directory) to ``dst`` as an
-    indexed tar.zst; raises unpack's contract errors for what it refuses."""
+    indexed tar.zst; raises unpack's contract errors for what it refuses, and
+    :class:`TooLarge` for an output over ``limits.max_package_size`` (no reader
+    would take it): ``dst`` is then left as it was."""
     src, dst, limits = Path(src), Path(dst), limits or Limits()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".indexed-", dir=dst.parent) as tmp:
@@ -93,11 +95,20 @@ def repack_indexed(
         members = _walk(root, limits)
         with atomic_output(dst) as out:
             index, ref = _write(root, members, out, level)
+            _check_size(out.tell(), limits)
     files = list(index.files)
     unpacked = sum(entry.size for entry in files)
     src_size = unpacked if src.is_dir() else src.stat().st_size
     return IndexedReport(src_size, dst.stat().st_size, ref, len(files), unpacked,
                          time.perf_counter() - started)  # fmt: skip
+
+
+def _check_size(size: int, limits: Limits) -> None:
+    """Refuse a package every reader would refuse: the index's parser (and
+    unpack) take no package over ``max_package_size``."""
+    if size > limits.max_package_size:
+        raise TooLarge(f"the indexed package would be {size} bytes, over the "
+                       f"{limits.max_package_size} bytes a reader takes")  # fmt: skip
 
 
 def _unpacked(src: Path, tree: Path, limits: Limits) -> Path:
