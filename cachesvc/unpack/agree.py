@@ -16,14 +16,13 @@ Blocking (it reads every file once): call from a thread.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
 
-from cachesvc.digest import Hashed, compare
+from cachesvc.digest import compare
 from cachesvc.errors import DigestMismatch, UnsafeArchive
-from cachesvc.unpack.codec import MiB
+from cachesvc.store.blob import file_sha256
 from cachesvc.unpack.index import Entry, Index, Kind
 from cachesvc.unpack.tree import show
 
@@ -67,15 +66,8 @@ def _check(root: Path, entry: Entry, info: os.stat_result) -> None:
     if (info.st_size, int(info.st_mtime)) != (entry.size, entry.mtime):
         raise UnsafeArchive(f"{show(entry.path)}: size or mtime is not its index's")
     assert entry.sha256 is not None  # a file always has one
+    hashed, _ = file_sha256(root / entry.path)
     try:
-        compare(entry.sha256, _hashed(root / entry.path), show(entry.path))
+        compare(entry.sha256, hashed, show(entry.path))
     except DigestMismatch as exc:
         raise UnsafeArchive(f"the tar's bytes are not its index's: {exc}") from exc
-
-
-def _hashed(path: Path) -> Hashed:
-    digest = hashlib.sha256()
-    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as source:
-        while block := source.read(MiB):
-            digest.update(block)
-    return digest
