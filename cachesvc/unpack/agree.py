@@ -24,12 +24,12 @@ from cachesvc.digest import compare
 from cachesvc.errors import DigestMismatch, UnsafeArchive
 from cachesvc.store.blob import file_sha256
 from cachesvc.unpack.index import Entry, Index, Kind
-from cachesvc.unpack.tree import show
+from cachesvc.unpack.tree import show, walk
 
 
 def check_tree(index: Index, root: Path) -> None:
     """Raise :class:`UnsafeArchive` unless ``root`` holds exactly ``index``'s tree."""
-    found = _listing(root)
+    found = dict(walk(root))
     for entry in index.entries:
         info = found.pop(entry.path, None)
         if info is None:
@@ -37,21 +37,6 @@ def check_tree(index: Index, root: Path) -> None:
         _check(root, entry, info)
     if found:
         raise UnsafeArchive(f"the tar has {show(min(found))}, which its index lacks")
-
-
-def _listing(root: Path) -> dict[str, os.stat_result]:
-    """Every path under ``root`` and its lstat; iterative, so of any depth."""
-    found: dict[str, os.stat_result] = {}
-    pending = [""]
-    while pending:
-        rel_dir = pending.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as listing:
-            for item in listing:
-                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
-                found[rel] = item.stat(follow_symlinks=False)
-                if stat.S_ISDIR(found[rel].st_mode):
-                    pending.append(rel)
-    return found
 
 
 def _check(root: Path, entry: Entry, info: os.stat_result) -> None:
