@@ -4,8 +4,8 @@ An indexed package holds its tree twice: as tar members, which ``unpack``
 extracts, and as index entries, which a lazy mount shows. Our writer makes
 them one tree; a hostile publisher can make them two, each within unpack's
 rules. A host that moves a function from a mount of the index to the
-unpacked tree calls :func:`check_tree` first, so that what the function sees
-does not change under it.
+unpacked tree (next, with the lazy mount) calls :func:`check_tree` first, so
+that what the function sees does not change under it.
 
 Guarantee: :func:`check_tree` returns only when the tree under ``root`` has
 exactly the index's paths, each of the index's type, with its mode, and for
@@ -28,7 +28,9 @@ from cachesvc.unpack.tree import show, walk
 
 
 def check_tree(index: Index, root: Path) -> None:
-    """Raise :class:`UnsafeArchive` unless ``root`` holds exactly ``index``'s tree."""
+    """Raise :class:`UnsafeArchive` unless ``root`` holds exactly ``index``'s tree.
+    The check the coming lazy mount's host makes before it moves a function
+    from the mount to the unpacked tree; only tests call it so far."""
     found = dict(walk(root))
     for entry in index.entries:
         info = found.pop(entry.path, None)
