@@ -21,7 +21,8 @@ How a request for a digest is answered (the README's "loading process"):
    kept or the last byte is released to followers. Wrong bytes from a peer
    mark it refused and start a fresh fill from the next source, so the request
    after a refused one is served correctly, and so is the refused one itself
-   when none of its answer went out yet (:meth:`Tiers.deliver`).
+   when none of its answer went out yet (:meth:`Tiers.deliver`; warm,
+   prefetch and unpack, through :meth:`Tiers.fetch`, always).
 
 This module does not hash, parse HTTP or pick status codes.
 """
