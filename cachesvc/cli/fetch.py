@@ -20,7 +20,7 @@ import aiohttp
 
 from cachesvc.cli import CommandFailed, Commands
 from cachesvc.config import add_flag
-from cachesvc.digest import Digest
+from cachesvc.digest import Digest, compare
 from cachesvc.errors import CachesvcError
 from cachesvc.unpack.codec import Limits, detect_layers
 from cachesvc.upstream.membership import parse_base_url
@@ -140,8 +140,8 @@ async def _save(resp: aiohttp.ClientResponse, output: Path | None, digest: Diges
             h.update(chunk)
             size += len(chunk)
             out.write(chunk)
-        if digest is not None and h.hexdigest() != digest.hex:
-            raise CachesvcError(f"body hashes to sha256:{h.hexdigest()[:12]}, not {digest.short}")
+        if digest is not None:
+            compare(digest, h, "body")
     except BaseException:
         if tmp:
             out.close()

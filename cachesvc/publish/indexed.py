@@ -55,7 +55,7 @@ from cachesvc.unpack.codec import KiB, Limits
 from cachesvc.unpack.extract import extract
 from cachesvc.unpack.frames import compress_frame
 from cachesvc.unpack.index import Chunk, Entry, Index, IndexRef, Kind, encode, footer
-from cachesvc.unpack.tree import file_mode, member_parts, sane_mtime, show
+from cachesvc.unpack.tree import file_mode, member_parts, sane_mtime, show, walk
 
 CHUNK_SIZE = 512 * KiB
 DEFAULT_LEVEL = 19
@@ -85,7 +85,9 @@ def repack_indexed(
     src: Path | str, dst: Path | str, level: int = DEFAULT_LEVEL, limits: Limits | None = None
 ) -> IndexedReport:
     """Write ``src`` (zip, tar[.gz/.zst/...] or a directory) to ``dst`` as an
-    indexed tar.zst; raises unpack's contract errors for what it refuses."""
+    indexed tar.zst; raises unpack's contract errors for what it refuses, and
+    :class:`TooLarge` for an output over ``limits.max_package_size`` (no reader
+    would take it): ``dst`` is then left as it was."""
     src, dst, limits = Path(src), Path(dst), limits or Limits()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".indexed-", dir=dst.parent) as tmp:
@@ -93,11 +95,20 @@ def repack_indexed(
         members = _walk(root, limits)
         with atomic_output(dst) as out:
             index, ref = _write(root, members, out, level)
+            _check_size(out.tell(), limits)
     files = list(index.files)
     unpacked = sum(entry.size for entry in files)
     src_size = unpacked if src.is_dir() else src.stat().st_size
     return IndexedReport(src_size, dst.stat().st_size, ref, len(files), unpacked,
                          time.perf_counter() - started)  # fmt: skip
+
+
+def _check_size(size: int, limits: Limits) -> None:
+    """Refuse a package every reader would refuse: the index's parser (and
+    unpack) take no package over ``max_package_size``."""
+    if size > limits.max_package_size:
+        raise TooLarge(f"the indexed package would be {size} bytes, over the "
+                       f"{limits.max_package_size} bytes a reader takes")  # fmt: skip
 
 
 def _unpacked(src: Path, tree: Path, limits: Limits) -> Path:
@@ -123,15 +134,8 @@ class _Member:
 def _walk(root: Path, limits: Limits) -> list[_Member]:
     """Every entry under ``root``, in package order (iterative: any depth)."""
     found: list[_Member] = []
-    pending = [""]
-    while pending:
-        rel_dir = pending.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as listing:
-            for item in listing:
-                member = _member(f"{rel_dir}/{item.name}" if rel_dir else item.name, item)
-                found.append(member)
-                if member.kind is Kind.DIR:
-                    pending.append(member.path)
+    for rel, info in walk(root):
+        found.append(_member(rel, info))
         if len(found) > limits.max_files:
             raise TooLarge(f"{root} has over {limits.max_files} entries")
     if sum(member.size for member in found) > limits.max_unpacked_size:
@@ -141,13 +145,12 @@ def _walk(root: Path, limits: Limits) -> list[_Member]:
     return sorted(found, key=lambda member: member.order)
 
 
-def _member(rel: str, item: os.DirEntry[str]) -> _Member:
+def _member(rel: str, info: os.stat_result) -> _Member:
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise UnsupportedFormat(f"name {show(rel)} is not UTF-8") from exc
     member_parts(rel)
-    info = item.stat(follow_symlinks=False)
     if stat.S_ISDIR(info.st_mode):
         return _Member(rel, Kind.DIR, 0o755, 0, 0)
     if not stat.S_ISREG(info.st_mode):

@@ -21,7 +21,8 @@ How a request for a digest is answered (the README's "loading process"):
    kept or the last byte is released to followers. Wrong bytes from a peer
    mark it refused and start a fresh fill from the next source, so the request
    after a refused one is served correctly, and so is the refused one itself
-   when none of its answer went out yet (:meth:`Tiers.deliver`).
+   when none of its answer went out yet (:meth:`Tiers.deliver`; warm,
+   prefetch and unpack, through :meth:`Tiers.fetch`, always).
 
 This module does not hash, parse HTTP or pick status codes.
 """
@@ -33,7 +34,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -166,10 +167,9 @@ class Tiers:
         self.local_tier = local_tier
         self.negative = negative or NegativeCache()
 
-    @asynccontextmanager
-    async def open(
+    def open(
         self, digest: Digest, local_only: bool = False, start_timeout: float | None = None
-    ) -> AsyncIterator[Package]:
+    ) -> AbstractAsyncContextManager[Package]:
         """Steps 1-4: the package to read, valid inside the ``async with``.
 
         Raises :class:`NotFound` (negative cache, or every source said so),
@@ -179,6 +179,14 @@ class Tiers:
         within ``start_timeout`` is :class:`UpstreamTimeout`. On exit the lease
         or the follower is released.
         """
+        return self._open(digest, local_only, start_timeout, first_try=True)
+
+    @asynccontextmanager
+    async def _open(
+        self, digest: Digest, local_only: bool, start_timeout: float | None, first_try: bool
+    ) -> AsyncIterator[Package]:
+        """:meth:`open`; a request's retry (``first_try`` false) that joins a
+        running flight was counted as coalesced on its first try already."""
         blob = await self.store.lease(digest)
         if blob is not None and self.store.is_verified(digest):
             try:
@@ -188,7 +196,7 @@ class Tiers:
             return
         if blob is not None:  # not hashed since this process started: recheck it
             self.store.release(blob)
-        follower = self._join(digest, blob is not None, local_only).follow()
+        follower = self._join(digest, blob is not None, local_only, first_try).follow()
         try:
             try:
                 async with asyncio.timeout(start_timeout):
@@ -220,7 +228,7 @@ class Tiers:
         refills = 0
         while True:
             try:
-                async with self.open(digest, local_only, start_timeout) as package:
+                async with self._open(digest, local_only, start_timeout, refills == 0) as package:
                     return await send(package)
             except DigestMismatch:
                 if refills == MAX_REFILLS or not self._refilled(digest):
@@ -234,12 +242,13 @@ class Tiers:
         hears of the failure (or already kept what it fetched)."""
         return self.flights.get(digest) is not None or digest in self.store
 
-    def _join(self, digest: Digest, recheck: bool, local_only: bool = False) -> Flight:
+    def _join(self, digest: Digest, recheck: bool, local_only: bool, first_try: bool) -> Flight:
         """The running flight for ``digest``, or a new one (no await: the caller
-        follows it at once)."""
+        follows it at once). Joining counts as coalesced on a request's first
+        try only."""
         flight = self.flights.get(digest)
         if flight is not None:
-            if not flight.local:
+            if not flight.local and first_try:
                 self.metrics.coalesced.inc()
             return flight
         if recheck:
@@ -260,10 +269,16 @@ class Tiers:
     async def fetch(self, digest: Digest) -> tuple[int, Tier]:
         """Make sure the package is here and verified (kept, when the store can
         keep it): for warm, prefetch and unpack. Returns (size, tier the bytes
-        came from; this service's own tier if they were already here)."""
-        async with self.open(digest) as package:
+        came from; this service's own tier if they were already here).
+
+        Through :meth:`deliver`: nothing of a fetch goes out before the
+        verdict, so a lie that starts a refill is followed like a GET's."""
+
+        async def completed(package: Package) -> tuple[int, Tier]:
             await package.complete()
             return package.size, package.tier
+
+        return await self.deliver(digest, completed)
 
     async def head(self, digest: Digest) -> tuple[int, Tier]:
         """Size and tier without downloading the body."""

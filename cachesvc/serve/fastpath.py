@@ -348,7 +348,7 @@ class HitProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if version not in HTTP_VERSIONS:  # aiohttp would echo it in its status line
             return self.server.refusal(VersionNotSupported(version))
-        digest = self._admit(head, parser)
+        digest = self._admit(head, parser.get_method(), version)
         if digest is None:
             return None
         store = self.server.store
@@ -364,12 +364,13 @@ class HitProtocol(asyncio.Protocol):
         assert blob is not None, "hot a moment ago, with no await in between"
         return blob, FORWARDED_HEADER in head.headers
 
-    def _admit(self, head: Head, parser: httptools.HttpRequestParser) -> Digest | None:
-        """The digest of a plain HTTP/1.1 GET of the route."""
+    def _admit(self, head: Head, method: bytes, version: str) -> Digest | None:
+        """The digest of a plain HTTP/1.1 GET of the route (``method`` and
+        ``version`` as the parser read them: asked once per request)."""
         if not self.server.enabled() or self.server.closing:
             return None
         route = self.server.route
-        if parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
+        if method != b"GET" or version != "1.1":
             return None
         if route.refused & head.headers.keys():
             return None

@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from functools import partial
 from typing import NoReturn, TypeVar
 
@@ -246,7 +246,7 @@ async def send_package(
     fields.update(headers or {})
     async with aclosing(package.spans(start, end)) as spans:
         if end - start <= SMALL:
-            resp, whole = await _small(request, package, spans, status, fields, egress), True
+            resp, whole = await _small(request, package, spans, status, fields, egress)
         else:
             resp = web.StreamResponse(status=status, headers=fields)
             resp.content_length = end - start
@@ -267,22 +267,24 @@ async def _small(
     status: int,
     fields: dict[str, str],
     egress: TokenBucket,
-) -> web.StreamResponse:
+) -> tuple[web.StreamResponse, bool]:
     """The whole (small) body, read before anything is sent, then one write
-    with its headers. The reads are bounded (at most :data:`SMALL` bytes of
-    the page cache) and cost less on the loop than a thread hop would."""
+    with its headers; and whether it went out whole (False: aborted). The
+    reads are bounded (at most :data:`SMALL` bytes of the page cache) and cost
+    less on the loop than a thread hop would."""
     parts: list[bytes] = []
     async for span in spans:  # a failure here is still a JSON error
         try:
-            async with _dropping_short(package):
-                parts.append(span if isinstance(span, bytes) else _pread(span))
+            parts.append(span if isinstance(span, bytes) else _pread(span))
         except OSError as exc:
+            if isinstance(exc, ShortFile):  # the package's to drop, as the fast path does
+                await package.cut_short(str(exc))
             log.warning("GET %s: aborting the response: %s", package.digest.short, exc)
             abort_stream(request)
-            return web.Response()
+            return web.Response(), False
     body = b"".join(parts)  # one part (a hit) is not copied
     await egress.take(len(body))
-    return web.Response(status=status, body=body, headers=fields)
+    return web.Response(status=status, body=body, headers=fields), True
 
 
 async def _streamed(
@@ -331,17 +333,6 @@ class ShortFile(OSError):
     """A file span's file ended before the span did: it shrank on disk."""
 
 
-@asynccontextmanager
-async def _dropping_short(package: Package) -> AsyncIterator[None]:
-    """A short file is the package's to drop (:meth:`Package.cut_short`, as
-    the fast path drops it); the failure goes on, and the response aborts."""
-    try:
-        yield
-    except ShortFile as exc:
-        await package.cut_short(str(exc))
-        raise
-
-
 def _pread(span: FileSpan) -> bytes:
     data = os.pread(span.file.fileno(), span.count, span.offset)
     if len(data) != span.count:
@@ -357,9 +348,15 @@ async def _write_span(
     package: Package,
     span: Span,
 ) -> None:
-    """One span out: ``sendfile`` for file spans, in egress-sized slices when limited."""
-    async with _dropping_short(package):
+    """One span out: ``sendfile`` for file spans, in egress-sized slices when
+    limited. A short file is the package's to drop (:meth:`Package.cut_short`,
+    as the fast path drops it); the failure goes on, and the response aborts.
+    (A plain ``try``, not a context manager: this runs for every span.)"""
+    try:
         await _send_span(request, resp, egress, span)
+    except ShortFile as exc:
+        await package.cut_short(str(exc))
+        raise
 
 
 async def _send_span(

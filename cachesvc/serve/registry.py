@@ -17,10 +17,11 @@ from aiohttp import web
 
 from cachesvc.config import Settings
 from cachesvc.errors import ConfigError
+from cachesvc.tier import Role
 
 GROUP = "cachesvc.services"
-AGENT = "agent"
-PEER = "peer"
+AGENT = Role.AGENT.value  # a service's entry point is named for its role
+PEER = Role.PEER.value
 
 
 class AppFactory(Protocol):

@@ -4,8 +4,8 @@ An indexed package holds its tree twice: as tar members, which ``unpack``
 extracts, and as index entries, which a lazy mount shows. Our writer makes
 them one tree; a hostile publisher can make them two, each within unpack's
 rules. A host that moves a function from a mount of the index to the
-unpacked tree calls :func:`check_tree` first, so that what the function sees
-does not change under it.
+unpacked tree (next, with the lazy mount) calls :func:`check_tree` first, so
+that what the function sees does not change under it.
 
 Guarantee: :func:`check_tree` returns only when the tree under ``root`` has
 exactly the index's paths, each of the index's type, with its mode, and for
@@ -16,21 +16,22 @@ Blocking (it reads every file once): call from a thread.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
 
-from cachesvc.digest import Hashed, compare
+from cachesvc.digest import compare
 from cachesvc.errors import DigestMismatch, UnsafeArchive
-from cachesvc.unpack.codec import MiB
+from cachesvc.store.blob import file_sha256
 from cachesvc.unpack.index import Entry, Index, Kind
-from cachesvc.unpack.tree import show
+from cachesvc.unpack.tree import show, walk
 
 
 def check_tree(index: Index, root: Path) -> None:
-    """Raise :class:`UnsafeArchive` unless ``root`` holds exactly ``index``'s tree."""
-    found = _listing(root)
+    """Raise :class:`UnsafeArchive` unless ``root`` holds exactly ``index``'s tree.
+    The check the coming lazy mount's host makes before it moves a function
+    from the mount to the unpacked tree; only tests call it so far."""
+    found = dict(walk(root))
     for entry in index.entries:
         info = found.pop(entry.path, None)
         if info is None:
@@ -38,21 +39,6 @@ def check_tree(index: Index, root: Path) -> None:
         _check(root, entry, info)
     if found:
         raise UnsafeArchive(f"the tar has {show(min(found))}, which its index lacks")
-
-
-def _listing(root: Path) -> dict[str, os.stat_result]:
-    """Every path under ``root`` and its lstat; iterative, so of any depth."""
-    found: dict[str, os.stat_result] = {}
-    pending = [""]
-    while pending:
-        rel_dir = pending.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as listing:
-            for item in listing:
-                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
-                found[rel] = item.stat(follow_symlinks=False)
-                if stat.S_ISDIR(found[rel].st_mode):
-                    pending.append(rel)
-    return found
 
 
 def _check(root: Path, entry: Entry, info: os.stat_result) -> None:
@@ -67,15 +53,8 @@ def _check(root: Path, entry: Entry, info: os.stat_result) -> None:
     if (info.st_size, int(info.st_mtime)) != (entry.size, entry.mtime):
         raise UnsafeArchive(f"{show(entry.path)}: size or mtime is not its index's")
     assert entry.sha256 is not None  # a file always has one
+    hashed, _ = file_sha256(root / entry.path)
     try:
-        compare(entry.sha256, _hashed(root / entry.path), show(entry.path))
+        compare(entry.sha256, hashed, show(entry.path))
     except DigestMismatch as exc:
         raise UnsafeArchive(f"the tar's bytes are not its index's: {exc}") from exc
-
-
-def _hashed(path: Path) -> Hashed:
-    digest = hashlib.sha256()
-    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as source:
-        while block := source.read(MiB):
-            digest.update(block)
-    return digest

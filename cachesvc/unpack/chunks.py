@@ -1,5 +1,7 @@
 """Verified reads of an indexed package: its index from the tail, a chunk or an
-entry from its frames. What a lazy mount calls before it returns a byte.
+entry from its frames. The reader the coming lazy mount calls before it
+returns a byte; no mount exists yet, so only tests call it so far
+(docs/INDEXED.md, "What a reader checks").
 
 The bytes come from a :class:`Source`: the package file on this host
 (:class:`LocalPackage`), or bytes of a range fetched from any tier
@@ -44,7 +46,8 @@ class Source(Protocol):
 
 
 class Window:
-    """Bytes of the package from ``start``: what one ranged read brought."""
+    """Bytes of the package from ``start``: what one ranged read brought (the
+    coming lazy mount's source; only tests use it so far)."""
 
     def __init__(self, data: bytes, start: int) -> None:
         self.data = data
@@ -59,7 +62,8 @@ class Window:
 
 class LocalPackage:
     """The package as a file on this host, read with ``pread``; its size is
-    taken once, at open. A context manager; one instance per thread or not."""
+    taken once, at open. A context manager; one instance per thread or not.
+    A source for the coming lazy mount; only tests use it so far."""
 
     def __init__(self, path: Path | str) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -86,7 +90,8 @@ class LocalPackage:
 
 
 def read_index(source: Source, package_size: int, trusted: IndexRef, limits: Limits) -> Index:
-    """The index of the package, from one read of its last ``trusted.tail`` bytes."""
+    """The index of the package, from one read of its last ``trusted.tail`` bytes.
+    The reader the coming lazy mount calls first; only tests call it so far."""
     start = max(0, package_size - trusted.tail)
     return load(source.read_range(start, package_size - start), package_size, trusted, limits)
 
@@ -113,7 +118,8 @@ def read_chunk(entry: Entry, number: int, source: Source) -> bytes:
 
 def iter_entry(entry: Entry, source: Source) -> Iterator[bytes]:
     """The bytes of ``entry`` chunk by chunk, each verified; the last chunk comes
-    only after the whole file's sha256 checks too."""
+    only after the whole file's sha256 checks too. For the coming lazy mount's
+    whole-file reads; only tests call it so far."""
     if entry.sha256 is None:
         raise IsADirectoryError(entry.path)
     whole = hashlib.sha256()
@@ -132,7 +138,8 @@ def iter_entry(entry: Entry, source: Source) -> Iterator[bytes]:
 def read_range(entry: Entry, offset: int, size: int, source: Source) -> bytes:
     """Up to ``size`` bytes of ``entry`` (a file) from ``offset``, as a ``read``
     of a mounted file asks: only the chunks that cover them are read, each
-    verified whole before any byte of it is returned. Past the end: fewer or none."""
+    verified whole before any byte of it is returned. Past the end: fewer or none.
+    The coming lazy mount's ``read``; only tests call it so far."""
     if offset < 0 or size < 0:
         raise ValueError(f"a read of {size} bytes at {offset}")
     end = min(offset + size, entry.size)

@@ -43,25 +43,31 @@ def compress_frame(data: bytes, level: int) -> bytes:
     return compressor.compress(data)
 
 
-def declared_size(frame: bytes, what: str) -> int:
-    """The decoded size ``frame``'s header declares; :class:`UnsupportedFormat`
-    when it is not a zstd frame header or declares none."""
+FrameHeader = zstandard.FrameParameters
+"""A frame's parsed header: ``content_size``, ``window_size``, ``dict_id``."""
+
+
+def frame_header(frame: bytes, what: str) -> FrameHeader:
+    """``frame``'s header, parsed once (pass it on to :func:`decode_frame`);
+    :class:`UnsupportedFormat` when it is not a zstd frame header or declares
+    no decoded size (its ``content_size``)."""
     try:
-        size = zstandard.get_frame_parameters(frame).content_size
+        header = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
         raise UnsupportedFormat(f"{what}: not a zstd frame: {exc}") from exc
-    if size >= _UNKNOWN:
+    if header.content_size >= _UNKNOWN:
         raise UnsupportedFormat(f"{what}: zstd frame declares no size")
-    return int(size)
+    return header
 
 
-def decode_frame(frame: bytes, size: int, what: str) -> bytes:
-    """The ``size`` bytes that ``frame`` (exactly one zstd frame) decodes to.
+def decode_frame(frame: bytes, size: int, what: str, header: FrameHeader | None = None) -> bytes:
+    """The ``size`` bytes that ``frame`` (exactly one zstd frame) decodes to;
+    ``header`` is its :func:`frame_header` when the caller parsed it already.
 
     Raises :class:`UnsupportedFormat` naming ``what`` when ``frame`` is not
     one whole frame declaring ``size`` decoded bytes, or does not decode.
     """
-    _check_header(frame, size, what)
+    _check_header(frame_header(frame, what) if header is None else header, size, what)
     decoder = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
     try:
         data = decoder.decompress(frame)
@@ -76,12 +82,11 @@ def decode_frame(frame: bytes, size: int, what: str) -> bytes:
     return data
 
 
-def _check_header(frame: bytes, size: int, what: str) -> None:
-    declared = declared_size(frame, what)
-    if declared != size:
-        raise UnsupportedFormat(f"{what}: zstd frame declares {declared} bytes, not {size}")
-    params = zstandard.get_frame_parameters(frame)
-    if params.window_size > MAX_WINDOW:
-        raise UnsupportedFormat(f"{what}: zstd window of {params.window_size} bytes")
-    if params.dict_id:
-        raise UnsupportedFormat(f"{what}: zstd frame needs dictionary {params.dict_id}")
+def _check_header(header: FrameHeader, size: int, what: str) -> None:
+    if header.content_size != size:
+        raise UnsupportedFormat(f"{what}: zstd frame declares {header.content_size} bytes, "
+                                f"not {size}")  # fmt: skip
+    if header.window_size > MAX_WINDOW:
+        raise UnsupportedFormat(f"{what}: zstd window of {header.window_size} bytes")
+    if header.dict_id:
+        raise UnsupportedFormat(f"{what}: zstd frame needs dictionary {header.dict_id}")

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from cachesvc.digest import HEX, Digest, compare
 from cachesvc.errors import DigestMismatch, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack.codec import KiB, Limits, MiB
-from cachesvc.unpack.frames import compress_frame, declared_size, decode_frame
+from cachesvc.unpack.frames import compress_frame, decode_frame, frame_header
 from cachesvc.unpack.tree import MTIME_RANGE, member_parts, show
 
 FORMAT, VERSION = "cachesvc.index", 1
@@ -237,10 +237,11 @@ def parse(frame: bytes, trusted: Digest, offset: int, package_size: int, limits:
     if magic != INDEX_MAGIC or size != len(frame) - SKIPPABLE.size:
         raise UnsupportedFormat("index frame: wrong magic or size")
     payload = frame[SKIPPABLE.size :]
-    decoded = declared_size(payload, "index")
+    header = frame_header(payload, "index")
+    decoded = header.content_size
     if decoded > MAX_INDEX_JSON:
         raise TooLarge(f"index decodes to {decoded} bytes, over {MAX_INDEX_JSON}")
-    doc = _json(decode_frame(payload, decoded, "index"))
+    doc = _json(decode_frame(payload, decoded, "index", header))
     return _Checker(limits, offset, package_size).index(doc)
 
 

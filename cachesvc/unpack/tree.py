@@ -1,7 +1,9 @@
 """A tree being written from archive members: the only code that creates paths
 from them. :func:`member_parts` is the name rule; :class:`Tree` writes members
-under one root, within the limits. Reads no archive (:mod:`cachesvc.unpack.extract`
-does); makes no link, device or fifo (callers refuse them).
+under one root, within the limits; :func:`walk` lists a tree on disk (for the
+indexed writer and :func:`cachesvc.unpack.agree.check_tree`). Reads no archive
+(:mod:`cachesvc.unpack.extract` does); makes no link, device or fifo (callers
+refuse them).
 
 * Never outside the root: NUL, absolute names (``/x``, ``\\x``, ``C:x``) and
   ``..`` are ``UnsafeArchive``; names past 4096 bytes, 255 per component or
@@ -24,6 +26,7 @@ import contextlib
 import errno
 import math
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -92,6 +95,23 @@ def sane_mtime(value: float | None) -> float | None:
         return None
     low, high = MTIME_RANGE
     return seconds if math.isfinite(seconds) and low <= seconds < high else None
+
+
+def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every path under ``root`` (relative, ``/``-joined) with its ``lstat``,
+    in no set order. Never follows a link: only real directories are entered.
+    Iterative, so of any depth; lazy, so a caller that refuses an entry stops
+    the walk before it enters it."""
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        with os.scandir(os.path.join(root, rel_dir)) as listing:
+            for item in listing:
+                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                info = item.stat(follow_symlinks=False)
+                yield rel, info
+                if stat.S_ISDIR(info.st_mode):
+                    pending.append(rel)
 
 
 @contextlib.contextmanager

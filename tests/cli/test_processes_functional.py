@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.http import get
 from tests.processes import AgentProcess
@@ -22,6 +23,7 @@ from tests.servers import (
     free_port_run,
     payload,
     start_fake_peer,
+    start_server,
     store_files,
 )
 
@@ -142,6 +144,32 @@ async def test_publish_then_fetch_through_the_cli(tmp_path: Path) -> None:
         assert bad.returncode == 1 and "is not sha256:<64 lowercase hex>" in bad.stderr
     finally:
         agent.stop()
+
+
+async def test_cli_fetch_from_an_agent_that_sends_wrong_bytes_fails_and_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    data = payload(100_000, seed=42)
+    digest = digest_of(data)
+    wrong = bytes([data[0] ^ 1]) + data[1:]
+
+    async def package(request: web.Request) -> web.Response:
+        return web.Response(body=wrong, headers={"X-Cache-Tier": "L1"})
+
+    app = web.Application()
+    app.router.add_get("/pkg/{digest}", package)
+    runner, liar = await start_server(app)
+    try:
+        out = tmp_path / "fetched.zip"
+        fetch = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "cachesvc", "fetch", str(digest), "--agent", liar,
+             "-o", str(out)], capture_output=True, text=True)  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert fetch.returncode == 1
+    assert f"{digest.short}: bytes hash to sha256:{digest_of(wrong).hex[:12]}" in fetch.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its part file
 
 
 async def test_up_runs_a_stack_that_serves_its_sample_and_stops_on_ctrl_c(tmp_path: Path) -> None:

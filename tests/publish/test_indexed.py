@@ -171,6 +171,20 @@ def test_a_tree_over_unpacks_limits_is_refused_as_no_reader_would_take_it(
         repack_indexed(source, tmp_path / "b.tar.zst", limits=Limits(max_unpacked_size=1000))
 
 
+def test_a_package_over_the_readers_size_limit_is_refused_and_not_written(
+    tmp_path: Path,
+) -> None:
+    source = write_tree(tmp_path / "src", FILES)
+    size = repack_indexed(source, tmp_path / "fits.tar.zst").size
+    with pytest.raises(TooLarge, match=f"would be {size} bytes, over the {size - 1}"):
+        repack_indexed(source, tmp_path / "out.tar.zst", limits=Limits(max_package_size=size - 1))
+    assert not (tmp_path / "out.tar.zst").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fits.tar.zst", "src"]
+    report = repack_indexed(source, tmp_path / "out.tar.zst", limits=Limits(max_package_size=size))
+    with LocalPackage(tmp_path / "out.tar.zst") as package:  # the reader takes it at its limit
+        read_index(package, package.size, report.index, Limits(max_package_size=size))
+
+
 def test_a_tree_without_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "src" / "empty").mkdir(parents=True)
     with pytest.raises(UnsupportedFormat, match="no files"):

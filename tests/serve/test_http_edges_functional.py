@@ -124,6 +124,33 @@ async def test_a_blob_that_shrank_on_disk_aborts_the_response(
         await asyncio.wait_for(get(f"{agent}/pkg/{digest}"), timeout=10)
 
 
+async def test_a_small_range_aborted_on_a_shrunk_file_counts_as_a_request_not_as_bytes(
+    file_stack: Stack, file_origin: OriginFixture
+) -> None:
+    data = os.urandom(4 * MiB)
+    digest = await file_origin.put(data)
+    agent = await file_stack.start_agent(peers=[], name="a")
+    assert (await get(f"{agent}/pkg/{digest}"))[0] == 200
+    await file_stack.apps[agent][CORE].flights.wait_idle()  # kept
+    assert (await get(f"{agent}/pkg/{digest}"))[1]["x-cache-tier"] == "L1"  # its file is open
+    before = await metrics_of(agent)
+    os.truncate(file_stack.root / "a" / "blobs" / "sha256" / digest.hex, MiB)
+    # Gathered (small), so no answer went out: the connection is dropped, and
+    # aiohttp's client retries a GET dropped unanswered; the retry is refetched.
+    status, headers, body = await asyncio.wait_for(
+        get(f"{agent}/pkg/{digest}", Range=f"bytes={2 * MiB}-{2 * MiB + 999}"), 10
+    )
+    assert (status, headers["x-cache-tier"], body) == (
+        206,
+        "ORIGIN",
+        data[2 * MiB : 2 * MiB + 1000],
+    )
+    after = await metrics_of(agent)
+    requests, served = "cachesvc_requests_total", "cachesvc_bytes_served_total"
+    assert metric(after, requests, tier="L1") == metric(before, requests, tier="L1") + 1
+    assert metric(after, served, tier="L1") == metric(before, served, tier="L1")
+
+
 @pytest.mark.parametrize("first", [0, 2 * MiB], ids=["streamed", "gathered"])
 async def test_a_blob_that_shrank_under_a_ranged_get_is_dropped_and_refetched(
     file_stack: Stack, file_origin: OriginFixture, first: int

@@ -14,7 +14,7 @@ import pytest
 
 from cachesvc.errors import CachesvcError, TooLarge, UnsafeArchive, UnsupportedFormat
 from cachesvc.unpack.codec import Limits
-from cachesvc.unpack.tree import Tree, member_parts, sane_mtime
+from cachesvc.unpack.tree import Tree, member_parts, sane_mtime, walk
 
 
 @pytest.mark.parametrize(
@@ -143,3 +143,15 @@ def test_entries_bytes_and_ratio_are_counted_on_what_is_written(tmp_path: Path) 
     tree = Tree(tmp_path / "r", Limits(max_ratio=1), packed_size=10)
     with pytest.raises(TooLarge, match="1x"):
         tree.add_file("big", io.BytesIO(bytes(2 * 1024 * 1024)), 0o644, None)
+
+
+def test_walk_lists_every_path_with_its_lstat_and_enters_no_link(tmp_path: Path) -> None:
+    root, outside = tmp_path / "tree", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f.py").write_bytes(b"x")
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    (root / "link").symlink_to(outside)
+    found = dict(walk(root))
+    assert sorted(found) == ["a", "a/b", "a/b/f.py", "link"]
+    assert stat.S_ISLNK(found["link"].st_mode) and found["a/b/f.py"].st_size == 1

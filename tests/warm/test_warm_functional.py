@@ -18,7 +18,7 @@ from cachesvc.serve.service import CORE
 from cachesvc.upstream.ring import Ring
 from tests.conftest import OriginFixture
 from tests.http import get, head, request
-from tests.servers import Stack, eventually, metric, metrics_of, payload
+from tests.servers import Stack, eventually, metric, metrics_of, payload, start_fake_peer
 
 pytestmark = pytest.mark.slow  # most tests take over a second
 
@@ -128,6 +128,25 @@ async def test_after_an_agent_warm_every_get_is_served_from_l1(
         assert reply.status == 200 and reply.headers["X-Cache-Tier"] == "L1"
     again = await warm(agent, {"tenant": "shop"})
     assert (again["cached"], again["fetched"], again["bytes"]) == (6, 0, 0)
+
+
+async def test_an_agent_warm_of_a_package_its_owner_peer_lies_about_follows_the_refill(
+    stack: Stack, s3_origin: OriginFixture
+) -> None:
+    # Nothing of a warm goes out before the verdict: a refused peer costs the
+    # item nothing but the walk to the next source (here the origin).
+    data = payload(40_000, seed=23)
+    digest = await s3_origin.put(data)
+    runner, liar = await start_fake_peer("corrupt", {digest.hex: data})
+    try:
+        agent = await stack.start_agent(peers=[liar], token=TOKEN)
+        job = await warm(agent, {"digests": [str(digest)]})
+        assert (job["state"], job["fetched"], job["failed"]) == ("done", 1, 0), job
+        assert job["items"][0]["tier"] == "ORIGIN"
+        assert stored(stack, agent) == {digest}
+        assert metric(await metrics_of(agent), "cachesvc_digest_mismatch_total") == 1
+    finally:
+        await runner.cleanup()
 
 
 # -- the operator API's edges ---------------------------------------------------------
