@@ -7,7 +7,7 @@ Exits 1 when any request failed. Where nginx is not on PATH and cannot be
 installed (not root, no apt-get), the run leaves that baseline out and says why.
 
 ``python -m loadtest fanout [--n 4,8,16,24] [--k 0,2] [--size 16MiB]
-[--egress-limit 40MiB] [--out DIR]`` is issue 11's fan-out emulation: see
+[--egress-limit 40MiB] [--out DIR]`` is the fan-out emulation: see
 :mod:`loadtest.fanout`.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m loadtest fanout``: issue 11's emulation of a cold storm on one machine.
+"""``python -m loadtest fanout``: the fan-out emulation of a cold storm on one machine.
 
     .venv/bin/python -m loadtest fanout        # N = 4,8,16,24; K = 0,2; 16 MiB; 40MiB/s
     .venv/bin/python -m loadtest fanout --n 8,16 --k 2 --size 32MiB --egress-limit 20MiB
@@ -102,7 +102,7 @@ class Stack:
 
 def add_parser(sub: Any) -> None:
     """The ``fanout`` subcommand of ``python -m loadtest``."""
-    cmd = sub.add_parser("fanout", help="issue 11's fan-out emulation (storm on N agents)")
+    cmd = sub.add_parser("fanout", help="the fan-out emulation (a storm on N agents)")
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     cmd.add_argument(
         "--n",

@@ -1,5 +1,5 @@
 """What ``python -m loadtest fanout`` measured, the simulator's prediction for
-the same N, K, E and S beside it, and the checks of issue 11's closing note.
+the same N, K, E and S beside it, and the checks of the fan-out goals.
 
 The simulator is calibrated only with physical quantities measured in the
 same run: the origin's time to first byte and bandwidth (one GET of a
@@ -121,7 +121,7 @@ def _s(seconds: float | None) -> str:
 
 
 def checks(rows: list[Row], default_k: int) -> list[tuple[str, bool]]:
-    """Issue 11's figures, each with whether this run met it."""
+    """The fan-out goals' figures, each with whether this run met it."""
     out = []
     for r in rows:
         name = f"N={r.n} K={r.k}"

@@ -1,4 +1,4 @@
-"""A discrete-event simulator of issue 11's fan-out policy (``python -m sim``).
+"""A discrete-event simulator of the fan-out policy (``python -m sim``).
 
 It answers "how long until every agent of an AZ holds a new package?" for
 thousands of hosts, where the emulation (``python -m loadtest fanout``) stops

@@ -1,7 +1,7 @@
 """One simulated run: an AZ (origin, owner peer P, N agents), an arrival
 schedule, the tracker's choices, and what came out of it.
 
-Hosts and hops, as issue 11's policy builds them:
+Hosts and hops, as the fan-out policy builds them:
 
 * The origin sends to P only, at ``origin_bandwidth``, its first byte
   ``origin_latency`` after P's fill starts (when the first request has

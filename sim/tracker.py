@@ -1,7 +1,7 @@
 """The per-digest tracker of the fan-out policy: who feeds a newcomer.
 
 The ring owner P of a digest keeps its members in join order (P is member 0)
-and answers each request with one parent, as issue 11's fan-out policy
+and answers each request with one parent, as the fan-out policy
 states:
 
 * the first member in join order whose children so far are fewer than its K,
