@@ -54,7 +54,7 @@ from cachesvc.publish.repack import atomic_output
 from cachesvc.unpack.codec import KiB, Limits
 from cachesvc.unpack.extract import extract
 from cachesvc.unpack.frames import compress_frame
-from cachesvc.unpack.index import Chunk, Entry, Index, IndexRef, Kind, encode, footer
+from cachesvc.unpack.index import Chunk, Entry, Index, IndexRef, Kind, encode, footer, load
 from cachesvc.unpack.tree import file_mode, member_parts, sane_mtime, show, walk
 
 CHUNK_SIZE = 512 * KiB
@@ -95,7 +95,7 @@ def repack_indexed(
         members = _walk(root, limits)
         with atomic_output(dst) as out:
             index, ref = _write(root, members, out, level)
-            _check_size(out.tell(), limits)
+            _check_readable(out, ref, limits)
     files = list(index.files)
     unpacked = sum(entry.size for entry in files)
     src_size = unpacked if src.is_dir() else src.stat().st_size
@@ -103,12 +103,21 @@ def repack_indexed(
                          time.perf_counter() - started)  # fmt: skip
 
 
-def _check_size(size: int, limits: Limits) -> None:
-    """Refuse a package every reader would refuse: the index's parser (and
-    unpack) take no package over ``max_package_size``."""
+def _check_readable(out: BinaryIO, ref: IndexRef, limits: Limits) -> None:
+    """Read what was written as every reader will (the tail, then the index
+    through the parser, under ``limits``), so that no package its readers
+    would refuse is ever published: over ``max_package_size``, over the ratio,
+    or anything else the parser holds."""
+    out.flush()
+    size = out.tell()
     if size > limits.max_package_size:
         raise TooLarge(f"the indexed package would be {size} bytes, over the "
                        f"{limits.max_package_size} bytes a reader takes")  # fmt: skip
+    tail = os.pread(out.fileno(), ref.tail, size - ref.tail)
+    try:
+        load(tail, size, ref, limits)
+    except (TooLarge, UnsafeArchive, UnsupportedFormat) as exc:
+        raise type(exc)(f"the indexed package would be refused by its readers: {exc}") from exc
 
 
 def _unpacked(src: Path, tree: Path, limits: Limits) -> Path:

@@ -185,6 +185,16 @@ def test_a_package_over_the_readers_size_limit_is_refused_and_not_written(
         read_index(package, package.size, report.index, Limits(max_package_size=size))
 
 
+def test_a_package_its_readers_would_refuse_by_ratio_is_not_written(tmp_path: Path) -> None:
+    """A directory is not extracted first, so nothing but the reader's own parser,
+    run on what was written, holds its ratio."""
+    source = write_tree(tmp_path / "src", {"zeros.bin": bytes(3 * 2**20)})
+    with pytest.raises(TooLarge, match="refused by its readers"):
+        repack_indexed(source, tmp_path / "out.tar.zst", limits=Limits(max_ratio=2))
+    assert not (tmp_path / "out.tar.zst").exists()
+    repack_indexed(source, tmp_path / "out.tar.zst", limits=Limits(max_ratio=4))
+
+
 def test_a_tree_without_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "src" / "empty").mkdir(parents=True)
     with pytest.raises(UnsupportedFormat, match="no files"):
