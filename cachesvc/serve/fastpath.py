@@ -5,7 +5,8 @@ every other request goes to aiohttp.
 A service's listening socket is served by :class:`HitProtocol` connections.
 Each one reads a request head, has it parsed by ``httptools`` (llhttp, the
 parser uvicorn uses: never by hand), and answers it itself only when all of
-these hold: ``GET`` over HTTP/1.1, the path is exactly the
+these hold: ``GET`` over HTTP/1.1, a head of CRLF lines within
+:data:`MAX_HEAD` and :data:`MAX_FIELDS` with exactly one ``Host``, the path is exactly the
 route's prefix and a digest (no query, no escapes), no body, no ``Range``, no
 conditional or ``Expect`` header (nor, on agents, a request from another
 cachesvc host: those are fan-out feeds), no egress limit, the route's own
@@ -65,7 +66,10 @@ from cachesvc.upstream.peer_client import FORWARDED
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 16 << 10  # a head longer than this goes to aiohttp (which refuses it)
+# Heads the fast path leaves to aiohttp, whose parser refuses what exceeds its
+# limits (8190 bytes a line or field, 128 fields): a hit's head is ~200 bytes.
+MAX_HEAD = 8 << 10  # a head longer than this goes to aiohttp, whole or not
+MAX_FIELDS = 64  # a head with more header fields goes to aiohttp
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may idle (aiohttp's default)
 SWEEP_EVERY = 1.0  # seconds between idle sweeps (and metric flushes)
 DIGEST_CACHE = 4096  # hot URLs remembered with their parsed digest
@@ -106,6 +110,8 @@ class Head:
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
+        self.fields = 0  # header fields seen, repeated names included
+        self.hosts = 0  # Host fields seen (RFC 9112 §3.2: exactly one)
         self.keep_alive = False
         self.parser: httptools.HttpRequestParser | None = None  # while it parses
 
@@ -113,7 +119,10 @@ class Head:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
+        name = name.lower()
+        self.headers[name] = value
+        self.fields += 1
+        self.hosts += name == b"host"
 
     def on_headers_complete(self) -> None:
         # Asked here, not after feed_data: llhttp clears the Connection header's
@@ -321,11 +330,13 @@ class HitProtocol(asyncio.Protocol):
         """Answer complete heads in order while the fast path can answer them."""
         while self.transport is not None and not self.transport.is_closing():
             end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > MAX_HEAD:
-                    self._hand_over()
+            head = self.buf if end < 0 else self.buf[: end + 4]
+            if len(head) > MAX_HEAD or bare_lf(head):
+                self._hand_over()  # aiohttp answers, or refuses it
                 return
-            answer = self._answer(bytes(self.buf[: end + 4]))
+            if end < 0:
+                return  # the rest of the head is still to come
+            answer = self._answer(bytes(head))
             if answer is None:
                 self._hand_over()
                 return
@@ -373,6 +384,8 @@ class HitProtocol(asyncio.Protocol):
         if method != b"GET" or version != "1.1":
             return None
         if route.refused & head.headers.keys():
+            return None
+        if head.hosts != 1 or head.fields > MAX_FIELDS:  # aiohttp refuses or decides
             return None
         if head.headers.get(b"content-length", b"0") != b"0":
             return None
@@ -485,6 +498,13 @@ def hit_path_available() -> bool:
     """Only asyncio's selector loops have the native ``sendfile`` the fast
     path relies on (uvloop's raises a "not implemented" error)."""
     return isinstance(asyncio.get_running_loop(), asyncio.selector_events.BaseSelectorEventLoop)
+
+
+def bare_lf(head: bytearray) -> bool:
+    """Whether a (maybe incomplete) head ends a line with a bare LF: aiohttp
+    refuses it (RFC 9112 §2.2 lets a server), and a head ended by one never
+    holds the CRLF CRLF this path waits for."""
+    return head.count(b"\n") != head.count(b"\r\n")
 
 
 @functools.lru_cache(maxsize=DIGEST_CACHE)  # hot URLs repeat: parsed once
