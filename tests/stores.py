@@ -13,8 +13,9 @@ from typing import Any
 from unittest import mock
 
 from cachesvc.digest import Digest
-from cachesvc.store.blob import READ_FLAGS
+from cachesvc.store.blob import READ_FLAGS, Blob
 from cachesvc.store.castore import Store
+from cachesvc.store.recheck import Recheck
 from tests.servers import digest_of
 
 KiB = 1024
@@ -52,3 +53,12 @@ def failing(name: str, call: str, err: int) -> Iterator[None]:
 
     with mock.patch(f"os.{call}", fake):
         yield
+
+
+async def hashed(store: Store, blob: Blob, found_by: str) -> Recheck:
+    """A recheck of the leased ``blob`` stepped to its last byte: its verdict is
+    ready, nothing is settled yet (the caller settles and closes it)."""
+    check = store.recheck(blob, found_by=found_by)
+    while await check.step():
+        pass
+    return check

@@ -19,7 +19,7 @@ from cachesvc.store.castore import Store, StoreFull
 from cachesvc.store.ingest import MIN_BATCH, Ingest, Verified
 from cachesvc.store.recheck import Verdict
 from tests.servers import digest_of, eventually, flip_byte, payload, store_files
-from tests.stores import put, writable
+from tests.stores import hashed, put, writable
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -315,10 +315,8 @@ async def recheck(store: Store, data: bytes) -> bool:
     """Re-hash a stored entry in place; True when its bytes matched."""
     blob = await store.lease(digest_of(data))
     assert blob is not None
-    check = store.recheck(blob, found_by="scrub")
+    check = await hashed(store, blob, "scrub")
     try:
-        while await check.step():
-            pass
         await store.settle(check.verdict())
         return True
     except DigestMismatch:
@@ -353,9 +351,7 @@ async def test_a_recheck_only_reports_and_the_store_acts_on_its_verdict(tmp_path
     flip_byte(store.path_of(digest_of(data)), 7)
     blob = await store.lease(digest_of(data))
     assert blob is not None
-    check = store.recheck(blob, found_by="serve")
-    while await check.step():
-        pass
+    check = await hashed(store, blob, "serve")
     verdict = check.verdict()
     assert verdict.problem is not None and "recheck" in verdict.problem
     assert digest_of(data) in store and found == []  # nothing happened yet
@@ -499,9 +495,7 @@ async def test_the_store_acts_only_on_a_verdict_its_recheck_returned(tmp_path: P
     assert blob is not None
     with pytest.raises(ValueError, match="not a verdict"):
         await store.settle(Verdict(blob, "serve", None))  # hand-made: "the bytes are right"
-    check = store.recheck(blob, found_by="serve")
-    while await check.step():
-        pass
+    check = await hashed(store, blob, "serve")
     verdict = check.verdict()
     with pytest.raises(ValueError, match="not a verdict"):
         await store.settle(Verdict(verdict.lease, verdict.found_by, None))

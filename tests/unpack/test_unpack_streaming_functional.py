@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 import zstandard
 
+from cachesvc.digest import Digest
 from cachesvc.serve.service import CORE
 from node_agent.packages import UNPACKER
 from tests.archives import make_zip
@@ -54,6 +55,13 @@ def tar_zst(files: dict[str, bytes]) -> bytes:
     return zstandard.ZstdCompressor(level=1).compress(buf.getvalue())
 
 
+async def refused(stack: Stack, agent: str, digest: Digest, status: int, code: str) -> None:
+    """A cold unpack of ``digest`` answers ``status``/``code`` and leaves nothing."""
+    got, body = await post_json(f"{agent}/pkg/{digest}/unpack")
+    assert got == status and body["error"] == code, body
+    assert stack.code_entries() == set()
+
+
 async def test_a_cold_tar_zst_is_extracted_while_it_arrives_and_shown_after_the_verdict(
     stack: Stack, s3_origin: S3OriginFixture
 ) -> None:
@@ -86,9 +94,7 @@ async def test_wrong_bytes_arriving_leave_nothing_in_the_code_dir(
     agent = await stack.start_agent(peers=[])
     digest = await s3_origin.put(tar_zst(FILES))
     s3_origin.proxy.mode = "corrupt"
-    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
-    assert status == 502 and body["error"] == "digest_mismatch", body
-    assert stack.code_entries() == set()
+    await refused(stack, agent, digest, 502, "digest_mismatch")
     s3_origin.proxy.mode = "ok"
     status, body = await post_json(f"{agent}/pkg/{digest}/unpack")  # the next try is served right
     assert status == 200 and body["files"] == len(FILES)
@@ -133,9 +139,7 @@ async def test_a_zip_whose_local_headers_lie_is_judged_by_its_directory(
     lying = honest.replace(b"app/handler.py", b"app/hacker.py!", 1)  # the local header only
     assert lying != honest and lying.count(b"app/handler.py") == 1
     digest = await s3_origin.put(lying)
-    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
-    assert status == 422 and body["error"] == "unsupported_format", body
-    assert stack.code_entries() == set()
+    await refused(stack, agent, digest, 422, "unsupported_format")
 
 
 async def test_a_link_only_the_directory_shows_is_refused_and_leaves_nothing(
@@ -145,9 +149,7 @@ async def test_a_link_only_the_directory_shows_is_refused_and_leaves_nothing(
     link = zipfile.ZipInfo("app/passwd")
     link.external_attr = 0o120777 << 16  # a symlink: only the directory says so
     digest = await s3_origin.put(zip_with([(link, b"/etc/passwd")]))
-    status, body = await post_json(f"{agent}/pkg/{digest}/unpack")
-    assert status == 422 and body["error"] == "unsafe_archive", body
-    assert stack.code_entries() == set()
+    await refused(stack, agent, digest, 422, "unsafe_archive")
 
 
 async def test_modes_and_times_come_from_the_directory(
